@@ -1,0 +1,106 @@
+"""Shared machinery of the benchmarks in ``bench/`` (shipped as ``ovseg_fast.bench``).
+
+Every benchmark file compares *providers* of one op on named shapes ("cases"), in one process, so
+the ratios between providers are meaningful on a noisy machine even when absolute times are not:
+
+- ``reference``           the plain-PyTorch reference, eager;
+- ``reference_compiled``  the same under ``torch.compile``;
+- ``ovseg_fast``          the public op with automatic backend choice (the C++ kernel on CPU);
+- peers named in the op's issue (e.g. ``pot``, ``flex_attention``, ``sdpa_dense``).
+
+Each measurement records, in pytest-benchmark's ``extra_info``: op, case, mode (``fwd`` or
+``fwd_bwd``), provider, FLOPs of the op (for GFLOP/s) and the peak memory one call adds beyond its
+inputs. ``ovseg-fast bench`` turns the JSON into the ratio table (:mod:`ovseg_fast.cli`).
+
+Peak memory is measured as the rise of the process's peak resident set (``VmHWM``, reset through
+``/proc/self/clear_refs``) during one call. PyTorch keeps no CPU allocator statistics, so this is the
+honest CPU measure; glibc's mmap threshold is pinned to 64 KiB so freed tensors go back to the OS
+at once rather than hiding in the heap. It is None where /proc is not available.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["PROVIDER_ORDER", "peak_memory_bytes", "record", "setup_threads"]
+
+PROVIDER_ORDER = ("ovseg_fast", "reference", "reference_compiled")
+_TARGET_SECONDS = float(os.environ.get("OVSEG_BENCH_SECONDS", "0.6"))
+_MAX_ROUNDS = int(os.environ.get("OVSEG_BENCH_MAX_ROUNDS", "50"))
+_MIN_ROUNDS = 3
+
+
+def setup_threads() -> int:
+    """All providers run with the same thread count (``OVSEG_BENCH_THREADS``, default all cores)."""
+    threads = int(os.environ.get("OVSEG_BENCH_THREADS", str(os.cpu_count() or 1)))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _pin_mmap_threshold() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except OSError:
+        pass
+
+
+_pin_mmap_threshold()
+
+
+def _status_bytes(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def peak_memory_bytes(fn: Callable[[], object]) -> Optional[int]:
+    """Bytes the peak resident set rises by during one call of ``fn`` (its result included)."""
+    gc.collect()
+    base = _status_bytes("VmRSS:")
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    result = fn()
+    peak = _status_bytes("VmHWM:")
+    del result
+    if base is None or peak is None:
+        return None
+    return max(0, peak - base)
+
+
+def record(
+    benchmark,
+    fn: Callable[[], object],
+    *,
+    op: str,
+    case: str,
+    mode: str,
+    provider: str,
+    flops: Optional[int] = None,
+    warmup: int = 2,
+) -> None:
+    """Times ``fn`` with pytest-benchmark (rounds sized to ~0.6 s) and records what the table needs."""
+    for _ in range(warmup):  # the first calls compile (torch.compile) or fill caches
+        fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-6)
+    rounds = int(min(_MAX_ROUNDS, max(_MIN_ROUNDS, _TARGET_SECONDS / once)))
+    benchmark.group = f"{op} | {case} | {mode}"
+    benchmark.extra_info.update(
+        op=op, case=case, mode=mode, provider=provider, flops=flops, peak_memory=peak_memory_bytes(fn)
+    )
+    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
