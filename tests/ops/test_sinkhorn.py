@@ -1,0 +1,473 @@
+"""Tests of ovseg_fast.ops.sinkhorn: reference, C++ and Triton kernels, registration, inputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ovseg_fast.ops import BackendError, Sinkhorn, sinkhorn, use_backend
+from ovseg_fast.ops.sinkhorn import sinkhorn_flops
+from ovseg_fast.ops.sinkhorn_reference import (
+    default_marginals,
+    sinkhorn_backward_reference,
+    sinkhorn_forward_reference,
+    sinkhorn_reference,
+)
+from tests.helpers import KERNEL_BACKENDS, assert_within_reference_error, max_abs_err, require_backend, tolerances
+
+OP = torch.ops.ovseg_fast.sinkhorn
+
+
+def swav_sinkhorn(scores: torch.Tensor, epsilon: float, n_iters: int) -> torch.Tensor:
+    """SwAV's loop (Caron et al. 2020, ``distributed_sinkhorn`` without the all-reduces), for one problem."""
+    q = torch.exp(scores / epsilon).t()
+    q = q / q.sum()
+    k, b = q.shape
+    for _ in range(n_iters):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).t()
+
+
+def canonical(scores, mask=None, rows=None, cols=None):
+    b, n, k = scores.shape
+    mask = torch.ones(b, n, dtype=torch.bool) if mask is None else mask
+    ct = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    r0, c0 = default_marginals(mask, k, ct)
+    return mask, (r0 if rows is None else rows.to(ct)), (c0 if cols is None else cols.to(ct))
+
+
+def random_problem(b, n, k, dtype=torch.float32, masked=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(b, n, k, generator=gen, dtype=torch.float64).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(b, n, generator=gen) > 0.3
+        mask[0] = False  # an all-invalid problem
+    return scores, mask
+
+
+SHAPES = [(1, 1, 1), (2, 5, 3), (3, 37, 13), (2, 16, 64), (1, 64, 7)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference is the spec: check it against SwAV's loop and POT first.
+
+
+def test_reference_equals_swav_loop():
+    scores = torch.randn(2, 40, 9, dtype=torch.float64)
+    mask, rows, cols = canonical(scores)
+    q = sinkhorn_reference(scores, mask, rows, cols, 0.1, 4)
+    for b in range(2):
+        torch.testing.assert_close(q[b], swav_sinkhorn(scores[b], 0.1, 4), rtol=1e-12, atol=1e-12)
+
+
+def test_public_op_equals_swav_loop_on_every_backend_default():
+    scores = torch.randn(40, 9, dtype=torch.float64)
+    torch.testing.assert_close(sinkhorn(scores, epsilon=0.1, n_iters=4), swav_sinkhorn(scores, 0.1, 4))
+
+
+def test_converged_plan_matches_pot():
+    ot = pytest.importorskip("ot", reason="POT is a test dependency: pip install -e '.[test]'")
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 30, 8, generator=gen, dtype=torch.float64)
+    rows = torch.rand(2, 30, generator=gen, dtype=torch.float64) + 0.1
+    cols = torch.rand(2, 8, generator=gen, dtype=torch.float64) + 0.1
+    cols = cols / cols.sum(1, keepdim=True) * rows.sum(1, keepdim=True)
+    q = sinkhorn(scores, epsilon=0.5, n_iters=2000, row_marginals=rows, col_marginals=cols, tol=1e-12)
+    for b in range(2):
+        expected = ot.sinkhorn(
+            rows[b].numpy(), cols[b].numpy(), -scores[b].numpy(), 0.5, numItermax=100000, stopThr=1e-13
+        )
+        np.testing.assert_allclose(q[b].numpy(), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_reference_backward_formula_equals_autograd():
+    scores, mask = random_problem(3, 11, 6, torch.float64, masked=True)
+    mask_t, rows, cols = canonical(scores, mask)
+    leaf = scores.clone().requires_grad_(True)
+    q = sinkhorn_reference(leaf, mask_t, rows, cols, 0.3, 5, tol=1e-3, check_every=2)
+    grad = torch.randn_like(q)
+    (expected,) = torch.autograd.grad(q, leaf, grad)
+    _plan, log_u, log_v, n_done = sinkhorn_forward_reference(scores, mask_t, rows, cols, 0.3, 5, 1e-3, 2)
+    got = sinkhorn_backward_reference(grad, scores, mask_t, rows, cols, log_u, log_v, n_done, 0.3)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck_reference():
+    scores, mask = random_problem(2, 6, 4, torch.float64, masked=True)
+    mask_t, rows, cols = canonical(scores, mask)
+    leaf = scores.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda s: sinkhorn_reference(s, mask_t, rows, cols, 0.5, 3), (leaf,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels against the reference: the whole contract (plan, duals, iteration counts, gradients).
+
+
+def _contract(backend, scores, mask, rows, cols, eps, n_iters, tol=0.0, check_every=1):
+    with use_backend(backend):
+        return OP(scores, mask, rows, cols, eps, n_iters, tol, check_every, False)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("masked", [False, True])
+def test_kernel_forward_matches_reference(backend, shape, masked):
+    require_backend("sinkhorn", backend)
+    scores, mask = random_problem(*shape, masked=masked)
+    mask_t, rows, cols = canonical(scores, mask)
+    got = _contract(backend, scores, mask_t, rows, cols, 0.1, 4)
+    expected = sinkhorn_forward_reference(scores, mask_t, rows, cols, 0.1, 4)
+    for name, g, e in zip(("plan", "log_u", "log_v", "n_done"), got, expected):
+        assert g.shape == e.shape and g.dtype == e.dtype, name
+        finite = torch.isfinite(e)
+        assert torch.equal(finite, torch.isfinite(g)), f"{name}: -inf pattern differs"
+        torch.testing.assert_close(g[finite], e[finite], rtol=2e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 5, 3), (3, 37, 13)], ids=lambda s: "x".join(map(str, s)))
+def test_kernel_gradient_matches_reference(backend, shape):
+    require_backend("sinkhorn", backend)
+    scores, mask = random_problem(*shape, masked=True)
+    grad = torch.randn(shape)
+    with use_backend("reference"):
+        leaf = scores.clone().requires_grad_(True)
+        sinkhorn(leaf, epsilon=0.2, n_iters=3, mask=mask).backward(grad)
+        expected = leaf.grad
+    with use_backend(backend):
+        leaf = scores.clone().requires_grad_(True)
+        sinkhorn(leaf, epsilon=0.2, n_iters=3, mask=mask).backward(grad)
+    torch.testing.assert_close(leaf.grad, expected, rtol=1e-3, atol=1e-5)
+
+
+def test_cpu_kernel_float64_is_exact_and_gradchecks():
+    require_backend("sinkhorn", "cpu", torch.float64)
+    scores, mask = random_problem(2, 9, 5, torch.float64, masked=True)
+    with use_backend("cpu"):
+        leaf = scores.clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda s: sinkhorn(s, epsilon=0.4, n_iters=3, mask=mask), (leaf,))
+    mask_t, rows, cols = canonical(scores, mask)
+    got = _contract("cpu", scores, mask_t, rows, cols, 0.4, 3)[0]
+    torch.testing.assert_close(got, sinkhorn_reference(scores, mask_t, rows, cols, 0.4, 3), **tolerances(torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [
+        pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+        pytest.param("cpu", torch.float16, id="cpu-fp16"),
+        pytest.param("triton", torch.bfloat16, id="triton-bf16", marks=pytest.mark.triton),
+        pytest.param("triton", torch.float16, id="triton-fp16", marks=pytest.mark.triton),
+    ],
+)
+def test_reduced_precision_within_reference_error(backend, dtype):
+    require_backend("sinkhorn", backend, dtype)
+    scores, mask = random_problem(2, 24, 10, dtype=dtype, masked=True)
+    exact = sinkhorn(scores.double(), epsilon=0.1, n_iters=3, mask=mask)
+    with use_backend("reference"):
+        baseline = sinkhorn(scores, epsilon=0.1, n_iters=3, mask=mask)
+    with use_backend(backend):
+        out = sinkhorn(scores, epsilon=0.1, n_iters=3, mask=mask)
+    assert out.dtype == dtype
+    assert_within_reference_error(out, exact, baseline, factor=2.0, atol=1e-3, what="plan")
+
+    grad = torch.randn(scores.shape).to(dtype)
+    leaf64 = scores.double().requires_grad_(True)
+    sinkhorn(leaf64, epsilon=0.1, n_iters=3, mask=mask).backward(grad.double())
+    grads = {}
+    for name in ("reference", backend):
+        with use_backend(name):
+            leaf = scores.clone().requires_grad_(True)
+            sinkhorn(leaf, epsilon=0.1, n_iters=3, mask=mask).backward(grad)
+            grads[name] = leaf.grad
+    assert_within_reference_error(grads[backend], leaf64.grad, grads["reference"], factor=2.0, atol=1e-2, what="grad")
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_user_marginals_with_zeros(backend):
+    require_backend("sinkhorn", backend)
+    gen = torch.Generator().manual_seed(5)
+    scores = torch.randn(2, 12, 5, generator=gen)
+    rows = torch.rand(2, 12, generator=gen)
+    rows[:, 3] = 0.0
+    cols = torch.rand(2, 5, generator=gen)
+    cols[1, 2] = 0.0
+    cols = cols / cols.sum(1, keepdim=True) * rows.sum(1, keepdim=True)
+    with use_backend(backend):
+        q = sinkhorn(scores, epsilon=0.2, n_iters=5, row_marginals=rows, col_marginals=cols)
+    assert torch.isfinite(q).all()
+    torch.testing.assert_close(q.sum(2), rows, rtol=1e-5, atol=1e-6)
+    assert float(q[:, 3].abs().max()) == 0.0 and float(q[1, :, 2].abs().max()) == 0.0
+    mask_t, r, c = canonical(scores, None, rows, cols)
+    torch.testing.assert_close(q, sinkhorn_reference(scores, mask_t, r, c, 0.2, 5), rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_tol_stops_each_problem_early(backend):
+    require_backend("sinkhorn", backend)
+    gen = torch.Generator().manual_seed(7)
+    scores = torch.randn(3, 20, 6, generator=gen)
+    scores[1] *= 8.0  # a harder problem that needs more iterations
+    mask_t, rows, cols = canonical(scores)
+    plan, _, _, n_done = _contract(backend, scores, mask_t, rows, cols, 0.5, 200, 1e-4, 2)
+    expected = sinkhorn_forward_reference(scores, mask_t, rows, cols, 0.5, 200, 1e-4, 2)
+    assert torch.equal(n_done, expected[3])
+    assert int(n_done.max()) < 200 and int(n_done[1]) > int(n_done[0])
+    assert bool(((plan.sum(1) - cols).abs().amax(1) < 1e-4).all())
+    torch.testing.assert_close(plan, expected[0], rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_ragged_batch_equals_problems_alone(backend):
+    require_backend("sinkhorn", backend)
+    scores, mask = random_problem(3, 15, 4, torch.float64 if backend != "triton" else torch.float32, masked=True)
+    mask[2, :] = True
+    with use_backend(backend):
+        q = sinkhorn(scores, epsilon=0.2, n_iters=3, mask=mask)
+        for b in (1, 2):
+            alone = sinkhorn(scores[b][mask[b]], epsilon=0.2, n_iters=3)
+            torch.testing.assert_close(q[b][mask[b]], alone, rtol=1e-5, atol=1e-7)
+    assert torch.count_nonzero(q[~mask]) == 0  # masked samples get nothing
+    assert torch.count_nonzero(q[0]) == 0  # the all-invalid problem gives zeros, not NaN
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_extreme_scores_stay_finite(backend):
+    require_backend("sinkhorn", backend)
+    gen = torch.Generator().manual_seed(11)
+    shape = (2, 30, 12) if backend == "triton" else (2, 200, 50)
+    scores = (torch.rand(shape, generator=gen) * 2e4 - 1e4).requires_grad_(True)
+    with use_backend(backend):
+        q = sinkhorn(scores, epsilon=1e-3, n_iters=3)
+        q.backward(torch.randn(shape, generator=gen))
+    assert torch.isfinite(q).all() and torch.isfinite(scores.grad).all()
+    assert bool((q >= 0).all())
+    # Rows sum to their mass exactly even here (the plan is a normalised softmax, not exp of
+    # rounded duals). Agreement with float64 is not expected: float32 holds scores / 1e-3 ~ 1e7
+    # only to +-0.5, which moves near-tied entries by O(1) factors in any float32 implementation.
+    torch.testing.assert_close(q.sum(2), torch.ones(shape[:2]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_large_logits_match_float64(backend):
+    """PixelCLIP's regime: cosine similarity x 100 with epsilon 0.05, |scores / epsilon| up to 2000."""
+    require_backend("sinkhorn", backend)
+    gen = torch.Generator().manual_seed(12)
+    scores = (
+        torch.nn.functional.normalize(torch.randn(2, 24, 16, generator=gen), dim=-1)
+        @ torch.nn.functional.normalize(torch.randn(2, 16, 10, generator=gen), dim=1)
+        * 100
+    )
+    with use_backend(backend):
+        q = sinkhorn(scores, epsilon=0.05, n_iters=3)
+    exact = sinkhorn(scores.double(), epsilon=0.05, n_iters=3)
+    assert max_abs_err(q, exact) < 2e-3
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("shape", [(0, 4, 3), (2, 0, 3), (2, 4, 0)], ids=str)
+def test_empty_inputs(backend, shape):
+    require_backend("sinkhorn", backend)
+    scores = torch.randn(shape, requires_grad=True)
+    with use_backend(backend):
+        q = sinkhorn(scores)
+        q.sum().backward()
+    assert q.shape == shape and scores.grad.shape == shape
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_non_contiguous_input(backend):
+    require_backend("sinkhorn", backend)
+    base = torch.randn(3, 7, 12)
+    scores = base.transpose(1, 2)  # (3, 12, 7), non-contiguous
+    assert not scores.is_contiguous()
+    with use_backend(backend):
+        q = sinkhorn(scores, epsilon=0.2)
+    torch.testing.assert_close(q, sinkhorn(scores.contiguous().double(), epsilon=0.2).float(), rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: opcheck, torch.compile, FLOPs.
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_opcheck(backend):
+    require_backend("sinkhorn", backend)
+    scores, mask = random_problem(2, 9, 4, masked=True)
+    mask_t, rows, cols = canonical(scores, mask)
+    with use_backend(backend):
+        for tol in (0.0, 1e-3):
+            args = (scores.clone().requires_grad_(True), mask_t, rows, cols, 0.3, 4, tol, 2, False)
+            torch.library.opcheck(OP, args)
+        plan, log_u, log_v, n_done = OP(scores, mask_t, rows, cols, 0.3, 4, 0.0, 1, False)
+        torch.library.opcheck(
+            torch.ops.ovseg_fast.sinkhorn_backward,
+            (torch.randn_like(plan), scores, mask_t, rows, cols, log_u, log_v, n_done, 0.3, 4, 0.0, 1),
+        )
+
+
+def test_compiled_module_fullgraph_forward_and_backward():
+    module = Sinkhorn(epsilon=0.1, n_iters=3)
+    compiled = torch.compile(lambda s, m: module(s, m).square().sum(), fullgraph=True)
+    scores, mask = random_problem(2, 10, 5, masked=True)
+    leaf = scores.clone().requires_grad_(True)
+    loss = compiled(leaf, mask)
+    loss.backward()
+    leaf_eager = scores.clone().requires_grad_(True)
+    module(leaf_eager, mask).square().sum().backward()
+    torch.testing.assert_close(loss, module(scores, mask).square().sum())
+    torch.testing.assert_close(leaf.grad, leaf_eager.grad)
+    assert "epsilon=0.1" in repr(module)
+
+
+def test_flop_counter_counts_forward_and_backward():
+    scores = torch.randn(2, 10, 5, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        sinkhorn(scores, n_iters=3).sum().backward()
+    expected = sinkhorn_flops(2, 10, 5, 3) + sinkhorn_flops(2, 10, 5, 3, backward=True)
+    assert counter.get_total_flops() == expected
+    assert sinkhorn_flops(1, 1, 1, 3) == 15
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU kernel's per-capability copies (DEFAULT, AVX2, AVX512) all agree with the reference.
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_every_cpu_capability_copy(capability):
+    require_backend("sinkhorn", "cpu")
+    import ovseg_fast._C as ext
+
+    if capability.upper() not in ext.compiled_capabilities():
+        pytest.skip(f"{capability} copy is not compiled on this architecture")
+    code = textwrap.dedent(
+        """
+        import torch, ovseg_fast, ovseg_fast._C as ext, sys
+        from ovseg_fast.ops import sinkhorn, use_backend
+        torch.manual_seed(0)
+        s = torch.randn(3, 33, 17, requires_grad=True)
+        g = torch.randn(3, 33, 17)
+        with use_backend("cpu"):
+            q = sinkhorn(s, epsilon=0.1); q.backward(g); gk = s.grad.clone(); s.grad = None
+        with use_backend("reference"):
+            r = sinkhorn(s, epsilon=0.1); r.backward(g)
+        torch.testing.assert_close(q, r, rtol=2e-4, atol=1e-6)
+        torch.testing.assert_close(gk, s.grad, rtol=1e-3, atol=1e-5)
+        print(ext.kernel_capability())
+        """
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == capability.upper()
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed: two gloo processes each holding half of the samples.
+
+
+_DIST_WORKER = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist
+    from ovseg_fast.ops import sinkhorn
+    rank, world, port, out = int(sys.argv[1]), 2, sys.argv[2], sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 21, 6, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2, 21, generator=gen) > 0.2
+    lo, hi = (0, 9) if rank == 0 else (9, 21)  # uneven split
+    leaf = scores[:, lo:hi].clone().requires_grad_(True)
+    grad = torch.randn(2, 21, 6, generator=gen, dtype=torch.float64)[:, lo:hi]
+    q = sinkhorn(leaf, epsilon=0.2, n_iters=4, mask=mask[:, lo:hi], process_group=dist.group.WORLD)
+    q.backward(grad)
+    torch.save({"q": q.detach(), "grad": leaf.grad}, f"{out}.{rank}")
+    dist.destroy_process_group()
+    """
+)
+
+
+@pytest.mark.distributed
+def test_process_group_equals_single_process(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    script = tmp_path / "worker.py"
+    script.write_text(_DIST_WORKER)
+    out = str(tmp_path / "result")
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(r), port, out], stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    parts = [torch.load(f"{out}.{r}") for r in range(2)]
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 21, 6, generator=gen, dtype=torch.float64)
+    mask = torch.rand(2, 21, generator=gen) > 0.2
+    grad = torch.randn(2, 21, 6, generator=gen, dtype=torch.float64)
+    leaf = scores.clone().requires_grad_(True)
+    q = sinkhorn(leaf, epsilon=0.2, n_iters=4, mask=mask)
+    q.backward(grad)
+    torch.testing.assert_close(torch.cat([p["q"] for p in parts], 1), q.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.cat([p["grad"] for p in parts], 1), leaf.grad, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: a clear error naming the argument, never a crash or a silent wrong answer.
+
+
+BAD_INPUTS = [
+    (dict(scores=[[1.0]]), TypeError, "scores must be a torch.Tensor"),
+    (dict(scores=torch.ones(3, 4, dtype=torch.int64)), TypeError, "scores must have dtype"),
+    (dict(scores=torch.ones(4)), ValueError, "scores must have 2 or 3 dimensions"),
+    (dict(epsilon=0.0), ValueError, "epsilon must be > 0"),
+    (dict(epsilon=float("nan")), ValueError, "epsilon must be finite"),
+    (dict(epsilon="0.1"), TypeError, "epsilon must be a float"),
+    (dict(n_iters=0), ValueError, "n_iters must be >= 1"),
+    (dict(n_iters=2.5), TypeError, "n_iters must be an int"),
+    (dict(tol=-1.0), ValueError, "tol must be >= 0"),
+    (dict(check_every=0), ValueError, "check_every must be >= 1"),
+    (dict(mask=torch.ones(2, 5)), TypeError, "mask must have dtype bool"),
+    (dict(mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "mask must have shape"),
+    (dict(row_marginals=torch.ones(2, 4)), ValueError, "row_marginals must have shape"),
+    (dict(col_marginals=torch.ones(2, 3, dtype=torch.int32)), TypeError, "col_marginals must have dtype"),
+    (dict(row_marginals=-torch.ones(2, 5), col_marginals=-torch.ones(2, 3) * 5 / 3), ValueError, "non-negative"),
+    (dict(row_marginals=torch.ones(2, 5), col_marginals=torch.ones(2, 3)), ValueError, "unbalanced"),
+    (dict(row_marginals=torch.full((2, 5), float("inf")), col_marginals=torch.ones(2, 3)), ValueError, "finite"),
+    (dict(mask=torch.ones(2, 5, dtype=torch.bool, device="meta")), ValueError, "mask is on meta"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "exc", "match"), BAD_INPUTS, ids=[m for _, _, m in BAD_INPUTS])
+def test_bad_inputs(kwargs, exc, match):
+    kwargs = dict(kwargs)
+    scores = kwargs.pop("scores", torch.randn(2, 5, 3))
+    with pytest.raises(exc, match=match):
+        sinkhorn(scores, **kwargs)
+
+
+def test_backend_errors_name_the_reason(monkeypatch):
+    scores = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="not a backend"):
+        with use_backend("cuda"):
+            pass
+    monkeypatch.setenv("OVSEG_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="OVSEG_BACKEND"):
+        sinkhorn(scores)
+    monkeypatch.setenv("OVSEG_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendError, match="TRITON_INTERPRET=1 is not set"):
+        sinkhorn(scores)
