@@ -471,3 +471,20 @@ def test_backend_errors_name_the_reason(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(BackendError, match="TRITON_INTERPRET=1 is not set"):
         sinkhorn(scores)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_automatic_backend_matches_reference(dtype):
+    """On a GPU machine: the compiled Triton kernel (not the interpreter) against the reference."""
+    scores, mask = random_problem(4, 300, 70, dtype=dtype, masked=True)
+    scores, mask = scores.cuda(), mask.cuda()
+    leaf = scores.clone().requires_grad_(True)
+    q = sinkhorn(leaf, epsilon=0.05, n_iters=3, mask=mask)
+    q.float().square().sum().backward()
+    with use_backend("reference"):
+        ref_leaf = scores.clone().requires_grad_(True)
+        r = sinkhorn(ref_leaf, epsilon=0.05, n_iters=3, mask=mask)
+        r.float().square().sum().backward()
+    torch.testing.assert_close(q, r, **tolerances(dtype))
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, **tolerances(dtype))
