@@ -75,7 +75,7 @@ def test_public_op_equals_swav_loop_on_every_backend_default():
 
 
 def test_converged_plan_matches_pot():
-    ot = pytest.importorskip("ot", reason="POT is a test dependency: pip install -e '.[test]'")
+    import ot  # POT, a test dependency (the [test] extra)
     gen = torch.Generator().manual_seed(3)
     scores = torch.randn(2, 30, 8, generator=gen, dtype=torch.float64)
     rows = torch.rand(2, 30, generator=gen, dtype=torch.float64) + 0.1

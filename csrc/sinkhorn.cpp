@@ -1,0 +1,2009 @@
+// Batched Sinkhorn-Knopp (SwAV order: column step, then row step), fused CPU kernels.
+//
+// Ops (see ovseg_fast/ops/sinkhorn_reference.py for the math and the contract, which these kernels
+// reproduce: history outputs, masks, zero marginals, early stopping and the -inf conventions):
+//   sinkhorn_cpu_forward(scores, mask, row_marginals, col_marginals, epsilon, n_iters, tol,
+//                        check_every) -> (plan, log_u, log_v, n_done)
+//   sinkhorn_cpu_backward(grad_plan, scores, mask, row_marginals, col_marginals, log_u, log_v,
+//                         n_done, epsilon) -> grad_scores
+//
+// Notation (one problem): x = scores / eps (N x K), duals f (rows) and g (columns), iterate t:
+//   g^t = log c - lse_i(x + f^{t-1}),   f^t = log r - lse_j(x + g^t),   plan = exp(x + f^T + g^T).
+//
+// Why not the log domain throughout: it costs an exp per element per half-step (Sleef's vector exp
+// is ~3x a division on x86), while the iterations are really diagonal scalings of one matrix. Both
+// kernels therefore work on the row-shifted kernel K_ij = exp(x_ij - sh_i) (sh_i ~ the row max, so
+// K <= 1 and no row underflows as a whole), computed with ONE exp per element, and reduce
+// everything else to dot products and axpys over K's rows:
+//
+// Forward (ForwardSolver). plan^t = diag(a) K diag(b) with b = c / (K^T a) (column step) and
+// a = r / (K b) (row step); f^t = log a + Mg - sh, g^t = log b - Mg (Mg = max shift). Pass 1 writes
+// K into the plan buffer and sums its columns; each iteration is then one pass over K: per row a dot
+// product (its row sum) and an axpy (the column sums of the next step, so never a strided column
+// read); the last iteration writes a_i K_ij b_j in place. Problems that fit in cache split the pass
+// into phases over all rows (the per-row chain reduction -> divide -> axpy is latency-bound for
+// short rows). Scaling is exact as long as the entries of K that underflowed stay negligible in
+// every scaling sum once multiplied by the scalings; a cheap bound checks that each iteration and
+// when it fails (scores/eps far beyond the float exponent range between columns, zero masses making
+// sums vanish, ...) the problem continues from the last good duals with a log-domain iteration
+// whose plan becomes the new base (level B), or in the pure log domain (level C). The results are
+// those of the reference in every case, only the cost differs.
+//
+// Backward (BackwardSolver). With p^t_i = exp(sh_i + f^t_i - C^t) and w^t_j = exp(g^t_j + C^t), the
+// softmaxes of the reverse sweep are A^t_ij = K_ij w^t_j / (K w^t)_i and
+// B^t_ij = K_ij p^{t-1}_i / (K^T p^{t-1})_j (normalised by their actual sums, as the reference's
+// softmaxes are; the saved duals only provide the factors), so the recursion of
+// sinkhorn_backward_reference is a chain of matrix-vector products with K and K^T: one pass over K
+// per reverse iteration, and dx assembled in a final pass as K_ij times a rank-(2T+1) combination of
+// row and column vectors. The same kind of underflow bound guards it; when it fails the problem is
+// redone by a direct path with one pass per reverse iteration and exps per element.
+//
+// Parallelism: at::parallel_for over problems (each problem stays in cache through all its
+// iterations); a large problem that would leave threads idle (e.g. SwAV's B=1, N=4096, K=3000) runs
+// every pass in parallel over row chunks instead, with per-chunk column partials reduced afterwards
+// in chunk order (no locks, deterministic for a given thread count).
+//
+// Dtypes: float32/float64 compute in their own type; bfloat16/float16 scores (and grad_plan) are
+// converted to float32 on the fly, and results are rounded back only when stored.
+//
+// Build (see cpu_dispatch.h): this file is compiled three times (DEFAULT, AVX2, AVX512). Kernels
+// live in ovseg_fast::CPU_CAPABILITY (helpers in an anonymous namespace inside it, so they have
+// internal linkage and the copies cannot collide); only the DEFAULT compilation
+// (OVSEG_DISPATCH_ROOT) validates arguments, allocates the outputs, picks a copy and registers the
+// ops. Kernel code avoids out-of-line std:: containers so that no shared template instance
+// compiled with AVX-512 flags can be picked by the linker for the DEFAULT copy.
+#include "cpu_dispatch.h"  // first: defines CPU_CAPABILITY before ATen's vec headers use it
+
+#include <ATen/Parallel.h>
+// GCC 12 reports -Wmaybe-uninitialized false positives inside avx512fintrin.h (its
+// _mm512_undefined_* idiom) wherever the vec helpers inline; silenced for these headers only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace ovseg_fast {
+namespace sinkhorn {
+
+// Plain-data argument blocks shared by the three compilations (identical in every copy and without
+// member functions, so they emit no symbols).
+enum class DType : int32_t { Float = 0, Double = 1, BFloat16 = 2, Half = 3 };
+
+struct ForwardArgs {
+  DType dtype;                // of scores and plan; compute dtype is double for Double, else float
+  const void* scores;         // (B, N, K) contiguous
+  const bool* mask;           // (B, N) contiguous
+  const void* row_marginals;  // (B, N) contiguous, compute dtype
+  const void* col_marginals;  // (B, K) contiguous, compute dtype
+  void* plan;                 // (B, N, K) out, dtype
+  void* log_u;                // (B, T, N) out, compute dtype
+  void* log_v;                // (B, T, K) out, compute dtype
+  int64_t* n_done;            // (B,) out
+  int64_t batch, n, k, n_iters, check_every;
+  double epsilon, tol;
+};
+
+struct BackwardArgs {
+  DType dtype;                // of grad_plan, scores and grad_scores
+  const void* grad_plan;      // (B, N, K) contiguous
+  const void* scores;         // (B, N, K) contiguous
+  const bool* mask;           // (B, N)
+  const void* row_marginals;  // (B, N) compute dtype
+  const void* col_marginals;  // (B, K) compute dtype
+  const void* log_u;          // (B, T, N) compute dtype
+  const void* log_v;          // (B, T, K) compute dtype
+  const int64_t* n_done;      // (B,), each in [1, T]
+  void* grad_scores;          // (B, N, K) out, dtype
+  int64_t batch, n, k, n_iters;
+  double epsilon;
+};
+
+}  // namespace sinkhorn
+}  // namespace ovseg_fast
+
+namespace ovseg_fast {
+namespace CPU_CAPABILITY {
+namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// Problems with at least this many elements run their passes in parallel over row chunks when
+// parallelising over problems would leave threads idle. Below it a parallel region per pass costs
+// more than it saves; it is also the least work handed to one task of the batch-parallel loop.
+constexpr int64_t kRowParallelMinElements = 1 << 15;
+
+// Rows of a column-logsumexp block: the block is swept twice (max, then exp-sum), so it should stay
+// in L2 (1-2 MB per core on current x86 parts) between the sweeps.
+constexpr int64_t kLseBlockBytes = 384 * 1024;
+
+// Problems of at most this many elements are treated as cache resident: their passes are split into
+// phases over all rows (see ForwardSolver::scaling_in_cache) instead of streaming row by row.
+constexpr int64_t kCacheResidentElements = 1 << 17;
+
+inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
+template <typename T>
+inline T tmax(T a, T b) { return a < b ? b : a; }
+
+// Scratch memory from c10's CPU allocator (64-byte aligned). A tiny RAII owner defined here rather
+// than std::vector, see the header comment about shared template instances.
+class Scratch {
+ public:
+  explicit Scratch(size_t bytes) : ptr_(bytes ? c10::alloc_cpu(bytes) : nullptr) {}
+  ~Scratch() {
+    if (ptr_) c10::free_cpu(ptr_);
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  char* data() const { return static_cast<char*>(ptr_); }
+
+ private:
+  void* ptr_;
+};
+
+// Carves 64-byte aligned arrays out of one Scratch.
+class Carver {
+ public:
+  explicit Carver(char* base) : base_(base) {}
+  template <typename T>
+  T* take(int64_t count) {
+    T* p = reinterpret_cast<T*>(base_ + offset_);
+    offset_ += static_cast<size_t>(round_up(count * static_cast<int64_t>(sizeof(T)), 64));
+    return p;
+  }
+  template <typename T>
+  static size_t bytes(int64_t count) {
+    return static_cast<size_t>(round_up(count * static_cast<int64_t>(sizeof(T)), 64));
+  }
+
+ private:
+  char* base_;
+  size_t offset_ = 0;
+};
+
+// ---- loads and stores with on-the-fly conversion ---------------------------------------------
+// `n` (1..size) is the number of valid lanes: a partial load zero-fills the rest, a partial store
+// writes only n elements, so rows of any length K are handled without reading past the end.
+
+template <typename in_t>
+inline void load_reduced(const in_t* p, Vec<float>& out) {
+  if constexpr (std::is_same_v<in_t, c10::BFloat16>) {
+    at::vec::load_fp32_from_bf16(p, out);
+  } else {
+    at::vec::load_fp32_from_fp16(p, out);
+  }
+}
+
+template <typename ct, typename in_t>
+inline Vec<ct> load_as(const in_t* p, int64_t n) {
+  if constexpr (std::is_same_v<in_t, ct>) {
+    return n == Vec<ct>::size() ? Vec<ct>::loadu(p) : Vec<ct>::loadu(p, n);
+  } else {
+    static_assert(std::is_same_v<ct, float>, "16-bit inputs compute in float32");
+    Vec<float> out;
+    if (n == Vec<float>::size()) {
+      load_reduced(p, out);
+    } else {
+      in_t buf[Vec<float>::size()];
+      std::memset(static_cast<void*>(buf), 0, sizeof(buf));
+      std::memcpy(static_cast<void*>(buf), static_cast<const void*>(p), n * sizeof(in_t));
+      load_reduced(static_cast<const in_t*>(buf), out);
+    }
+    return out;
+  }
+}
+
+template <typename out_t, typename ct>
+inline void store_as(out_t* p, const Vec<ct>& v, int64_t n) {
+  if constexpr (std::is_same_v<out_t, ct>) {
+    v.store(p, n);
+  } else if constexpr (std::is_same_v<out_t, c10::BFloat16>) {
+    at::vec::convert_float_bfloat16(v, v).store(p, n);
+  } else {
+    at::vec::convert_float_half(v, v).store(p, n);
+  }
+}
+
+// Horizontal sum / max of a vector: the shuffle-tree members of the AVX2/AVX-512 float vectors;
+// elsewhere (the DEFAULT copy, double) a small array.
+template <typename ct>
+inline ct hsum(const Vec<ct>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<ct, float>) return v.reduce_add();
+#endif
+  ct buf[Vec<ct>::size()];
+  v.store(buf);
+  ct acc = 0;
+  for (int64_t i = 0; i < Vec<ct>::size(); ++i) acc += buf[i];
+  return acc;
+}
+
+// Max of lanes that are never NaN here.
+template <typename ct>
+inline ct hmax(const Vec<ct>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<ct, float>) return v.reduce_max();
+#endif
+  ct buf[Vec<ct>::size()];
+  v.store(buf);
+  ct acc = buf[0];
+  for (int64_t i = 1; i < Vec<ct>::size(); ++i) acc = buf[i] > acc ? buf[i] : acc;
+  return acc;
+}
+
+template <typename ct>
+inline Vec<ct> vexp(const Vec<ct>& v) {
+  return v.exp();
+}
+
+// max(a, b) for lanes that are never NaN: a single max instruction (at::vec::maximum adds NaN
+// propagation, which costs two more).
+template <typename ct>
+inline Vec<ct> vmax(const Vec<ct>& a, const Vec<ct>& b) {
+  return at::vec::clamp_min(a, b);
+}
+
+template <typename ct>
+inline void fill(ct* p, ct value, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) p[i] = value;
+}
+
+template <typename ct>
+inline void copy(ct* dst, const ct* src, int64_t n) {
+  if (n > 0) std::memcpy(dst, src, n * sizeof(ct));
+}
+
+// dst[i] = log(src[i]) (log 0 = -inf), vectorised; `a` (optional) is added: dst = a + log(src).
+template <typename ct>
+inline void log_add(ct* dst, const ct* a, const ct* src, int64_t n) {
+  constexpr int64_t vs = Vec<ct>::size();
+  for (int64_t i = 0; i < n; i += vs) {
+    const int64_t m = imin(vs, n - i);
+    Vec<ct> v = Vec<ct>::loadu(src + i, m).log();
+    if (a) v = Vec<ct>::loadu(a + i, m) + v;
+    v.store(dst + i, m);
+  }
+}
+
+// Tolerances of the fast paths. kRel: worst-case relative error allowed in a scaling sum from the
+// entries of the scaled base (K, or a log-domain plan) that underflowed; a bound, the actual error
+// is far smaller. kLimit: largest per-row/column factor the direct backward applies to exp'ed
+// entries before it computes its two softmaxes with separate exps.
+template <typename ct>
+struct Tuning;
+template <>
+struct Tuning<float> {
+  static constexpr float kRel = 1.0f / (1 << 20);
+  static constexpr float kLimit = 1.152921504606846976e18f;  // 2^60
+};
+template <>
+struct Tuning<double> {
+  static constexpr double kRel = 2.842170943040401e-14;  // 2^-45
+  static constexpr double kLimit = 1e150;
+};
+
+// Runs f(chunk, row_begin, row_end) for every row chunk, in parallel when there are several.
+template <typename F>
+inline void for_row_chunks(int64_t n_rows, int64_t n_chunks, const F& f) {
+  if (n_chunks <= 1) {
+    f(int64_t{0}, int64_t{0}, n_rows);
+    return;
+  }
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) f(c, n_rows * c / n_chunks, n_rows * (c + 1) / n_chunks);
+  });
+}
+
+// =============================================================================================
+// Forward
+// =============================================================================================
+//
+// Three levels, each exact (to rounding) when it runs, each falling back to the next from the last
+// iteration whose duals it got right:
+//   A. Scaling of the row-shifted kernel K_ij = exp(x_ij - sh_i) (sh_i ~ row max, so K <= 1 and no
+//      row underflows entirely): plan^t = diag(a) K diag(b), b = c / (K^T a), a = r / (K b). One exp
+//      per element in all, then a dot product and an axpy per row and iteration.
+//   B. Absorption: one log-domain iteration t0 from f^{t0-1} (exact for any finite input), whose
+//      plan P^{t0} (rows sum to r) becomes the scaled base for iterations t0+1.. (two exps per
+//      element once). Helps when whole columns of K underflow (a column far below every row's max).
+//   C. Pure log domain: column logsumexp and row logsumexp every iteration (two exps per element
+//      per iteration). Needed only for extreme inputs (scores/eps spreading far beyond the float
+//      exponent range between rows and columns), zero masses that make scaling sums vanish, ...
+// Scaling (A, B) is exact as long as the entries of the base that underflowed (absolute error at
+// most `tiny` each) stay negligible in every scaling sum once multiplied by the largest scalings;
+// column_scaling / scaling_rows check exactly that bound each iteration (kRel = worst-case relative
+// error allowed) and report failure instead of producing an inexact result.
+
+template <typename in_t, typename ct>
+class ForwardSolver {
+  using V = Vec<ct>;
+  static constexpr int64_t kVS = V::size();
+  static constexpr ct kNegInf = -std::numeric_limits<ct>::infinity();
+  static constexpr ct kInf = std::numeric_limits<ct>::infinity();
+  static constexpr bool kPlanIsCompute = std::is_same_v<in_t, ct>;
+  // A row whose max is within this of the running max is shifted by the running max (so its column
+  // contribution needs no weight); a row further below is shifted by its own max and weighted.
+  static constexpr ct kShareShift = ct(20);
+
+ public:
+  ForwardSolver(const sinkhorn::ForwardArgs& a, int64_t n_chunks)
+      : a_(a),
+        N_(a.n),
+        K_(a.k),
+        Kp_(round_up(a.k, kVS)),
+        T_(a.n_iters),
+        n_chunks_(n_chunks < 1 ? 1 : n_chunks),
+        eps_(static_cast<ct>(a.epsilon)),
+        tol_(static_cast<ct>(a.tol)),
+        use_tol_(a.tol > 0),
+        check_every_(a.check_every < 1 ? 1 : a.check_every),
+        lse_rows_(tmax<int64_t>(4, kLseBlockBytes / tmax<int64_t>(1, a.k * int64_t(sizeof(in_t))))),
+        scratch_(workspace_bytes()) {
+    const int64_t Np = round_up(N_, kVS);
+    Carver cv(scratch_.data());
+    reff_ = cv.take<ct>(Np);
+    logr_ = cv.take<ct>(Np);
+    f0_ = cv.take<ct>(Np);
+    A_ = cv.take<ct>(Np);
+    shift_ = cv.take<ct>(Np);
+    alpha_ = cv.take<ct>(Np);
+    R_ = cv.take<ct>(Np);
+    ceff_ = cv.take<ct>(Kp_);
+    logc_ = cv.take<ct>(Kp_);
+    g_ = cv.take<ct>(Kp_);
+    B_ = cv.take<ct>(Kp_);
+    beta_ = cv.take<ct>(Kp_);
+    chunk_ = cv.take<ct>(n_chunks_ * kChunkArrays * Kp_);
+    chunk_max_ = cv.take<ct>(n_chunks_);
+    chunk_fail_ = cv.take<int32_t>(n_chunks_);
+    if (!kPlanIsCompute) P_scratch_ = cv.take<ct>(N_ * K_);
+  }
+
+  void solve(int64_t b) {
+    s_ = static_cast<const in_t*>(a_.scores) + b * N_ * K_;
+    mask_ = a_.mask + b * N_;
+    r_ = static_cast<const ct*>(a_.row_marginals) + b * N_;
+    c_ = static_cast<const ct*>(a_.col_marginals) + b * K_;
+    out_ = static_cast<in_t*>(a_.plan) + b * N_ * K_;
+    if constexpr (kPlanIsCompute) {
+      P_ = out_;
+    } else {
+      P_ = P_scratch_;
+    }
+    hf_ = static_cast<ct*>(a_.log_u) + b * T_ * N_;
+    hg_ = static_cast<ct*>(a_.log_v) + b * T_ * K_;
+    setup();
+    int64_t done = run_base();
+    if (done < 0) done = run_absorbed(-done);
+    if (done < 0) done = run_log_from(-done);
+    // History rows past the last iteration repeat the final duals (the contract's frozen problems).
+    for (int64_t t = done; t < T_; ++t) {
+      copy(hf_ + t * N_, hf_ + (done - 1) * N_, N_);
+      copy(hg_ + t * K_, hg_ + (done - 1) * K_, K_);
+    }
+    a_.n_done[b] = done;
+  }
+
+ private:
+  // Per-chunk arrays (Kp each): column max, column exp-sum, block max, block exp-sum, column
+  // accumulator, row scratch.
+  static constexpr int64_t kChunkArrays = 6;
+  ct* chunk_array(int64_t c, int64_t which) const { return chunk_ + (c * kChunkArrays + which) * Kp_; }
+
+  size_t workspace_bytes() const {
+    const int64_t Np = round_up(N_, kVS);
+    size_t bytes = 7 * Carver::bytes<ct>(Np) + 5 * Carver::bytes<ct>(Kp_) +
+                   Carver::bytes<ct>(n_chunks_ * kChunkArrays * Kp_) + Carver::bytes<ct>(n_chunks_) +
+                   Carver::bytes<int32_t>(n_chunks_);
+    if (!kPlanIsCompute) bytes += Carver::bytes<ct>(N_ * K_);
+    return bytes;
+  }
+
+  bool check_at(int64_t t) const { return use_tol_ && t % check_every_ == 0 && t < T_; }
+
+  // Effective marginals: masked rows, and non-positive or non-finite masses, count as mass 0
+  // (the reference's safe_log gives them dual -inf).
+  void setup() {
+    for (int64_t i = 0; i < N_; ++i) {
+      const ct r = r_[i];
+      reff_[i] = (mask_[i] && r > 0 && r < kInf) ? r : ct(0);
+      f0_[i] = mask_[i] ? ct(0) : kNegInf;
+    }
+    log_add<ct>(logr_, nullptr, reff_, N_);
+    for (int64_t j = 0; j < Kp_; ++j) {
+      const ct c = j < K_ ? c_[j] : ct(0);
+      ceff_[j] = (c > 0 && c < kInf) ? c : ct(0);
+      B_[j] = 0;  // padding lanes stay 0 (dot products)
+    }
+    log_add<ct>(logc_, nullptr, ceff_, Kp_);
+  }
+
+  // ---- level A: the row-shifted kernel ---------------------------------------------------------
+
+  // Rows [i0, i1): K_ij = exp(x_ij - sh_i) into P and, over valid rows (f^0 = 0),
+  // acc_j = sum_i exp(sh_i - mrun) K_ij = exp(-mrun) sum_i exp(x_ij): the column sums of the first
+  // column step, relative to the running max mrun of the shifts (acc is rescaled when it grows).
+  void base_rows(int64_t i0, int64_t i1, ct* acc, ct* tmp, ct* mrun_out) const {
+    // Locals, not members, in the loops: vector stores may alias anything, so members would be
+    // reloaded after each of them.
+    const int64_t K = K_, Kp = Kp_;
+    const in_t* const scores = s_;
+    const bool* const mask = mask_;
+    ct* const P = P_;
+    ct* const shift = shift_;
+    const V veps(eps_), vninf(kNegInf);
+    fill(acc, ct(0), Kp);
+    ct mrun = kNegInf;
+    for (int64_t i = i0; i < i1; ++i) {
+      shift[i] = 0;
+      if (!mask[i]) {  // f = -inf for ever; a finite (zero) base row keeps 0 * row exact
+        fill(P + i * K, ct(0), K);
+        continue;
+      }
+      const in_t* row = scores + i * K;
+      V vm(kNegInf);
+      for (int64_t j = 0; j < K; j += kVS) {
+        const int64_t n = imin(kVS, K - j);
+        // x = scores / eps exactly as the reference computes it (a division in the compute dtype,
+        // not a multiply by 1/eps): x reaches 1e7, where an ulp of x is a factor e in the plan.
+        V y = load_as<ct>(row + j, n) / veps;
+        if (n < kVS) y = V::set(vninf, y, n);  // padding lanes: -inf (neutral for max, exp -> 0)
+        y.store(tmp + j);
+        vm = vmax<ct>(vm, y);
+      }
+      const ct M = hmax<ct>(vm);
+      if (!(M > kNegInf)) continue;  // K == 0: empty row
+      if (M > mrun) {
+        if (mrun > kNegInf) {
+          const V scale(std::exp(mrun - M));
+          for (int64_t j = 0; j < Kp; j += kVS) (V::loadu(acc + j) * scale).store(acc + j);
+        }
+        mrun = M;
+      }
+      // Sharing the running max as the shift saves a scalar exp per row; a row further below gets
+      // its own max so that it cannot underflow.
+      const bool share = M >= mrun - kShareShift;
+      const ct sh = share ? mrun : M;
+      shift[i] = sh;
+      const V vsh(sh);
+      ct* prow = P + i * K;
+      if (share) {
+        for (int64_t j = 0; j < K; j += kVS) {
+          const V e = vexp<ct>(V::loadu(tmp + j) - vsh);
+          e.store(prow + j, imin(kVS, K - j));
+          (V::loadu(acc + j) + e).store(acc + j);
+        }
+      } else {
+        const V w(std::exp(M - mrun));
+        for (int64_t j = 0; j < K; j += kVS) {
+          const V e = vexp<ct>(V::loadu(tmp + j) - vsh);
+          e.store(prow + j, imin(kVS, K - j));
+          at::vec::fmadd(e, w, V::loadu(acc + j)).store(acc + j);
+        }
+      }
+    }
+    *mrun_out = mrun;
+  }
+
+  // Level A driver: returns n_done, or -t when iteration t must be redone by a more robust level.
+  int64_t run_base() {
+    for_row_chunks(N_, n_chunks_, [&](int64_t c, int64_t i0, int64_t i1) {
+      base_rows(i0, i1, chunk_array(c, 4), chunk_array(c, 5), &chunk_max_[c]);
+    });
+    // Merge the chunks' column sums to the global max of the shifts, Mg.
+    ct Mg = kNegInf;
+    for (int64_t c = 0; c < n_chunks_; ++c) Mg = tmax(Mg, chunk_max_[c]);
+    ct* acc = chunk_array(0, 4);
+    if (n_chunks_ > 1) {
+      for (int64_t c = 0; c < n_chunks_; ++c) {
+        const ct w = chunk_max_[c] > kNegInf ? std::exp(chunk_max_[c] - Mg) : ct(0);
+        const ct* part = chunk_array(c, 4);
+        for (int64_t j = 0; j < Kp_; ++j) acc[j] = c == 0 ? part[j] * w : acc[j] + part[j] * w;
+      }
+    }
+    // plan = a_i K_ij b_j = exp(x_ij + f_i + g_j) with f_i = log a_i + (Mg - sh_i), g_j = log b_j - Mg;
+    // initially (f^0 = 0) a_i = exp(sh_i - Mg) <= 1.
+    const ct mg = Mg > kNegInf ? Mg : ct(0);
+    for (int64_t i = 0; i < N_; ++i) alpha_[i] = mg - shift_[i];
+    fill(beta_, -mg, Kp_);
+    return scaled_iterations(1, ct(1));
+  }
+
+  // ---- scaling iterations (levels A and B) -----------------------------------------------------
+
+  // Iterations t_first..T on the base in P, from the column sums acc = K^T a in chunk 0 (max_a =
+  // largest a). Writes history f^t = alpha + log a, g^t = beta + log b; returns n_done or -t.
+  int64_t scaled_iterations(int64_t t_first, ct max_a) {
+    for (int64_t t = t_first; t <= T_; ++t) {
+      ct max_b = 0;
+      if (!column_scaling(max_a, &max_b)) return -t;
+      const bool last = t == T_;
+      const ct thr = ct(K_) * std::numeric_limits<ct>::min() * (max_b + 1) / Tuning<ct>::kRel;
+      if (!scaling_rows_all(last, thr, &max_a)) return -t;
+      log_add<ct>(hf_ + (t - 1) * N_, alpha_, A_, N_);
+      log_add<ct>(hg_ + (t - 1) * K_, beta_, B_, K_);
+      if (last) return t;  // the row pass wrote the plan
+      if (check_at(t) && colsum_error(B_) < tol_) {
+        write_scaled_plan();
+        return t;
+      }
+    }
+    return -T_;  // not reached (T_ >= 1)
+  }
+
+  // Column step: b = c / acc (acc = K^T a). Fails when a column sum is too small for the underflowed
+  // entries of the base (absolute error <= tiny each, times at most max_a + 1) to be negligible, or
+  // when anything is not finite. Columns without mass get b = 0.
+  bool column_scaling(ct max_a, ct* max_b) {
+    const ct thr = ct(N_) * std::numeric_limits<ct>::min() * (max_a + 1) / Tuning<ct>::kRel;
+    const ct* acc = chunk_array(0, 4);
+    ct mb = 0;
+    for (int64_t j = 0; j < K_; ++j) {
+      if (logc_[j] == kNegInf) {
+        B_[j] = 0;
+        continue;
+      }
+      const ct S = acc[j];
+      if (!(S >= thr && S < kInf)) return false;
+      const ct b = ceff_[j] / S;
+      if (!(b >= std::numeric_limits<ct>::min() && b < kInf)) return false;
+      B_[j] = b;
+      mb = tmax(mb, b);
+    }
+    *max_b = mb;
+    return true;
+  }
+
+  // Row step on rows [i0, i1): a_i = r_i / (K b)_i, then either the column sums K^T a of the next
+  // column step (acc) or, in the last iteration, the plan a_i K_ij b_j written to the output (in
+  // place when the output is the base). Same failure bound as column_scaling.
+  bool scaling_rows(int64_t i0, int64_t i1, bool last, ct thr, ct* acc, ct* max_a) const {
+    const int64_t K = K_;
+    const ct* const P = P_;
+    const ct* const B = B_;
+    const ct* const reff = reff_;
+    ct* const A = A_;
+    in_t* const out = out_;
+    ct ma = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      in_t* orow = out + i * K;
+      if (reff[i] == 0) {  // zero-mass row: a = 0 from the first row step on
+        A[i] = 0;
+        if (last) zero_row(orow, K);
+        continue;
+      }
+      const ct* prow = P + i * K;
+      V vs(0);
+      for (int64_t j = 0; j < K; j += kVS)
+        vs = at::vec::fmadd(V::loadu(prow + j, imin(kVS, K - j)), V::loadu(B + j), vs);
+      const ct R = hsum<ct>(vs);
+      if (!(R >= thr && R < kInf)) return false;
+      const ct a = reff[i] / R;
+      if (!(a >= std::numeric_limits<ct>::min() && a < kInf)) return false;
+      A[i] = a;
+      ma = tmax(ma, a);
+      const V va(a);
+      if (last) {
+        for (int64_t j = 0; j < K; j += kVS) {
+          const int64_t n = imin(kVS, K - j);
+          store_as<in_t, ct>(orow + j, V::loadu(prow + j, n) * va * V::loadu(B + j), n);
+        }
+      } else {
+        for (int64_t j = 0; j < K; j += kVS)
+          at::vec::fmadd(V::loadu(prow + j, imin(kVS, K - j)), va, V::loadu(acc + j)).store(acc + j);
+      }
+    }
+    *max_a = ma;
+    return true;
+  }
+
+  bool scaling_rows_all(bool last, ct thr, ct* max_a) {
+    if (n_chunks_ == 1 && N_ * K_ <= kCacheResidentElements) return scaling_in_cache(last, thr, max_a);
+    for_row_chunks(N_, n_chunks_, [&](int64_t c, int64_t i0, int64_t i1) {
+      ct* acc = chunk_array(c, 4);
+      if (!last) fill(acc, ct(0), Kp_);
+      ct ma = 0;
+      chunk_fail_[c] = scaling_rows(i0, i1, last, thr, acc, &ma) ? 0 : 1;
+      chunk_max_[c] = ma;
+    });
+    ct ma = 0;
+    for (int64_t c = 0; c < n_chunks_; ++c) {
+      if (chunk_fail_[c]) return false;
+      ma = tmax(ma, chunk_max_[c]);
+    }
+    if (!last) reduce_acc();
+    *max_a = ma;
+    return true;
+  }
+
+  // The same row step for a problem that stays in cache (one chunk). The fused pass above is
+  // latency-bound when rows are short (horizontal sum -> compare -> divide -> axpy, per row); here
+  // each phase runs over all rows: the row dot products (independent, so they pipeline), the
+  // scalings, then the column sums with register accumulators over blocks of columns.
+  bool scaling_in_cache(bool last, ct thr, ct* max_a) {
+    const int64_t N = N_, K = K_;
+    const ct* const P = P_;
+    const ct* const B = B_;
+    const ct* const reff = reff_;
+    ct* const A = A_;
+    ct* const R = R_;
+    for (int64_t i = 0; i < N; ++i) {
+      const ct* prow = P + i * K;
+      V vs(0);
+      if (reff[i] != 0)
+        for (int64_t j = 0; j < K; j += kVS)
+          vs = at::vec::fmadd(V::loadu(prow + j, imin(kVS, K - j)), V::loadu(B + j), vs);
+      R[i] = hsum<ct>(vs);
+    }
+    ct ma = 0;
+    for (int64_t i = 0; i < N; ++i) {
+      if (reff[i] == 0) {
+        A[i] = 0;
+        continue;
+      }
+      if (!(R[i] >= thr && R[i] < kInf)) return false;
+      const ct a = reff[i] / R[i];
+      if (!(a >= std::numeric_limits<ct>::min() && a < kInf)) return false;
+      A[i] = a;
+      ma = tmax(ma, a);
+    }
+    *max_a = ma;
+    if (last) {
+      in_t* const out = out_;
+      for (int64_t i = 0; i < N; ++i) {
+        const ct* prow = P + i * K;
+        in_t* orow = out + i * K;
+        const V va(A[i]);  // 0 on zero-mass rows, whose base rows are finite
+        for (int64_t j = 0; j < K; j += kVS) {
+          const int64_t n = imin(kVS, K - j);
+          store_as<in_t, ct>(orow + j, V::loadu(prow + j, n) * va * V::loadu(B + j), n);
+        }
+      }
+    } else {
+      column_sums_in_cache(chunk_array(0, 4));
+    }
+    return true;
+  }
+
+  // acc_j = sum_i A_i P_ij, four column vectors at a time held in registers across all rows (rows
+  // with A = 0 contribute 0: every row of the base is finite).
+  void column_sums_in_cache(ct* acc) const {
+    const int64_t N = N_, K = K_;
+    const ct* const P = P_;
+    const ct* const A = A_;
+    int64_t jb = 0;
+    for (; jb + 4 * kVS <= K; jb += 4 * kVS) {
+      V a0(0), a1(0), a2(0), a3(0);
+      const ct* p = P + jb;
+      for (int64_t i = 0; i < N; ++i, p += K) {
+        const V va(A[i]);
+        a0 = at::vec::fmadd(V::loadu(p), va, a0);
+        a1 = at::vec::fmadd(V::loadu(p + kVS), va, a1);
+        a2 = at::vec::fmadd(V::loadu(p + 2 * kVS), va, a2);
+        a3 = at::vec::fmadd(V::loadu(p + 3 * kVS), va, a3);
+      }
+      a0.store(acc + jb);
+      a1.store(acc + jb + kVS);
+      a2.store(acc + jb + 2 * kVS);
+      a3.store(acc + jb + 3 * kVS);
+    }
+    for (; jb < K; jb += kVS) {
+      const int64_t n = imin(kVS, K - jb);
+      V a0(0);
+      const ct* p = P + jb;
+      for (int64_t i = 0; i < N; ++i, p += K) a0 = at::vec::fmadd(V::loadu(p, n), V(A[i]), a0);
+      a0.store(acc + jb);  // padding lanes: 0
+    }
+  }
+
+  static void zero_row(in_t* orow, int64_t K) {
+    for (int64_t j = 0; j < K; j += kVS) store_as<in_t, ct>(orow + j, V(0), imin(kVS, K - j));
+  }
+
+  // Plan a_i K_ij b_j (early stop during scaling iterations).
+  void write_scaled_plan() {
+    for_row_chunks(N_, n_chunks_, [&](int64_t, int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        in_t* orow = out_ + i * K_;
+        if (A_[i] == 0) {  // includes rows of the base that were never written
+          zero_row(orow, K_);
+          continue;
+        }
+        const ct* prow = P_ + i * K_;
+        const V va(A_[i]);
+        for (int64_t j = 0; j < K_; j += kVS) {
+          const int64_t n = imin(kVS, K_ - j);
+          store_as<in_t, ct>(orow + j, V::loadu(prow + j, n) * va * V::loadu(B_ + j), n);
+        }
+      }
+    });
+  }
+
+  // ---- log-domain building blocks (levels B and C) ---------------------------------------------
+
+  // Column logsumexp statistics of z_ij = x_ij + fr_i over rows [i0, i1) with fr_i > -inf:
+  // m = column max, s = sum exp(z - m) (m = -inf, s = 0 for a column without rows). Rows are
+  // processed in blocks that fit in L2 (max sweep, then exp-sum sweep over the same block), blocks
+  // being merged with the usual logsumexp rescaling.
+  void col_lse_rows(int64_t i0, int64_t i1, const ct* fr, ct* m, ct* s, ct* bm, ct* bs) const {
+    const int64_t K = K_, Kp = Kp_;
+    const in_t* const scores = s_;
+    const V veps(eps_);
+    fill(m, kNegInf, Kp);
+    fill(s, ct(0), Kp);
+    for (int64_t ib = i0; ib < i1; ib += lse_rows_) {
+      const int64_t ie = imin(i1, ib + lse_rows_);
+      const bool first = ib == i0;
+      ct* mm = first ? m : bm;
+      ct* ss = first ? s : bs;
+      if (!first) {
+        fill(bm, kNegInf, Kp);
+        fill(bs, ct(0), Kp);
+      }
+      for (int64_t i = ib; i < ie; ++i) {
+        if (fr[i] == kNegInf) continue;
+        const V off(fr[i]);
+        const in_t* row = scores + i * K;
+        for (int64_t j = 0; j < K; j += kVS) {
+          const V z = load_as<ct>(row + j, imin(kVS, K - j)) / veps + off;
+          vmax<ct>(V::loadu(mm + j), z).store(mm + j);
+        }
+      }
+      for (int64_t i = ib; i < ie; ++i) {
+        if (fr[i] == kNegInf) continue;
+        const V off(fr[i]);
+        const in_t* row = scores + i * K;
+        for (int64_t j = 0; j < K; j += kVS) {
+          const V z = load_as<ct>(row + j, imin(kVS, K - j)) / veps + off;
+          (V::loadu(ss + j) + vexp<ct>(z - V::loadu(mm + j))).store(ss + j);
+        }
+      }
+      if (!first) merge_lse(m, s, bm, bs);
+    }
+  }
+
+  // (m, s) <- (m, s) (+) (bm, bs) in the logsumexp sense, one exp per column.
+  void merge_lse(ct* m, ct* s, const ct* bm, const ct* bs) const {
+    const V zero(0);
+    for (int64_t j = 0; j < Kp_; j += kVS) {
+      const V ma = V::loadu(m + j), mb = V::loadu(bm + j);
+      const V sa = V::loadu(s + j), sb = V::loadu(bs + j);
+      const V d = ma - mb;  // NaN only when both are -inf (then both sums are 0)
+      const V e = V::blendv(vexp<ct>(zero - d.abs()), zero, d != d);
+      V::blendv(sa + sb * e, sb + sa * e, ma < mb).store(s + j);
+      vmax<ct>(ma, mb).store(m + j);
+    }
+  }
+
+  // Column lse over all rows with offsets fr, merged into chunk 0's (m, s).
+  void col_lse_all(const ct* fr) {
+    for_row_chunks(N_, n_chunks_, [&](int64_t c, int64_t i0, int64_t i1) {
+      col_lse_rows(i0, i1, fr, chunk_array(c, 0), chunk_array(c, 1), chunk_array(c, 2),
+                   chunk_array(c, 3));
+    });
+    for (int64_t c = 1; c < n_chunks_; ++c)
+      merge_lse(chunk_array(0, 0), chunk_array(0, 1), chunk_array(c, 0), chunk_array(c, 1));
+  }
+
+  // g_j = log c_j - lse_j (-inf for a zero-mass column or an empty lse), padded with -inf.
+  void column_duals_from_lse(ct* g) const {
+    const ct* m = chunk_array(0, 0);
+    const ct* s = chunk_array(0, 1);
+    log_add<ct>(g, m, s, K_);  // lse = log(s) + m, as the reference's log(total) + shift
+    for (int64_t j = 0; j < K_; ++j) {
+      const ct lse = g[j];
+      g[j] = (logc_[j] > kNegInf && lse > kNegInf) ? logc_[j] - lse : kNegInf;
+    }
+    fill(g + K_, kNegInf, Kp_ - K_);
+  }
+
+  // Log-domain row step for rows [i0, i1): f_out_i = log r_i - lse_j(x_ij + g_j). With want_q it
+  // also writes the plan rows q_ij = exp(x_ij + g_j + f_i) into P (computed as e_ij * r_i / S_i,
+  // which is more accurate than exponentiating the sum of the large duals) and, with acc, adds
+  // their column sums.
+  void log_rows(int64_t i0, int64_t i1, const ct* g, ct* f_out, bool want_q, ct* acc, ct* tmp) const {
+    const int64_t K = K_;
+    const in_t* const scores = s_;
+    const ct* const logr = logr_;
+    const ct* const reff = reff_;
+    ct* const P = P_;
+    const V veps(eps_);
+    for (int64_t i = i0; i < i1; ++i) {
+      ct* prow = P + i * K;
+      if (logr[i] == kNegInf) {
+        f_out[i] = kNegInf;
+        if (want_q) fill(prow, ct(0), K);
+        continue;
+      }
+      const in_t* row = scores + i * K;
+      V vm(kNegInf);
+      for (int64_t j = 0; j < K; j += kVS) {
+        // padding lanes: x = 0 and g = -inf, so y = -inf there.
+        const V y = load_as<ct>(row + j, imin(kVS, K - j)) / veps + V::loadu(g + j);
+        y.store(tmp + j);
+        vm = vmax<ct>(vm, y);
+      }
+      const ct M = hmax<ct>(vm);
+      if (!(M > kNegInf)) {  // no column with mass: the row gets no mass either
+        f_out[i] = kNegInf;
+        if (want_q) fill(prow, ct(0), K);
+        continue;
+      }
+      const V vM(M);
+      V vs(0);
+      for (int64_t j = 0; j < K; j += kVS) {
+        const V e = vexp<ct>(V::loadu(tmp + j) - vM);
+        e.store(tmp + j);
+        vs = vs + e;
+      }
+      const ct S = hsum<ct>(vs);  // >= 1: the max term is exp(0)
+      f_out[i] = logr[i] - (std::log(S) + M);
+      if (!want_q) continue;
+      const V w(reff[i] / S);
+      for (int64_t j = 0; j < K; j += kVS) {
+        const V q = V::loadu(tmp + j) * w;
+        q.store(prow + j, imin(kVS, K - j));
+        if (acc) (V::loadu(acc + j) + q).store(acc + j);
+      }
+    }
+  }
+
+  // Log-domain row step over all rows; column sums of the written plan (if want_acc) end up in
+  // chunk 0's accumulator.
+  void log_rows_all(const ct* g, ct* f_out, bool want_q, bool want_acc) {
+    for_row_chunks(N_, n_chunks_, [&](int64_t c, int64_t i0, int64_t i1) {
+      ct* acc = want_acc ? chunk_array(c, 4) : nullptr;
+      if (acc) fill(acc, ct(0), Kp_);
+      log_rows(i0, i1, g, f_out, want_q, acc, chunk_array(c, 5));
+    });
+    if (want_acc) reduce_acc();
+  }
+
+  void reduce_acc() {
+    ct* acc = chunk_array(0, 4);
+    for (int64_t c = 1; c < n_chunks_; ++c) {
+      const ct* part = chunk_array(c, 4);
+      for (int64_t j = 0; j < Kp_; ++j) acc[j] += part[j];
+    }
+  }
+
+  // max_j |colsum_j - c_j| with colsum = scale_j * acc_j (scale = b) or acc_j (scale = nullptr).
+  ct colsum_error(const ct* scale) const {
+    const ct* acc = chunk_array(0, 4);
+    ct err = 0;
+    for (int64_t j = 0; j < K_; ++j) {
+      const ct colsum = scale ? scale[j] * acc[j] : acc[j];
+      const ct e = std::abs(colsum - c_[j]);
+      err = (e > err || e != e) ? e : err;
+    }
+    return err;
+  }
+
+  // Plan = P (already final) converted to the output dtype when the two differ.
+  void finish_plan_from_P() {
+    if constexpr (!kPlanIsCompute) {
+      for_row_chunks(N_, n_chunks_, [&](int64_t, int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const ct* prow = P_ + i * K_;
+          in_t* orow = out_ + i * K_;
+          for (int64_t j = 0; j < K_; j += kVS) {
+            const int64_t n = imin(kVS, K_ - j);
+            store_as<in_t, ct>(orow + j, V::loadu(prow + j, n), n);
+          }
+        }
+      });
+    }
+  }
+
+  const ct* f_before(int64_t t) const { return t == 1 ? f0_ : hf_ + (t - 2) * N_; }
+
+  // Level B: log-domain iteration t0 from f^{t0-1}; its plan becomes the base of scaling iterations
+  // t0+1.. (a = 1, b = 1, alpha = f^{t0}, beta = g^{t0}). Returns n_done or -t.
+  int64_t run_absorbed(int64_t t0) {
+    col_lse_all(f_before(t0));
+    column_duals_from_lse(g_);
+    ct* ft = hf_ + (t0 - 1) * N_;
+    log_rows_all(g_, ft, /*want_q=*/true, /*want_acc=*/true);
+    copy(hg_ + (t0 - 1) * K_, g_, K_);
+    if (t0 == T_ || (check_at(t0) && colsum_error(nullptr) < tol_)) {
+      finish_plan_from_P();
+      return t0;
+    }
+    copy(alpha_, ft, N_);
+    copy(beta_, g_, Kp_);
+    return scaled_iterations(t0 + 1, ct(1));
+  }
+
+  // Level C: pure log-domain iterations t0..T from f^{t0-1}. Always succeeds.
+  int64_t run_log_from(int64_t t0) {
+    int64_t done = t0 - 1;
+    for (int64_t t = t0; t <= T_; ++t) {
+      col_lse_all(f_before(t));
+      column_duals_from_lse(g_);
+      const bool check = check_at(t);
+      const bool want_q = check || t == T_;
+      log_rows_all(g_, hf_ + (t - 1) * N_, want_q, check);
+      copy(hg_ + (t - 1) * K_, g_, K_);
+      done = t;
+      if (check && colsum_error(nullptr) < tol_) break;
+    }
+    finish_plan_from_P();
+    return done;
+  }
+
+  const sinkhorn::ForwardArgs& a_;
+  const int64_t N_, K_, Kp_, T_, n_chunks_;
+  const ct eps_;
+  const ct tol_;
+  const bool use_tol_;
+  const int64_t check_every_;
+  const int64_t lse_rows_;
+  Scratch scratch_;
+  // workspace
+  ct *reff_, *logr_, *f0_, *A_, *shift_, *alpha_, *R_;
+  ct *ceff_, *logc_, *g_, *B_, *beta_;
+  ct* chunk_;
+  ct* chunk_max_;
+  int32_t* chunk_fail_;
+  ct* P_scratch_ = nullptr;
+  // current problem
+  const in_t* s_ = nullptr;
+  const bool* mask_ = nullptr;
+  const ct* r_ = nullptr;
+  const ct* c_ = nullptr;
+  in_t* out_ = nullptr;
+  ct* P_ = nullptr;  // the base of the scaling iterations / the log-domain plan (compute dtype)
+  ct* hf_ = nullptr;
+  ct* hg_ = nullptr;
+};
+
+// =============================================================================================
+// Backward
+// =============================================================================================
+//
+// Reverse sweep of sinkhorn_backward_reference. With A^t = softmax_j(x + g^t) (row step t) and
+// B^t = softmax_i(x + f^{t-1}) (column step t):
+//   dx = G*Q - sum_t (F^t_i A^t_ij + Gg^t_j B^t_ij), F^T = rowsum(G*Q), Gg^T = colsum(G*Q - F^T A^T),
+//   F^{t-1} = -rowsum(Gg^t B^t), Gg^{t-1} = -colsum(F^{t-1} A^{t-1}).
+// Factored path: with the row-shifted kernel K_ij = exp(x_ij - M_i) (one exp per element),
+//   A^t_ij = K_ij w^t_j / S^t_i,  S^t = K w^t,          w^t_j = exp(g^t_j + C^t),
+//   B^t_ij = K_ij p^{t-1}_i / Sig^t_j,  Sig^t = K^T p^{t-1},  p^t_i = exp(M_i + f^t_i - C^t),
+// (normalised by their actual sums, as the reference's softmaxes are), so the recursion is only
+// matrix-vector products with K and K^T: F^{t-1}_i = -p^{t-1}_i (K y^t)_i with y^t = Gg^t / Sig^t,
+// and Gg^{t-1}_j = -w^{t-1}_j (K^T z^{t-1})_j with z^{t-1} = F^{t-1} / S^{t-1}: one pass over K per
+// reverse iteration (two dot products, then two axpys per row), and dx is assembled once at the end:
+//   dx_ij = K_ij (p^T_i w^T_j G_ij - sum_t (z^t_i w^t_j + p^{t-1}_i y^t_j)).
+// C^t = -max_j g^t_j keeps w <= 1. The factorisation is exact unless entries of K
+// that underflowed matter once scaled (or a factor over/underflows); the same kind of bound as in
+// the forward is checked on every S^t and Sig^t, and on failure the problem is redone by the direct
+// path: one pass per reverse iteration computing E = exp(x + f^{t-1} + g^{t-1}) per element
+// (B^t = E * exp(g^t - g^{t-1}) / c and A^{t-1} = E / rowsum(E)), or separate exps for A and B when
+// even those factors are too large.
+
+template <typename in_t, typename ct>
+class BackwardSolver {
+  using V = Vec<ct>;
+  static constexpr int64_t kVS = V::size();
+  static constexpr ct kNegInf = -std::numeric_limits<ct>::infinity();
+  static constexpr ct kInf = std::numeric_limits<ct>::infinity();
+  static constexpr bool kOutIsCompute = std::is_same_v<in_t, ct>;
+  // Column tile of the final assembly pass: its 2T column-factor vectors stay in L1/L2.
+  static constexpr int64_t kTileCols = 512;
+
+ public:
+  BackwardSolver(const sinkhorn::BackwardArgs& a, int64_t n_chunks)
+      : a_(a),
+        N_(a.n),
+        K_(a.k),
+        Kp_(round_up(a.k, kVS)),
+        Np_(round_up(a.n, kVS)),
+        Ttot_(a.n_iters),
+        n_chunks_(n_chunks < 1 ? 1 : n_chunks),
+        eps_(static_cast<ct>(a.epsilon)),
+        scratch_(workspace_bytes()) {
+    Carver cv(scratch_.data());
+    reff_ = cv.take<ct>(Np_);
+    logr_ = cv.take<ct>(Np_);
+    f0_ = cv.take<ct>(Np_);
+    phi_ = cv.take<ct>(Np_);
+    M_ = cv.take<ct>(Np_);
+    Pt_ = cv.take<ct>((Ttot_ + 1) * Np_);
+    Zt_ = cv.take<ct>((Ttot_ + 1) * Np_);
+    St_ = cv.take<ct>((Ttot_ + 1) * Np_);
+    ceff_ = cv.take<ct>(Kp_);
+    logc_ = cv.take<ct>(Kp_);
+    gprev_ = cv.take<ct>(Kp_);
+    h_ = cv.take<ct>(Kp_);
+    gamma_ = cv.take<ct>(Kp_);
+    gg_ = cv.take<ct>(Kp_);
+    sig_ = cv.take<ct>(Kp_);
+    Wt_ = cv.take<ct>((Ttot_ + 1) * Kp_);
+    Yt_ = cv.take<ct>((Ttot_ + 1) * Kp_);
+    Ct_ = cv.take<ct>(Ttot_ + 1);
+    chunk_ = cv.take<ct>(n_chunks_ * kChunkArrays * Kp_);
+    chunk_coef_ = cv.take<ct>(n_chunks_ * 2 * (Ttot_ + 1));
+    if (!kOutIsCompute) buf_scratch_ = cv.take<ct>(N_ * K_);
+  }
+
+  void solve(int64_t b) {
+    s_ = static_cast<const in_t*>(a_.scores) + b * N_ * K_;
+    G_ = static_cast<const in_t*>(a_.grad_plan) + b * N_ * K_;
+    mask_ = a_.mask + b * N_;
+    r_ = static_cast<const ct*>(a_.row_marginals) + b * N_;
+    c_ = static_cast<const ct*>(a_.col_marginals) + b * K_;
+    hf_ = static_cast<const ct*>(a_.log_u) + b * Ttot_ * N_;
+    hg_ = static_cast<const ct*>(a_.log_v) + b * Ttot_ * K_;
+    out_ = static_cast<in_t*>(a_.grad_scores) + b * N_ * K_;
+    if constexpr (kOutIsCompute) {
+      buf_ = out_;
+    } else {
+      buf_ = buf_scratch_;
+    }
+    setup();
+    const int64_t T = a_.n_done[b];
+    if (!solve_factored(T)) solve_direct(T);
+  }
+
+ private:
+  // Per-chunk arrays (Kp each): two column accumulators, row scratch.
+  static constexpr int64_t kChunkArrays = 3;
+  ct* chunk_array(int64_t c, int64_t which) const { return chunk_ + (c * kChunkArrays + which) * Kp_; }
+
+  size_t workspace_bytes() const {
+    size_t bytes = 5 * Carver::bytes<ct>(Np_) + 3 * Carver::bytes<ct>((Ttot_ + 1) * Np_) +
+                   7 * Carver::bytes<ct>(Kp_) + 2 * Carver::bytes<ct>((Ttot_ + 1) * Kp_) +
+                   Carver::bytes<ct>(Ttot_ + 1) +
+                   Carver::bytes<ct>(n_chunks_ * kChunkArrays * Kp_) + Carver::bytes<ct>(n_chunks_ * 2 * (Ttot_ + 1));
+    if (!kOutIsCompute) bytes += Carver::bytes<ct>(N_ * K_);
+    return bytes;
+  }
+
+  V load_x(const in_t* p, int64_t n) const { return load_as<ct>(p, n) / V(eps_); }
+  const ct* f_at(int64_t t) const { return t == 0 ? f0_ : hf_ + (t - 1) * N_; }
+  const ct* g_at(int64_t t) const { return hg_ + (t - 1) * K_; }  // t >= 1
+  ct* P_at(int64_t t) const { return Pt_ + t * Np_; }
+  ct* Z_at(int64_t t) const { return Zt_ + t * Np_; }
+  ct* S_at(int64_t t) const { return St_ + t * Np_; }
+  ct* W_at(int64_t t) const { return Wt_ + t * Kp_; }
+  ct* Y_at(int64_t t) const { return Yt_ + t * Kp_; }
+
+  void setup() {
+    for (int64_t i = 0; i < N_; ++i) {
+      const ct r = r_[i];
+      reff_[i] = (mask_[i] && r > 0 && r < kInf) ? r : ct(0);
+      f0_[i] = mask_[i] ? ct(0) : kNegInf;
+    }
+    log_add<ct>(logr_, nullptr, reff_, N_);
+    for (int64_t j = 0; j < Kp_; ++j) {
+      const ct c = j < K_ ? c_[j] : ct(0);
+      ceff_[j] = (c > 0 && c < kInf) ? c : ct(0);
+    }
+    log_add<ct>(logc_, nullptr, ceff_, Kp_);
+  }
+
+  void reduce_chunks(int64_t which, ct* dst) {
+    copy(dst, chunk_array(0, which), Kp_);
+    for (int64_t c = 1; c < n_chunks_; ++c) {
+      const ct* part = chunk_array(c, which);
+      for (int64_t j = 0; j < Kp_; ++j) dst[j] += part[j];
+    }
+  }
+
+  // ---- factored path ----------------------------------------------------------------------------
+
+  // p^t_i = exp(M_i + f^t_i - C^t) for all rows (0 on rows without dual). False if one overflows,
+  // or, for t >= 1, underflows although the row has a dual (after a row step p^t_i S^t_i ~ r_i, so
+  // that cannot be negligible). p^0 (f^0 = 0, rows not normalised) may underflow: such a row weighs
+  // exp(-87) or less against the top row in every column-step-1 normaliser Sig^1, and where it would
+  // still dominate a column, that column's Sig^1 underflows too and fails set_y.
+  bool set_p(int64_t t, ct C) {
+    const ct* f = f_at(t);
+    ct* p = P_at(t);
+    for (int64_t i = 0; i < N_; i += kVS) {
+      const int64_t n = imin(kVS, N_ - i);
+      (V::loadu(M_ + i, n) + V::loadu(f + i, n) - V(C)).exp().store(p + i, n);
+    }
+    for (int64_t i = 0; i < N_; ++i) {
+      if (!(f[i] > kNegInf) || !(M_[i] > kNegInf)) {
+        p[i] = 0;
+      } else if (!(p[i] < kInf) || (t > 0 && !(p[i] >= std::numeric_limits<ct>::min()))) {
+        return false;
+      }
+    }
+    return true;
+  }
+
+  // Pass 0 on rows [i0, i1): K = exp(x - M) into buf_, p^T, p^{T-1}; S^T = K w^T,
+  // F^T_i = p^T_i sum_j G_ij K_ij w^T_j, z^T = F^T / S^T; accumulates sum_i (p^T_i G_ij - z^T_i) K_ij
+  // (Gg^T / w^T) and, if T >= 2, sum_i p^{T-1}_i K_ij (Sig^T).
+  void top_rows_factored(int64_t i0, int64_t i1, int64_t T, ct CT, ct CTm1, ct* accG, ct* accS, ct* tmp) const {
+    const int64_t K = K_;
+    const in_t* const scores = s_;
+    const in_t* const grad = G_;
+    const bool* const mask = mask_;
+    ct* const Kbuf = buf_;
+    ct* const Mrow = M_;
+    const ct* const fT = f_at(T);
+    const ct* const fTm1 = f_at(T - 1);
+    const ct* const wT = W_at(T);
+    ct* const pT_out = P_at(T);
+    ct* const pTm1_out = P_at(T - 1);
+    ct* const zT_out = Z_at(T);
+    ct* const ST_out = S_at(T);
+    const V veps(eps_), vninf(kNegInf);
+    for (int64_t i = i0; i < i1; ++i) {
+      Mrow[i] = kNegInf;
+      pT_out[i] = 0;
+      if (T >= 2) pTm1_out[i] = 0;
+      zT_out[i] = 0;
+      ST_out[i] = 0;
+      if (!mask[i]) continue;  // every dual of a masked row is -inf: no term at all
+      const in_t* srow = scores + i * K;
+      V vm(kNegInf);
+      for (int64_t j = 0; j < K; j += kVS) {
+        const int64_t n = imin(kVS, K - j);
+        V y = load_as<ct>(srow + j, n) / veps;
+        if (n < kVS) y = V::set(vninf, y, n);
+        y.store(tmp + j);
+        vm = vmax<ct>(vm, y);
+      }
+      const ct M = hmax<ct>(vm);
+      Mrow[i] = M;
+      if (!(M > kNegInf)) continue;  // K == 0
+      ct* krow = Kbuf + i * K;
+      const ct pT = fT[i] > kNegInf ? std::exp(M + fT[i] - CT) : ct(0);
+      const ct pTm1 = (T >= 2 && fTm1[i] > kNegInf) ? std::exp(M + fTm1[i] - CTm1) : ct(0);
+      pT_out[i] = pT;
+      if (T >= 2) pTm1_out[i] = pTm1;
+      const in_t* grow = grad + i * K;
+      // K's row (stored, and kept in tmp for the next sweep), S^T = K w^T and sum_j G K w^T.
+      const V vM(M);
+      V vd(0), vs(0);
+      for (int64_t j = 0; j < K; j += kVS) {
+        const int64_t n = imin(kVS, K - j);
+        const V k = vexp<ct>(V::loadu(tmp + j) - vM);
+        k.store(tmp + j);
+        k.store(krow + j, n);
+        const V kw = k * V::loadu(wT + j);
+        vs = vs + kw;
+        vd = at::vec::fmadd(load_as<ct>(grow + j, n), kw, vd);
+      }
+      ct z = 0;
+      if (pT > 0) {
+        const ct S = hsum<ct>(vs);
+        ST_out[i] = S;
+        z = S > 0 ? pT * hsum<ct>(vd) / S : ct(0);
+        zT_out[i] = z;
+      }
+      if (pT > 0 && pTm1 > 0) {
+        const V vp(pT), vz(z), vq(pTm1);
+        for (int64_t j = 0; j < K; j += kVS) {
+          const int64_t n = imin(kVS, K - j);
+          const V k = V::loadu(tmp + j);
+          const V coef = at::vec::fmsub(load_as<ct>(grow + j, n), vp, vz);  // p^T G - z^T
+          at::vec::fmadd(coef, k, V::loadu(accG + j)).store(accG + j);
+          at::vec::fmadd(vq, k, V::loadu(accS + j)).store(accS + j);
+        }
+      } else if (pT > 0) {
+        const V vp(pT), vz(z);
+        for (int64_t j = 0; j < K; j += kVS) {
+          const V coef = at::vec::fmsub(load_as<ct>(grow + j, imin(kVS, K - j)), vp, vz);
+          at::vec::fmadd(coef, V::loadu(tmp + j), V::loadu(accG + j)).store(accG + j);
+        }
+      } else if (pTm1 > 0) {
+        const V vq(pTm1);
+        for (int64_t j = 0; j < K; j += kVS)
+          at::vec::fmadd(vq, V::loadu(tmp + j), V::loadu(accS + j)).store(accS + j);
+      }
+    }
+  }
+
+  // Reverse pass for column step t (t >= 2) and row step t-1 on rows [i0, i1):
+  // F^{t-1}_i = -p^{t-1}_i (K y^t)_i, S^{t-1} = K w^{t-1}, z^{t-1} = F^{t-1} / S^{t-1};
+  // accumulates sum_i -z^{t-1}_i K_ij (Gg^{t-1} / w^{t-1}) and sum_i p^{t-2}_i K_ij (Sig^{t-1}).
+  void mid_rows_factored(int64_t i0, int64_t i1, int64_t t, ct* accG, ct* accS) const {
+    const int64_t K = K_;
+    const ct* const Kbuf = buf_;
+    const ct* const Mrow = M_;
+    const ct* const p1 = P_at(t - 1);
+    const ct* const p2 = P_at(t - 2);
+    const ct* const yt = Y_at(t);
+    const ct* const w1 = W_at(t - 1);
+    ct* const z1 = Z_at(t - 1);
+    ct* const s1 = S_at(t - 1);
+    for (int64_t i = i0; i < i1; ++i) {
+      z1[i] = 0;
+      s1[i] = 0;
+      if (!(Mrow[i] > kNegInf)) continue;
+      const ct* krow = Kbuf + i * K;
+      ct z = 0;
+      if (p1[i] > 0) {
+        V vd(0), vs(0);
+        for (int64_t j = 0; j < K; j += kVS) {
+          const V k = V::loadu(krow + j, imin(kVS, K - j));
+          vd = at::vec::fmadd(k, V::loadu(yt + j), vd);
+          vs = at::vec::fmadd(k, V::loadu(w1 + j), vs);
+        }
+        const ct S = hsum<ct>(vs);
+        s1[i] = S;
+        z = S > 0 ? -p1[i] * hsum<ct>(vd) / S : ct(0);
+        z1[i] = z;
+      }
+      const ct q = p2[i];
+      if (z != 0 && q > 0) {
+        const V vz(-z), vq(q);
+        for (int64_t j = 0; j < K; j += kVS) {
+          const V k = V::loadu(krow + j, imin(kVS, K - j));
+          at::vec::fmadd(vz, k, V::loadu(accG + j)).store(accG + j);
+          at::vec::fmadd(vq, k, V::loadu(accS + j)).store(accS + j);
+        }
+      } else if (z != 0 || q > 0) {
+        const V vc(z != 0 ? -z : q);
+        ct* acc = z != 0 ? accG : accS;
+        for (int64_t j = 0; j < K; j += kVS)
+          at::vec::fmadd(vc, V::loadu(krow + j, imin(kVS, K - j)), V::loadu(acc + j)).store(acc + j);
+      }
+    }
+  }
+
+  // Sig^1 = K^T p^0 when T == 1 (pass 0 could not know p^0's normalisation yet).
+  void sigma_rows(int64_t i0, int64_t i1, const ct* p, ct* accS) const {
+    const int64_t K = K_;
+    const ct* const Kbuf = buf_;
+    for (int64_t i = i0; i < i1; ++i) {
+      if (!(p[i] > 0)) continue;
+      const ct* krow = Kbuf + i * K;
+      const V vq(p[i]);
+      for (int64_t j = 0; j < K; j += kVS)
+        at::vec::fmadd(vq, V::loadu(krow + j, imin(kVS, K - j)), V::loadu(accS + j)).store(accS + j);
+    }
+  }
+
+  // Final pass on rows [i0, i1) and columns [j0, j1):
+  // grad_ij = K_ij (p^T_i w^T_j G_ij - sum_t (z^t_i w^t_j + p^{t-1}_i y^t_j)) / eps, in place over K.
+  // Products are ordered so that no intermediate exceeds the size of a term of the result.
+  void assemble_rows(int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t T, ct* coef) const {
+    const int64_t K = K_, Np = Np_, Kp = Kp_;
+    const ct* const Kbuf = buf_;
+    const ct* const Mrow = M_;
+    const in_t* const grad = G_;
+    in_t* const out = out_;
+    const ct* const pT = P_at(T);
+    const ct* const W = Wt_;
+    const ct* const Y = Yt_;
+    const ct* const Z = Zt_;
+    const ct* const Pm = Pt_;
+    const ct* const wT = W + T * Kp;
+    // grad = dx / eps: one multiply by 1/eps instead of a division per element (<= 1 ulp apart).
+    const V vinv(ct(1) / eps_);
+    for (int64_t i = i0; i < i1; ++i) {
+      ct* krow = const_cast<ct*>(Kbuf) + i * K;
+      in_t* orow = out + i * K;
+      if (!(Mrow[i] > kNegInf)) {  // masked row: no gradient
+        for (int64_t j = j0; j < j1; j += kVS) store_as<in_t, ct>(orow + j, V(0), imin(kVS, j1 - j));
+        continue;
+      }
+      // This row's coefficients (z^t_i, p^{t-1}_i), t = 1..T, contiguous for the inner loop.
+      for (int64_t t = 1; t <= T; ++t) {
+        coef[2 * t - 2] = Z[t * Np + i];
+        coef[2 * t - 1] = Pm[(t - 1) * Np + i];
+      }
+      const in_t* grow = grad + i * K;
+      const V vpT(pT[i]);
+      for (int64_t j = j0; j < j1; j += kVS) {
+        const int64_t n = imin(kVS, j1 - j);
+        const V k = V::loadu(krow + j, n);
+        V d = load_as<ct>(grow + j, n) * vpT * (k * V::loadu(wT + j));
+        const ct* wt = W + Kp + j;
+        const ct* yt = Y + Kp + j;
+        for (int64_t t = 0; t < T; ++t, wt += Kp, yt += Kp) {
+          d = d - V(coef[2 * t]) * (k * V::loadu(wt));
+          d = d - (k * V(coef[2 * t + 1])) * V::loadu(yt);
+        }
+        store_as<in_t, ct>(orow + j, d * vinv, n);
+      }
+    }
+  }
+
+  // Sig^t check and y^t = Gg^t / Sig^t (0 on columns without mass). False when a live column's
+  // normaliser is too small for the underflowed entries of K (times max p^{t-1}) to be negligible.
+  bool set_y(int64_t t) {
+    const ct* p = P_at(t - 1);
+    ct pmax = 0;
+    for (int64_t i = 0; i < N_; ++i) pmax = tmax(pmax, p[i]);
+    const ct thr = ct(N_) * std::numeric_limits<ct>::min() * (pmax + 1) / Tuning<ct>::kRel;
+    const ct* w = W_at(t);
+    ct* y = Y_at(t);
+    for (int64_t j = 0; j < K_; ++j) {
+      if (!(w[j] > 0)) {
+        y[j] = 0;
+        continue;
+      }
+      if (!(sig_[j] >= thr && sig_[j] < kInf)) return false;
+      y[j] = gg_[j] / sig_[j];
+      if (!(std::abs(y[j]) < kInf)) return false;
+    }
+    fill(y + K_, ct(0), Kp_ - K_);
+    return true;
+  }
+
+  // S^t check (row normalisers of A^t), same bound with max w^t.
+  bool check_S(int64_t t) const {
+    const ct* w = W_at(t);
+    ct wmax = 0;
+    for (int64_t j = 0; j < K_; ++j) wmax = tmax(wmax, w[j]);
+    const ct thr = ct(K_) * std::numeric_limits<ct>::min() * (wmax + 1) / Tuning<ct>::kRel;
+    const ct* p = P_at(t);
+    const ct* S = S_at(t);
+    for (int64_t i = 0; i < N_; ++i)
+      if (p[i] > 0 && !(S[i] >= thr && S[i] < kInf)) return false;
+    return true;
+  }
+
+  // ---- factored path, cache-resident problems ---------------------------------------------------
+  // Same passes split into phases over all rows (see ForwardSolver::scaling_in_cache): per-row
+  // work that ends in horizontal sums, then the row factors vectorised over rows, then the column
+  // sums with register accumulators. Requires every row of K in buf_ to be finite.
+
+  // accA_j = sum_i cA_i K_ij with cA_i = ga_i G_ij - ca_i (kWithG) or ca_i, and
+  // accB_j = sum_i cb_i K_ij, four column vectors at a time.
+  template <bool kWithA, bool kWithG, bool kWithB>
+  void colsums_in_cache(const ct* ga, const ct* ca, const ct* cb, ct* accA, ct* accB) const {
+    const int64_t N = N_, K = K_;
+    const ct* const Kb = buf_;
+    const in_t* const grad = G_;
+    int64_t jb = 0;
+    for (; jb + 4 * kVS <= K; jb += 4 * kVS) {
+      V a0(0), a1(0), a2(0), a3(0), b0(0), b1(0), b2(0), b3(0);
+      for (int64_t i = 0; i < N; ++i) {
+        const ct* k = Kb + i * K + jb;
+        const V k0 = V::loadu(k), k1 = V::loadu(k + kVS), k2 = V::loadu(k + 2 * kVS), k3 = V::loadu(k + 3 * kVS);
+        if constexpr (kWithA) {
+          if constexpr (kWithG) {
+            const in_t* g = grad + i * K + jb;
+            const V vg(ga[i]), vc(ca[i]);
+            a0 = at::vec::fmadd(at::vec::fmsub(load_as<ct>(g, kVS), vg, vc), k0, a0);
+            a1 = at::vec::fmadd(at::vec::fmsub(load_as<ct>(g + kVS, kVS), vg, vc), k1, a1);
+            a2 = at::vec::fmadd(at::vec::fmsub(load_as<ct>(g + 2 * kVS, kVS), vg, vc), k2, a2);
+            a3 = at::vec::fmadd(at::vec::fmsub(load_as<ct>(g + 3 * kVS, kVS), vg, vc), k3, a3);
+          } else {
+            const V vc(ca[i]);
+            a0 = at::vec::fmadd(vc, k0, a0);
+            a1 = at::vec::fmadd(vc, k1, a1);
+            a2 = at::vec::fmadd(vc, k2, a2);
+            a3 = at::vec::fmadd(vc, k3, a3);
+          }
+        }
+        if constexpr (kWithB) {
+          const V vq(cb[i]);
+          b0 = at::vec::fmadd(vq, k0, b0);
+          b1 = at::vec::fmadd(vq, k1, b1);
+          b2 = at::vec::fmadd(vq, k2, b2);
+          b3 = at::vec::fmadd(vq, k3, b3);
+        }
+      }
+      if constexpr (kWithA) {
+        a0.store(accA + jb);
+        a1.store(accA + jb + kVS);
+        a2.store(accA + jb + 2 * kVS);
+        a3.store(accA + jb + 3 * kVS);
+      }
+      if constexpr (kWithB) {
+        b0.store(accB + jb);
+        b1.store(accB + jb + kVS);
+        b2.store(accB + jb + 2 * kVS);
+        b3.store(accB + jb + 3 * kVS);
+      }
+    }
+    for (; jb < K; jb += kVS) {  // remaining vectors, the last one partial (padding lanes -> 0)
+      const int64_t n = imin(kVS, K - jb);
+      V a(0), b(0);
+      for (int64_t i = 0; i < N; ++i) {
+        const V k = V::loadu(Kb + i * K + jb, n);
+        if constexpr (kWithA) {
+          if constexpr (kWithG) {
+            a = at::vec::fmadd(at::vec::fmsub(load_as<ct>(grad + i * K + jb, n), V(ga[i]), V(ca[i])), k, a);
+          } else {
+            a = at::vec::fmadd(V(ca[i]), k, a);
+          }
+        }
+        if constexpr (kWithB) b = at::vec::fmadd(V(cb[i]), k, b);
+      }
+      if constexpr (kWithA) a.store(accA + jb);
+      if constexpr (kWithB) b.store(accB + jb);
+    }
+  }
+
+  // Pass 0 for a cache-resident problem: accG = chunk 0 / 0, accS = chunk 0 / 1.
+  bool top_in_cache(int64_t T, ct CT, ct CTm1) {
+    const int64_t N = N_, K = K_;
+    const in_t* const scores = s_;
+    const in_t* const grad = G_;
+    const bool* const mask = mask_;
+    ct* const Kbuf = buf_;
+    ct* const Mrow = M_;
+    const ct* const wT = W_at(T);
+    ct* const S = S_at(T);
+    ct* const Z = Z_at(T);
+    ct* const tmp = chunk_array(0, 2);
+    const V veps(eps_), vninf(kNegInf);
+    for (int64_t i = 0; i < N; ++i) {
+      ct* krow = Kbuf + i * K;
+      const in_t* srow = scores + i * K;
+      const in_t* grow = grad + i * K;
+      V vm(kNegInf);
+      if (mask[i]) {
+        for (int64_t j = 0; j < K; j += kVS) {
+          const int64_t n = imin(kVS, K - j);
+          V y = load_as<ct>(srow + j, n) / veps;
+          if (n < kVS) y = V::set(vninf, y, n);
+          y.store(tmp + j);
+          vm = vmax<ct>(vm, y);
+        }
+      }
+      const ct M = hmax<ct>(vm);
+      Mrow[i] = M;
+      if (!(M > kNegInf)) {  // masked (or empty) row: zero K row, no terms
+        fill(krow, ct(0), K);
+        S[i] = 0;
+        Z[i] = 0;
+        continue;
+      }
+      const V vM(M);
+      V vd(0), vs(0);
+      for (int64_t j = 0; j < K; j += kVS) {
+        const int64_t n = imin(kVS, K - j);
+        const V k = vexp<ct>(V::loadu(tmp + j) - vM);
+        k.store(krow + j, n);
+        const V kw = k * V::loadu(wT + j);
+        vs = vs + kw;
+        vd = at::vec::fmadd(load_as<ct>(grow + j, n), kw, vd);
+      }
+      S[i] = hsum<ct>(vs);
+      Z[i] = hsum<ct>(vd);  // sum_j G K w^T for now; z^T below
+    }
+    if (!set_p(T, CT)) return false;
+    if (T >= 2 && !set_p(T - 1, CTm1)) return false;
+    const ct* const pT = P_at(T);
+    for (int64_t i = 0; i < N; ++i) Z[i] = (pT[i] > 0 && S[i] > 0) ? pT[i] * Z[i] / S[i] : ct(0);
+    if (T >= 2) {
+      colsums_in_cache<true, true, true>(pT, Z, P_at(T - 1), chunk_array(0, 0), chunk_array(0, 1));
+    } else {
+      colsums_in_cache<true, true, false>(pT, Z, nullptr, chunk_array(0, 0), nullptr);
+    }
+    return true;
+  }
+
+  // Reverse pass t (>= 2) for a cache-resident problem.
+  void mid_in_cache(int64_t t) {
+    const int64_t N = N_, K = K_;
+    const ct* const Kbuf = buf_;
+    const ct* const p1 = P_at(t - 1);
+    const ct* const yt = Y_at(t);
+    const ct* const w1 = W_at(t - 1);
+    ct* const z1 = Z_at(t - 1);
+    ct* const s1 = S_at(t - 1);
+    for (int64_t i = 0; i < N; ++i) {
+      z1[i] = 0;
+      s1[i] = 0;
+      if (!(p1[i] > 0)) continue;
+      const ct* krow = Kbuf + i * K;
+      V vd(0), vs(0);
+      for (int64_t j = 0; j < K; j += kVS) {
+        const V k = V::loadu(krow + j, imin(kVS, K - j));
+        vd = at::vec::fmadd(k, V::loadu(yt + j), vd);
+        vs = at::vec::fmadd(k, V::loadu(w1 + j), vs);
+      }
+      const ct S = hsum<ct>(vs);
+      s1[i] = S;
+      z1[i] = S > 0 ? -p1[i] * hsum<ct>(vd) / S : ct(0);
+    }
+    // accG_j = -sum_i z^{t-1}_i K_ij: accumulate with +z and negate (exact).
+    colsums_in_cache<true, false, true>(nullptr, z1, P_at(t - 2), chunk_array(0, 0), chunk_array(0, 1));
+    ct* accG = chunk_array(0, 0);
+    for (int64_t j = 0; j < Kp_; ++j) accG[j] = -accG[j];
+  }
+
+  bool solve_factored(int64_t T) {
+    // Column factors w^t = exp(g^t + C^t) <= 1 (C^t = -max g^t); live columns must not underflow.
+    ct* C = Ct_;
+    for (int64_t t = 1; t <= T; ++t) {
+      const ct* g = g_at(t);
+      ct gmax = kNegInf;
+      for (int64_t j = 0; j < K_; ++j) gmax = tmax(gmax, g[j]);
+      C[t] = gmax > kNegInf ? -gmax : ct(0);
+      ct* w = W_at(t);
+      for (int64_t j = 0; j < K_; j += kVS) {
+        const int64_t n = imin(kVS, K_ - j);
+        (V::loadu(g + j, n) + V(C[t])).exp().store(w + j, n);
+      }
+      for (int64_t j = 0; j < K_; ++j) {
+        if (!(g[j] > kNegInf)) w[j] = 0;
+        else if (!(w[j] >= std::numeric_limits<ct>::min() && w[j] < kInf)) return false;
+      }
+      fill(w + K_, ct(0), Kp_ - K_);
+    }
+    // Pass 0: K, M, p^T, p^{T-1}, z^T, Gg^T, Sig^T.
+    const ct CTm1 = T >= 2 ? C[T - 1] : ct(0);
+    const bool in_cache = n_chunks_ == 1 && N_ * K_ <= kCacheResidentElements;
+    if (in_cache) {
+      if (!top_in_cache(T, C[T], CTm1)) return false;
+    } else {
+      for_row_chunks(N_, n_chunks_, [&](int64_t c, int64_t i0, int64_t i1) {
+        fill(chunk_array(c, 0), ct(0), Kp_);
+        fill(chunk_array(c, 1), ct(0), Kp_);
+        top_rows_factored(i0, i1, T, C[T], CTm1, chunk_array(c, 0), chunk_array(c, 1), chunk_array(c, 2));
+      });
+    }
+    for (int64_t i = 0; i < N_; ++i) {
+      const ct pT = P_at(T)[i], pTm1 = T >= 2 ? P_at(T - 1)[i] : ct(0);
+      if (!(pT < kInf) || !(pTm1 < kInf)) return false;
+      if (f_at(T)[i] > kNegInf && M_[i] > kNegInf && !(pT >= std::numeric_limits<ct>::min())) return false;
+      if (T >= 2 && f_at(T - 1)[i] > kNegInf && M_[i] > kNegInf && !(pTm1 >= std::numeric_limits<ct>::min()))
+        return false;
+    }
+    reduce_chunks(0, gg_);
+    for (int64_t j = 0; j < Kp_; ++j) gg_[j] *= W_at(T)[j];
+    // Remaining row factors: C^0 = max M (f^0 = 0), C^t for 1 <= t <= T-2 as above.
+    ct Mmax = kNegInf;
+    for (int64_t i = 0; i < N_; ++i) Mmax = tmax(Mmax, M_[i]);
+    C[0] = Mmax > kNegInf ? Mmax : ct(0);
+    for (int64_t t = 0; t <= T - 2; ++t)
+      if (!set_p(t, C[t])) return false;
+    if (T == 1) {
+      if (!set_p(0, C[0])) return false;
+      if (in_cache) {
+        colsums_in_cache<false, false, true>(nullptr, nullptr, P_at(0), nullptr, chunk_array(0, 1));
+      } else {
+        for_row_chunks(N_, n_chunks_, [&](int64_t c, int64_t i0, int64_t i1) {
+          fill(chunk_array(c, 1), ct(0), Kp_);
+          sigma_rows(i0, i1, P_at(0), chunk_array(c, 1));
+        });
+      }
+    }
+    reduce_chunks(1, sig_);
+    // Reverse passes t = T..2.
+    for (int64_t t = T; t >= 2; --t) {
+      if (!set_y(t)) return false;
+      if (in_cache) {
+        mid_in_cache(t);
+      } else {
+        for_row_chunks(N_, n_chunks_, [&](int64_t c, int64_t i0, int64_t i1) {
+          fill(chunk_array(c, 0), ct(0), Kp_);
+          fill(chunk_array(c, 1), ct(0), Kp_);
+          mid_rows_factored(i0, i1, t, chunk_array(c, 0), chunk_array(c, 1));
+        });
+      }
+      reduce_chunks(0, gg_);
+      for (int64_t j = 0; j < Kp_; ++j) gg_[j] *= W_at(t - 1)[j];
+      reduce_chunks(1, sig_);
+    }
+    if (!set_y(1)) return false;
+    for (int64_t t = 1; t <= T; ++t)
+      if (!check_S(t)) return false;
+    // Final assembly, column tiles so that the 2T factor vectors of a tile stay in cache.
+    for_row_chunks(N_, n_chunks_, [&](int64_t c, int64_t i0, int64_t i1) {
+      ct* coef = chunk_coef_ + c * 2 * (Ttot_ + 1);
+      for (int64_t j0 = 0; j0 < K_; j0 += kTileCols)
+        assemble_rows(i0, i1, j0, imin(K_, j0 + kTileCols), T, coef);
+    });
+    return true;
+  }
+
+  // ---- direct path ------------------------------------------------------------------------------
+
+  void set_padded(ct* dst, const ct* src) const {
+    copy(dst, src, K_);
+    fill(dst + K_, kNegInf, Kp_ - K_);
+  }
+
+  // Row-step factors for the duals f (after a row step): phi_i = f_i - log r_i, the exponent offset
+  // of A = softmax_j(x + g) = exp(x + g + phi) used by direct exps (-inf on rows without mass), and
+  // rho_max_ = max 1 / r_i: E = exp(x + f + g) is r_i * A, so an entry of E that underflowed is an
+  // error of up to 1 / r_i times the smallest normal in A, which decides direct mode.
+  void set_row_factors(const ct* f) {
+    rho_max_ = 0;
+    for (int64_t i = 0; i < N_; ++i) {
+      const bool ok = f[i] > kNegInf && reff_[i] > 0;
+      phi_[i] = ok ? f[i] - logr_[i] : kNegInf;
+      if (ok) rho_max_ = tmax(rho_max_, ct(1) / reff_[i]);
+    }
+  }
+
+  // Column-step factors of iteration t from g^t: h = g^t - log c (-inf on zero-mass columns), and
+  // gamma = exp(h - g^{t-1}) (B^t = E * gamma). Returns max gamma (inf when a column gained mass
+  // from -inf, which forces direct exps).
+  ct set_column_factors(const ct* gt, bool with_gamma) {
+    for (int64_t j = 0; j < K_; ++j)
+      h_[j] = (gt[j] > kNegInf && logc_[j] > kNegInf) ? gt[j] - logc_[j] : kNegInf;
+    fill(h_ + K_, kNegInf, Kp_ - K_);
+    if (!with_gamma) return 0;
+    for (int64_t j = 0; j < Kp_; j += kVS) {
+      const V h = V::loadu(h_ + j);
+      const V e = vexp<ct>(h - V::loadu(gprev_ + j));
+      V::blendv(e, V(0), h == V(kNegInf)).store(gamma_ + j);
+    }
+    ct gmax = 0;
+    for (int64_t j = 0; j < K_; ++j) gmax = (gamma_[j] > gmax || gamma_[j] != gamma_[j]) ? gamma_[j] : gmax;
+    return gmax;
+  }
+
+  // Q's gradient and row step T: dx = G Q - F_i A^T_ij with F = rowsum(G Q), and the column sums of
+  // dx (Gg of column step T). gT is in gprev_ (padded -inf). A^T = Q / rowsum(Q), the exact
+  // normalisation (Q / r_i would carry the rounding of the saved f^T).
+  void top_rows_direct(int64_t i0, int64_t i1, const ct* fT, bool direct, ct* acc, ct* tmpA) const {
+    for (int64_t i = i0; i < i1; ++i) {
+      ct* dxr = buf_ + i * K_;
+      if (!(fT[i] > kNegInf)) {  // Q row is 0: so are dx and the row-step term
+        fill(dxr, ct(0), K_);
+        continue;
+      }
+      const in_t* srow = s_ + i * K_;
+      const in_t* grow = G_ + i * K_;
+      const V vf(fT[i]), vphi(phi_[i]);
+      V vF(0), vS(0);
+      for (int64_t j = 0; j < K_; j += kVS) {
+        const int64_t n = imin(kVS, K_ - j);
+        const V x = load_x(srow + j, n);
+        const V gj = V::loadu(gprev_ + j);
+        const V E = vexp<ct>(x + vf + gj);
+        const V a = direct ? vexp<ct>(x + gj + vphi) : E;
+        a.store(tmpA + j);
+        vS = vS + a;
+        const V w = load_as<ct>(grow + j, n) * E;
+        w.store(dxr + j, n);
+        vF = vF + w;
+      }
+      const ct S = hsum<ct>(vS);
+      const V coef(S > 0 ? hsum<ct>(vF) / S : ct(0));
+      for (int64_t j = 0; j < K_; j += kVS) {
+        const int64_t n = imin(kVS, K_ - j);
+        const V d = V::loadu(dxr + j, n) - V::loadu(tmpA + j) * coef;
+        d.store(dxr + j, n);
+        (V::loadu(acc + j) + d).store(acc + j);
+      }
+    }
+  }
+
+  // Reverse iteration t >= 2: column step t (dx -= Gg_j B^t_ij, F_i = -sum_j Gg_j B^t_ij) then row
+  // step t-1 (dx -= F_i A^{t-1}_ij, acc_j -= F_i A^{t-1}_ij). gprev_ = g^{t-1}, gg_ = Gg of column
+  // step t. E = exp(x + f^{t-1} + g^{t-1}) gives B^t = E * gamma_j and A^{t-1} = E / rowsum(E); in
+  // direct mode B and A get their own exps.
+  void mid_rows_direct(int64_t i0, int64_t i1, const ct* fprev, bool direct, ct* acc, ct* tmpA) const {
+    for (int64_t i = i0; i < i1; ++i) {
+      if (!(fprev[i] > kNegInf)) continue;  // E, A and B rows are all 0
+      ct* dxr = buf_ + i * K_;
+      const in_t* srow = s_ + i * K_;
+      const V vf(fprev[i]), vphi(phi_[i]);
+      V vF(0), vS(0);
+      for (int64_t j = 0; j < K_; j += kVS) {
+        const int64_t n = imin(kVS, K_ - j);
+        const V x = load_x(srow + j, n);
+        const V gj = V::loadu(gprev_ + j);
+        V Bm, a;
+        if (!direct) {
+          a = vexp<ct>(x + vf + gj);
+          Bm = a * V::loadu(gamma_ + j);
+        } else {
+          Bm = vexp<ct>(x + vf + V::loadu(h_ + j));
+          a = vexp<ct>(x + gj + vphi);
+        }
+        a.store(tmpA + j);
+        vS = vS + a;
+        const V gb = V::loadu(gg_ + j) * Bm;
+        (V::loadu(dxr + j, n) - gb).store(dxr + j, n);
+        vF = vF + gb;
+      }
+      const ct S = hsum<ct>(vS);
+      const V coef(S > 0 ? -hsum<ct>(vF) / S : ct(0));
+      for (int64_t j = 0; j < K_; j += kVS) {
+        const int64_t n = imin(kVS, K_ - j);
+        const V fa = V::loadu(tmpA + j) * coef;
+        (V::loadu(dxr + j, n) - fa).store(dxr + j, n);
+        (V::loadu(acc + j) - fa).store(acc + j);
+      }
+    }
+  }
+
+  // Column step 1 (valid rows: f^0 = 0, including zero-mass ones) and grad = dx / eps.
+  void bottom_rows_direct(int64_t i0, int64_t i1) const {
+    const V veps(eps_);
+    for (int64_t i = i0; i < i1; ++i) {
+      ct* dxr = buf_ + i * K_;
+      in_t* orow = out_ + i * K_;
+      const in_t* srow = s_ + i * K_;
+      const bool valid = f0_[i] > kNegInf;
+      for (int64_t j = 0; j < K_; j += kVS) {
+        const int64_t n = imin(kVS, K_ - j);
+        V d = V::loadu(dxr + j, n);
+        if (valid) d = d - V::loadu(gg_ + j) * vexp<ct>(load_x(srow + j, n) + V::loadu(h_ + j));
+        store_as<in_t, ct>(orow + j, d / veps, n);
+      }
+    }
+  }
+
+  void solve_direct(int64_t T) {
+    set_row_factors(f_at(T));
+    set_padded(gprev_, g_at(T));
+    bool direct = rho_max_ > Tuning<ct>::kLimit;
+    for_row_chunks(N_, n_chunks_, [&](int64_t c, int64_t i0, int64_t i1) {
+      ct* acc = chunk_array(c, 0);
+      fill(acc, ct(0), Kp_);
+      top_rows_direct(i0, i1, f_at(T), direct, acc, chunk_array(c, 2));
+    });
+    reduce_chunks(0, gg_);
+    for (int64_t t = T; t >= 2; --t) {
+      const ct* fprev = f_at(t - 1);
+      set_row_factors(fprev);
+      set_padded(gprev_, g_at(t - 1));
+      const ct gmax = set_column_factors(g_at(t), /*with_gamma=*/true);
+      direct = !(gmax <= Tuning<ct>::kLimit) || rho_max_ > Tuning<ct>::kLimit;
+      for_row_chunks(N_, n_chunks_, [&](int64_t c, int64_t i0, int64_t i1) {
+        ct* acc = chunk_array(c, 0);
+        fill(acc, ct(0), Kp_);
+        mid_rows_direct(i0, i1, fprev, direct, acc, chunk_array(c, 2));
+      });
+      reduce_chunks(0, gg_);
+    }
+    set_column_factors(g_at(1), /*with_gamma=*/false);
+    for_row_chunks(N_, n_chunks_, [&](int64_t, int64_t i0, int64_t i1) { bottom_rows_direct(i0, i1); });
+  }
+
+  const sinkhorn::BackwardArgs& a_;
+  const int64_t N_, K_, Kp_, Np_, Ttot_, n_chunks_;
+  const ct eps_;
+  Scratch scratch_;
+  ct *reff_, *logr_, *f0_, *phi_, *M_;
+  ct *Pt_, *Zt_, *St_;
+  ct *ceff_, *logc_, *gprev_, *h_, *gamma_, *gg_, *sig_;
+  ct *Wt_, *Yt_, *Ct_;
+  ct* chunk_;
+  ct* chunk_coef_;
+  ct* buf_scratch_ = nullptr;
+  ct rho_max_ = 0;
+  // current problem
+  const in_t* s_ = nullptr;
+  const in_t* G_ = nullptr;
+  const bool* mask_ = nullptr;
+  const ct* r_ = nullptr;
+  const ct* c_ = nullptr;
+  const ct* hf_ = nullptr;
+  const ct* hg_ = nullptr;
+  in_t* out_ = nullptr;
+  ct* buf_ = nullptr;  // K (factored path) or dx (direct path), compute dtype; the output when possible
+};
+
+// =============================================================================================
+// Scheduling
+// =============================================================================================
+
+// Problems [0, bulk) are spread over threads whole; the remaining ones (only large problems, fewer
+// than the threads) run one after the other with their passes parallel over row chunks.
+template <typename Solver, typename Args>
+void run_batch(const Args& a) {
+  const int64_t B = a.batch;
+  if (B <= 0) return;
+  const int64_t threads = at::in_parallel_region() ? 1 : tmax<int64_t>(1, at::get_num_threads());
+  const bool large = a.n * a.k >= kRowParallelMinElements;
+  int64_t bulk = B;
+  if (threads > 1 && large) bulk = B / threads * threads;
+  if (bulk > 0) {
+    // At least ~kRowParallelMinElements elements per task: tiny batches stay on the calling thread.
+    const int64_t grain = tmax<int64_t>(1, kRowParallelMinElements / tmax<int64_t>(1, a.n * a.k));
+    at::parallel_for(0, bulk, grain, [&](int64_t b0, int64_t b1) {
+      Solver solver(a, 1);
+      for (int64_t b = b0; b < b1; ++b) solver.solve(b);
+    });
+  }
+  if (bulk < B) {
+    Solver solver(a, imin(threads, tmax<int64_t>(1, a.n)));
+    for (int64_t b = bulk; b < B; ++b) solver.solve(b);
+  }
+}
+
+}  // namespace
+
+void sinkhorn_forward_kernel(const sinkhorn::ForwardArgs& a) {
+  using sinkhorn::DType;
+  switch (a.dtype) {
+    case DType::Float: return run_batch<ForwardSolver<float, float>>(a);
+    case DType::Double: return run_batch<ForwardSolver<double, double>>(a);
+    case DType::BFloat16: return run_batch<ForwardSolver<c10::BFloat16, float>>(a);
+    case DType::Half: return run_batch<ForwardSolver<c10::Half, float>>(a);
+  }
+}
+
+void sinkhorn_backward_kernel(const sinkhorn::BackwardArgs& a) {
+  using sinkhorn::DType;
+  switch (a.dtype) {
+    case DType::Float: return run_batch<BackwardSolver<float, float>>(a);
+    case DType::Double: return run_batch<BackwardSolver<double, double>>(a);
+    case DType::BFloat16: return run_batch<BackwardSolver<c10::BFloat16, float>>(a);
+    case DType::Half: return run_batch<BackwardSolver<c10::Half, float>>(a);
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace ovseg_fast
+
+// =============================================================================================
+// Root compilation: argument checks, output allocation, dispatch and registration.
+// =============================================================================================
+#ifdef OVSEG_DISPATCH_ROOT
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+OVSEG_DECLARE_KERNEL(void, sinkhorn_forward_kernel, (const ::ovseg_fast::sinkhorn::ForwardArgs&))
+OVSEG_DECLARE_KERNEL(void, sinkhorn_backward_kernel, (const ::ovseg_fast::sinkhorn::BackwardArgs&))
+
+namespace ovseg_fast {
+namespace {
+
+using at::Tensor;
+
+sinkhorn::DType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return sinkhorn::DType::Float;
+    case at::kDouble: return sinkhorn::DType::Double;
+    case at::kBFloat16: return sinkhorn::DType::BFloat16;
+    case at::kHalf: return sinkhorn::DType::Half;
+    default: break;
+  }
+  TORCH_CHECK(false, "sinkhorn: scores must be float32, float64, bfloat16 or float16, got ", t);
+  return sinkhorn::DType::Float;
+}
+
+at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Checks shared by forward and backward; returns (B, N, K).
+std::tuple<int64_t, int64_t, int64_t> check_problem(const char* op, const Tensor& scores, const Tensor& mask,
+                                                    const Tensor& row_marginals, const Tensor& col_marginals,
+                                                    double epsilon) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.layout() == at::kStrided, op, ": scores must be a dense CPU tensor");
+  TORCH_CHECK(scores.dim() == 3, op, ": scores must be (B, N, K), got ", scores.sizes());
+  kernel_dtype(scores.scalar_type());
+  const int64_t B = scores.size(0), N = scores.size(1), K = scores.size(2);
+  const auto ct = compute_dtype(scores.scalar_type());
+  TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == at::kBool, op, ": mask must be a CPU bool tensor");
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == N, op, ": mask must be (B, N) = (", B,
+              ", ", N, "), got ", mask.sizes());
+  TORCH_CHECK(row_marginals.device().is_cpu() && row_marginals.scalar_type() == ct, op,
+              ": row_marginals must be a CPU tensor of dtype ", ct, ", got ", row_marginals.scalar_type());
+  TORCH_CHECK(row_marginals.dim() == 2 && row_marginals.size(0) == B && row_marginals.size(1) == N, op,
+              ": row_marginals must be (B, N) = (", B, ", ", N, "), got ", row_marginals.sizes());
+  TORCH_CHECK(col_marginals.device().is_cpu() && col_marginals.scalar_type() == ct, op,
+              ": col_marginals must be a CPU tensor of dtype ", ct, ", got ", col_marginals.scalar_type());
+  TORCH_CHECK(col_marginals.dim() == 2 && col_marginals.size(0) == B && col_marginals.size(1) == K, op,
+              ": col_marginals must be (B, K) = (", B, ", ", K, "), got ", col_marginals.sizes());
+  TORCH_CHECK(std::isfinite(epsilon) && epsilon > 0, op, ": epsilon must be positive and finite, got ", epsilon);
+  return {B, N, K};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> sinkhorn_cpu_forward(const Tensor& scores, const Tensor& mask,
+                                                               const Tensor& row_marginals,
+                                                               const Tensor& col_marginals, double epsilon,
+                                                               int64_t n_iters, double tol, int64_t check_every) {
+  const auto [B, N, K] = check_problem("sinkhorn_cpu_forward", scores, mask, row_marginals, col_marginals, epsilon);
+  TORCH_CHECK(n_iters >= 1, "sinkhorn_cpu_forward: n_iters must be >= 1, got ", n_iters);
+  TORCH_CHECK(check_every >= 1, "sinkhorn_cpu_forward: check_every must be >= 1, got ", check_every);
+  // expect_contiguous: no copy (not even a refcount bump) when the input is already contiguous.
+  const auto s = scores.expect_contiguous();
+  const auto m = mask.expect_contiguous();
+  const auto r = row_marginals.expect_contiguous();
+  const auto c = col_marginals.expect_contiguous();
+  const auto ct_opts = scores.options().dtype(compute_dtype(scores.scalar_type()));
+  Tensor plan = at::empty({B, N, K}, scores.options());
+  Tensor log_u = at::empty({B, n_iters, N}, ct_opts);
+  Tensor log_v = at::empty({B, n_iters, K}, ct_opts);
+  Tensor n_done = at::empty({B}, scores.options().dtype(at::kLong));
+
+  sinkhorn::ForwardArgs args{};
+  args.dtype = kernel_dtype(scores.scalar_type());
+  args.scores = s->data_ptr();
+  args.mask = m->data_ptr<bool>();
+  args.row_marginals = r->data_ptr();
+  args.col_marginals = c->data_ptr();
+  args.plan = plan.data_ptr();
+  args.log_u = log_u.data_ptr();
+  args.log_v = log_v.data_ptr();
+  args.n_done = n_done.data_ptr<int64_t>();
+  args.batch = B;
+  args.n = N;
+  args.k = K;
+  args.n_iters = n_iters;
+  args.check_every = check_every;
+  args.epsilon = epsilon;
+  args.tol = tol;
+  OVSEG_DISPATCH_KERNEL(sinkhorn_forward_kernel, args);
+  return {plan, log_u, log_v, n_done};
+}
+
+Tensor sinkhorn_cpu_backward(const Tensor& grad_plan, const Tensor& scores, const Tensor& mask,
+                             const Tensor& row_marginals, const Tensor& col_marginals, const Tensor& log_u,
+                             const Tensor& log_v, const Tensor& n_done, double epsilon) {
+  const auto [B, N, K] =
+      check_problem("sinkhorn_cpu_backward", scores, mask, row_marginals, col_marginals, epsilon);
+  const auto ct = compute_dtype(scores.scalar_type());
+  TORCH_CHECK(grad_plan.device().is_cpu() && grad_plan.scalar_type() == scores.scalar_type() &&
+                  grad_plan.sizes() == scores.sizes(),
+              "sinkhorn_cpu_backward: grad_plan must be a CPU tensor with the dtype and shape of scores");
+  TORCH_CHECK(log_u.device().is_cpu() && log_u.scalar_type() == ct && log_u.dim() == 3 && log_u.size(0) == B &&
+                  log_u.size(2) == N,
+              "sinkhorn_cpu_backward: log_u must be (B, n_iters, N) of dtype ", ct, ", got ", log_u.sizes(), " ",
+              log_u.scalar_type());
+  const int64_t T = log_u.size(1);
+  TORCH_CHECK(log_v.device().is_cpu() && log_v.scalar_type() == ct && log_v.dim() == 3 && log_v.size(0) == B &&
+                  log_v.size(1) == T && log_v.size(2) == K,
+              "sinkhorn_cpu_backward: log_v must be (B, n_iters, K) = (", B, ", ", T, ", ", K, ") of dtype ", ct,
+              ", got ", log_v.sizes(), " ", log_v.scalar_type());
+  TORCH_CHECK(n_done.device().is_cpu() && n_done.scalar_type() == at::kLong && n_done.dim() == 1 &&
+                  n_done.size(0) == B,
+              "sinkhorn_cpu_backward: n_done must be a (B,) int64 CPU tensor");
+  const auto nd = n_done.expect_contiguous();
+  const int64_t* ndp = nd->data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(ndp[b] >= 1 && ndp[b] <= T, "sinkhorn_cpu_backward: n_done[", b, "] = ", ndp[b],
+                " is outside [1, n_iters = ", T, "]");
+  const auto g = grad_plan.expect_contiguous();
+  const auto s = scores.expect_contiguous();
+  const auto m = mask.expect_contiguous();
+  const auto r = row_marginals.expect_contiguous();
+  const auto c = col_marginals.expect_contiguous();
+  const auto lu = log_u.expect_contiguous();
+  const auto lv = log_v.expect_contiguous();
+  Tensor grad = at::empty({B, N, K}, scores.options());
+
+  sinkhorn::BackwardArgs args{};
+  args.dtype = kernel_dtype(scores.scalar_type());
+  args.grad_plan = g->data_ptr();
+  args.scores = s->data_ptr();
+  args.mask = m->data_ptr<bool>();
+  args.row_marginals = r->data_ptr();
+  args.col_marginals = c->data_ptr();
+  args.log_u = lu->data_ptr();
+  args.log_v = lv->data_ptr();
+  args.n_done = ndp;
+  args.grad_scores = grad.data_ptr();
+  args.batch = B;
+  args.n = N;
+  args.k = K;
+  args.n_iters = T;
+  args.epsilon = epsilon;
+  OVSEG_DISPATCH_KERNEL(sinkhorn_backward_kernel, args);
+  return grad;
+}
+
+}  // namespace
+}  // namespace ovseg_fast
+
+TORCH_LIBRARY_FRAGMENT(ovseg_fast, m) {
+  m.def(
+      "sinkhorn_cpu_forward(Tensor scores, Tensor mask, Tensor row_marginals, Tensor col_marginals, float epsilon, "
+      "int n_iters, float tol, int check_every) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "sinkhorn_cpu_backward(Tensor grad_plan, Tensor scores, Tensor mask, Tensor row_marginals, Tensor "
+      "col_marginals, Tensor log_u, Tensor log_v, Tensor n_done, float epsilon) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ovseg_fast, CPU, m) {
+  m.impl("sinkhorn_cpu_forward", &ovseg_fast::sinkhorn_cpu_forward);
+  m.impl("sinkhorn_cpu_backward", &ovseg_fast::sinkhorn_cpu_backward);
+}
+
+#endif  // OVSEG_DISPATCH_ROOT
