@@ -1,0 +1,382 @@
+"""Routed top-k window attention (BiFormer's bi-level routing attention, LDVC's local consensus
+self-attention), fused, forward and backward.
+
+The maths, the router, the gather reference and the kernel contract are in
+:mod:`ovseg_fast.ops.routed_attention_reference`; this module is the public op: input checks, the
+router call, the ``torch.library`` registration (forward, backward, fake tensors, autograd, FLOP
+formulas) and backend dispatch to the C++ kernel (``csrc/routed_attention.cpp``), the Triton kernel
+(``kernels/routed_attention.py``) or the reference.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import register_flop_formula
+
+from ovseg_fast.backends import KernelSupport, dispatch, register_op
+from ovseg_fast.ops._checks import check_choice, check_float, check_int, check_same_device, check_shape, check_tensor
+from ovseg_fast.ops.routed_attention_reference import (
+    compute_dtype,
+    nonempty_windows,
+    route,
+    routed_attention_backward_reference,
+    routed_attention_forward_reference,
+    window_geometry,
+)
+
+__all__ = ["RoutedAttention", "routed_attention", "routed_attention_flops"]
+
+register_op(
+    "routed_attention",
+    KernelSupport(
+        cpu_dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
+        triton_dtypes=(torch.float32, torch.float16, torch.bfloat16),
+        cpu_ops=("routed_attention_cpu_forward", "routed_attention_cpu_backward"),
+    ),
+)
+
+ROUTINGS = ("shared", "per_head")
+_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def _triton():
+    return importlib.import_module("ovseg_fast.kernels.routed_attention")
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return compute_dtype(dtype)
+
+
+def _check_index_values(indices: Tensor, h: int, w: int, nh: int, nw: int) -> None:
+    """Given indices must be in range, distinct per row, and name non-empty windows (run time)."""
+    p = nh * nw
+    if indices.numel() == 0:
+        return
+    low, high = int(indices.min()), int(indices.max())
+    if low < 0 or high >= p:
+        raise ValueError(
+            f"routed_attention: indices must be window ids in [0, {p}) (nh * nw), got values in [{low}, {high}]"
+        )
+    ordered = indices.sort(dim=-1).values
+    dup = (ordered[..., 1:] == ordered[..., :-1]).any(-1)
+    if bool(dup.any()):
+        where = tuple(int(i) for i in dup.nonzero()[0])
+        raise ValueError(
+            f"routed_attention: indices{list(where)} repeats a window; each row must hold distinct windows"
+        )
+    nonempty = torch.zeros(p, dtype=torch.bool, device=indices.device)
+    nonempty[nonempty_windows(h, w, nh, nw)] = True
+    bad = ~nonempty[indices]
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"routed_attention: indices{list(where[:-1])} selects window {int(indices[where])}, which holds no token "
+            f"(a {h}x{w} grid in {nh}x{nw} windows leaves it all padding)"
+        )
+
+
+def _empty(q: Tensor) -> tuple[Tensor, Tensor]:
+    return (
+        torch.zeros(q.shape, dtype=q.dtype, device=q.device),
+        torch.zeros(q.shape[:4], dtype=_lse_dtype(q.dtype), device=q.device),
+    )
+
+
+@torch.library.custom_op("ovseg_fast::routed_attention", mutates_args=())
+def _routed_attention_op(
+    q: Tensor, k: Tensor, v: Tensor, indices: Tensor, nh: int, nw: int, scale: float, validate_indices: bool
+) -> tuple[Tensor, Tensor]:
+    """Forward of the kernel contract: ``(out, lse)`` on canonical inputs."""
+    if validate_indices:
+        _check_index_values(indices, q.shape[2], q.shape[3], nh, nw)
+    if q.numel() == 0:
+        return _empty(q)
+    args = (q, k, v, indices, nh, nw, scale)
+    return dispatch(
+        "routed_attention",
+        q,
+        {
+            "reference": lambda: routed_attention_forward_reference(*args),
+            "cpu": lambda: tuple(torch.ops.ovseg_fast.routed_attention_cpu_forward(*args)),
+            "triton": lambda: tuple(_triton().routed_attention_forward(*args)),
+        },
+    )
+
+
+@_routed_attention_op.register_fake
+def _routed_attention_fake(q, k, v, indices, nh, nw, scale, validate_indices):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:4], dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("ovseg_fast::routed_attention_backward", mutates_args=())
+def _routed_attention_backward_op(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    indices: Tensor,
+    nh: int,
+    nw: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients ``(dq, dk, dv)``, the softmax recomputed from the saved ``lse``."""
+    if q.numel() == 0:
+        return tuple(torch.zeros(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))  # type: ignore[return-value]
+    args = (grad_out, q, k, v, out, lse, indices, nh, nw, scale)
+    return dispatch(
+        "routed_attention",
+        q,
+        {
+            "reference": lambda: routed_attention_backward_reference(*args),
+            "cpu": lambda: tuple(torch.ops.ovseg_fast.routed_attention_cpu_backward(*args)),
+            "triton": lambda: tuple(_triton().routed_attention_backward(*args)),
+        },
+    )
+
+
+@_routed_attention_backward_op.register_fake
+def _routed_attention_backward_fake(grad_out, q, k, v, out, lse, indices, nh, nw, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, indices, nh, nw, scale, _ = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, indices)
+    ctx.hyper = (nh, nw, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, indices = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = _routed_attention_backward_op(grad_out, q, k, v, out, lse, indices, *ctx.hyper)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_routed_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def routed_attention_flops(
+    batch: int, heads: int, h: int, w: int, head_dim: int, num_windows, topk: int, *, backward: bool = False
+) -> int:
+    """FLOPs of the attention step, 2 per multiply-add (routing and softmax not counted).
+
+    Forward: ``QK^T`` and ``PV`` over the attended keys, ``4 * D`` per (query, key) pair. Each query
+    attends to ``topk`` windows; the count takes them of the average non-empty window size, which is
+    exact when H and W are multiples of the window grid (otherwise it depends on which windows are
+    selected, which shapes alone do not tell). Backward: FlashAttention's convention, 2.5x the forward
+    (``dV``, ``dP``, ``dQ``, ``dK`` and the recomputed ``QK^T``); the C++ kernel also recomputes ``dP``
+    and ``QK^T`` once more in its dK/dV pass, which this count leaves out.
+    """
+    nh, nw = _window_grid(num_windows)
+    windows = nonempty_windows(h, w, nh, nw) if h and w else []
+    if not windows:
+        return 0
+    mean_window = (h * w) / len(windows)
+    fwd = 4 * batch * heads * h * w * topk * mean_window * head_dim
+    return round(fwd * (2.5 if backward else 1.0))
+
+
+@register_flop_formula(torch.ops.ovseg_fast.routed_attention)
+def _routed_attention_flop_formula(
+    q_shape, k_shape, v_shape, indices_shape, nh, nw, *args, out_shape=None, **kwargs
+) -> int:
+    b, hh, h, w, d = q_shape
+    return routed_attention_flops(b, hh, h, w, d, (nh, nw), indices_shape[-1])
+
+
+@register_flop_formula(torch.ops.ovseg_fast.routed_attention_backward)
+def _routed_attention_backward_flop_formula(
+    grad_shape, q_shape, k_shape, v_shape, out_shape_, lse_shape, indices_shape, nh, nw, *args, out_shape=None, **kwargs
+) -> int:
+    b, hh, h, w, d = q_shape
+    return routed_attention_flops(b, hh, h, w, d, (nh, nw), indices_shape[-1], backward=True)
+
+
+def _window_grid(num_windows) -> tuple[int, int]:
+    if isinstance(num_windows, (tuple, list)):
+        if len(num_windows) != 2:
+            raise ValueError(f"num_windows must be an int or a pair (nh, nw), got {num_windows!r}")
+        nh = check_int("num_windows[0]", num_windows[0], minimum=1)
+        nw = check_int("num_windows[1]", num_windows[1], minimum=1)
+        return nh, nw
+    n = check_int("num_windows", num_windows, minimum=1)
+    return n, n
+
+
+def routed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    num_windows: Union[int, tuple[int, int]],
+    topk: int,
+    scale: Optional[float] = None,
+    routing: str = "shared",
+    indices: Optional[Tensor] = None,
+    return_indices: bool = False,
+):
+    r"""Bi-level routing attention: every query attends to the tokens of its window's top-k windows.
+
+    The ``H x W`` token grid is split into ``nh x nw`` windows of ``ceil(H/nh) x ceil(W/nw)`` tokens
+    (padding at the bottom and right, BiFormer's convention). A router scores window-to-window
+    affinity ``A_pc = mean_p(q) . mean_c(k)`` (means over each window's valid tokens) and keeps the
+    ``topk`` best windows ``I_p`` for every window ``p``; each query token of ``p`` then attends to all
+    valid key tokens of the windows in ``I_p``: ``out_i = softmax_j(scale q_i . k_j) v_j``
+    (Zhu et al., BiFormer, CVPR 2023, eq. 1-6). Padded keys enter no softmax, padded tokens no mean.
+
+    Args:
+        q, k, v: (B, heads, H, W, head_dim) tensors of one dtype (float32, float64, bfloat16,
+            float16) on one device; any strides (e.g. views of a fused qkv projection).
+        num_windows: ``nh`` (= ``nw``) or ``(nh, nw)``: the grid of routing windows (LDVC: 8; BiFormer: 7).
+        topk: windows attended per query window, 1 .. number of non-empty windows.
+        scale: softmax temperature, default ``head_dim ** -0.5``.
+        routing: ``"shared"`` (BiFormer: heads concatenated, one top-k for all heads) or
+            ``"per_head"`` (each head routes on its own q and k).
+        indices: optional precomputed routing, int (B, P, topk) for shared or (B, heads, P, topk)
+            for per-head routing (P = nh * nw, row-major windows), bypassing the router; its layout
+            must agree with ``routing``, and every row must hold distinct, non-empty windows.
+        return_indices: also return the routing indices used (int64, the layout above).
+
+    Returns:
+        ``out`` (B, heads, H, W, head_dim) in q's dtype, and the indices if ``return_indices``.
+
+    Routing is computed in float32 (float64 for float64 inputs) with a stable sort, so ties go to
+    the lower window index; it carries no gradient. Gradients flow to q, k and v.
+
+    Backends: the fused C++ kernel for CPU tensors, the fused Triton kernel for CUDA tensors, else
+    the reference (see :mod:`ovseg_fast.backends`). No backend materialises the top-k gathered K/V.
+    """
+    check_tensor("q", q, ndim=(5,))
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, ndim=(5,))
+        if t.dtype != q.dtype:
+            raise TypeError(
+                f"{name} must have the dtype of q ({str(q.dtype).replace('torch.', '')}), "
+                f"got {str(t.dtype).replace('torch.', '')}"
+            )
+        check_shape(name, t, tuple(q.shape), "(the shape of q)")
+    check_same_device("q", q, k=k, v=v, indices=indices)
+    nh, nw = _window_grid(num_windows)
+    topk = check_int("topk", topk, minimum=1)
+    check_choice("routing", routing, ROUTINGS)
+    if not isinstance(return_indices, bool):
+        raise TypeError(f"return_indices must be a bool, got {type(return_indices).__name__}")
+    b, heads, h, w, d = q.shape
+    scale = (d**-0.5 if d > 0 else 1.0) if scale is None else check_float("scale", scale)
+    p = nh * nw
+    if h > 0 and w > 0:
+        available = len(nonempty_windows(h, w, nh, nw))
+        if topk > available:
+            wh, ww = window_geometry(h, w, nh, nw)
+            raise ValueError(
+                f"topk={topk} exceeds the {available} non-empty windows of a {h}x{w} grid in {nh}x{nw} windows "
+                f"of {wh}x{ww} tokens"
+            )
+
+    if indices is not None:
+        check_tensor("indices", indices, dtypes=_INDEX_DTYPES)
+        if indices.dim() == 3:
+            layout = "shared"
+            check_shape("indices", indices, (b, p, topk), "(B, nh * nw, topk) for shared routing")
+            canonical = indices.unsqueeze(1)
+        elif indices.dim() == 4:
+            layout = "per_head"
+            check_shape("indices", indices, (b, heads, p, topk), "(B, heads, nh * nw, topk) for per-head routing")
+            canonical = indices
+        else:
+            raise ValueError(
+                "indices must be (B, P, topk) (shared) or (B, heads, P, topk) (per head), "
+                f"got shape {tuple(indices.shape)}"
+            )
+        if layout != routing:
+            raise ValueError(
+                f"indices has the {layout} layout {tuple(indices.shape)} but routing={routing!r}; "
+                f"pass routing={layout!r}"
+            )
+        canonical = canonical.to(torch.int64).contiguous()
+        validate = True
+    else:
+        if h == 0 or w == 0:  # no window holds a token: nothing to route, nothing to attend
+            canonical = torch.zeros(
+                (b, 1 if routing == "shared" else heads, p, topk), dtype=torch.int64, device=q.device
+            )
+        else:
+            canonical = route(q, k, nh, nw, topk, routing)
+        validate = False
+
+    out, _ = _routed_attention_op(q, k, v, canonical, nh, nw, scale, validate)
+    if not return_indices:
+        return out
+    returned = canonical[:, 0] if routing == "shared" else canonical
+    return out, returned
+
+
+class RoutedAttention(nn.Module):
+    """BiFormer's BiLevelRoutingAttention / LDVC's LCSA block on the fused op.
+
+    Input (B, H, W, C): ``qkv`` linear projection, routed attention over ``num_windows`` windows with
+    ``topk`` routing, LEPE (a ``lepe_kernel`` depthwise convolution of v, added to the attention
+    output; ``lepe_kernel=0`` disables it) and the output projection. Output (B, H, W, C).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        num_windows: Union[int, tuple[int, int]],
+        topk: int,
+        qkv_bias: bool = True,
+        lepe_kernel: int = 5,
+        *,
+        routing: str = "shared",
+        scale: Optional[float] = None,
+    ):
+        super().__init__()
+        dim = check_int("dim", dim, minimum=1)
+        num_heads = check_int("num_heads", num_heads, minimum=1)
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        lepe_kernel = check_int("lepe_kernel", lepe_kernel, minimum=0)
+        if lepe_kernel and lepe_kernel % 2 == 0:
+            raise ValueError(f"lepe_kernel must be odd (or 0 to disable LEPE), got {lepe_kernel}")
+        self.dim, self.num_heads = dim, num_heads
+        self.num_windows = _window_grid(num_windows)
+        self.topk = check_int("topk", topk, minimum=1)
+        self.routing = check_choice("routing", routing, ROUTINGS)
+        self.scale = None if scale is None else check_float("scale", scale)
+        self.lepe_kernel = lepe_kernel
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.lepe = nn.Conv2d(dim, dim, lepe_kernel, padding=lepe_kernel // 2, groups=dim) if lepe_kernel else None
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_tensor("x", x, ndim=(4,))
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must be (B, H, W, {self.dim}), got shape {tuple(x.shape)}")
+        b, h, w, c = x.shape
+        qkv = self.qkv(x).reshape(b, h, w, 3, self.num_heads, c // self.num_heads)
+        # Strided views, no copies: the kernels read (B, heads, H, W, head_dim) through strides.
+        q, k, v = (qkv.select(3, i).permute(0, 3, 1, 2, 4) for i in range(3))
+        out = routed_attention(
+            q, k, v, num_windows=self.num_windows, topk=self.topk, scale=self.scale, routing=self.routing
+        )
+        out = out.permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
+        if self.lepe is not None:
+            lepe = self.lepe(qkv.select(3, 2).reshape(b, h, w, c).permute(0, 3, 1, 2))
+            out = out + lepe.permute(0, 2, 3, 1)
+        return self.proj(out)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_heads={self.num_heads}, num_windows={self.num_windows}, topk={self.topk}, "
+            f"routing={self.routing!r}, lepe_kernel={self.lepe_kernel}"
+        )
