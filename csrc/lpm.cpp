@@ -1,0 +1,648 @@
+// Fused C++ CPU kernels of RPN's Linear Projection Module (ovseg_fast.ops.lpm).
+//
+// Design. The heavy products are GEMMs and ATen's MKL-backed at::mm / at::addmm_out run them on
+// *views* (narrowed weight halves, row chunks, strided pixel layouts), so no operand is copied;
+// everything between the GEMMs is fused here into vectorised, parallel row passes that touch a
+// chunk while it is still in cache:
+//
+// * hadamard_concat_linear: Linear(cat(t * c_b, t)) = (t * c_b) W1^T + t W2^T (split-K over the two
+//   halves of W). The shared half t W2^T (+ nothing per image) is one GEMM for all B when the text is
+//   shared; the Hadamard half is formed on the fly per image, on whichever operand is smaller:
+//   the (C, D) text rows scaled by c_b, or W1's columns scaled by c_b ((D_out, D)), into a buffer
+//   reused across images (never t * c for all B, never the concatenation). The per-image GEMM
+//   accumulates onto the shared half (addmm, beta = 1). Bias and LayerNorm run in one epilogue pass
+//   per row. The backward recomputes t * c_b per image the same way.
+// * lpm_logits: per image and per chunk of pixel rows (sized to stay in L2), the projection GEMM
+//   writes the chunk, the LayerNorm epilogue normalises it in place (xhat; gamma and beta are folded
+//   into the class side: logits = (scale * e * gamma) xhat^T + scale * e . beta), and the logits GEMM
+//   consumes the chunk at once, writing its columns of the (B, C, N) logits in place. Inference
+//   keeps only one chunk; training saves xhat (B, N, D_out) and rstd, nothing else (no un-normalised
+//   projection, no affine output). Without LayerNorm the projection is re-associated when that is
+//   cheaper ((e V) x^T: C-sized instead of N-sized), and its backward is entirely C-sized.
+//   The backward recomputes, per chunk, d p = G^T (e * gamma), runs the LayerNorm backward in place
+//   and feeds d x = d y V and d V += d y^T x straight from the chunk.
+//
+// Accumulation dtype: float32 (bfloat16 / float16 inputs are converted once), float64 for float64.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "cpu_dispatch.h"
+
+namespace ovseg_fast {
+
+using LpmTensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using LpmTensor6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+namespace CPU_CAPABILITY {
+
+namespace {
+
+template <typename T>
+inline T hsum(const at::vec::Vectorized<T>& v) {
+  T buf[at::vec::Vectorized<T>::size()];
+  v.store(buf);
+  T s = 0;
+  for (int64_t i = 0; i < at::vec::Vectorized<T>::size(); ++i) s += buf[i];
+  return s;
+}
+
+// One row of the forward epilogue: y += bias; y = (y - mean) * rstd in place; returns rstd.
+template <typename T>
+inline T ln_forward_row(T* y, int64_t n, const T* bias, double eps) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  Vec acc(T(0));
+  int64_t k = 0;
+  T tail = 0;
+  if (bias != nullptr) {
+    for (; k + W <= n; k += W) {
+      Vec v = Vec::loadu(y + k) + Vec::loadu(bias + k);
+      v.store(y + k);
+      acc = acc + v;
+    }
+    for (; k < n; ++k) { y[k] += bias[k]; tail += y[k]; }
+  } else {
+    for (; k + W <= n; k += W) acc = acc + Vec::loadu(y + k);
+    for (; k < n; ++k) tail += y[k];
+  }
+  const T mean = (hsum(acc) + tail) / T(n);
+  // Two passes over an L1-resident row: the centred variance has no cancellation for large means.
+  const Vec vmean(mean);
+  Vec acc2(T(0));
+  T tail2 = 0;
+  for (k = 0; k + W <= n; k += W) {
+    Vec d = Vec::loadu(y + k) - vmean;
+    acc2 = at::vec::fmadd(d, d, acc2);
+  }
+  for (; k < n; ++k) { T d = y[k] - mean; tail2 += d * d; }
+  const T var = (hsum(acc2) + tail2) / T(n);
+  const T rstd = T(1) / std::sqrt(var + T(eps));
+  const Vec vr(rstd);
+  for (k = 0; k + W <= n; k += W) ((Vec::loadu(y + k) - vmean) * vr).store(y + k);
+  for (; k < n; ++k) y[k] = (y[k] - mean) * rstd;
+  return rstd;
+}
+
+// One row of the LayerNorm backward, in place: u <- rstd * (u - mean(u) - xhat * mean(u * xhat)).
+template <typename T>
+inline void ln_backward_row(T* u, const T* xhat, int64_t n, T rstd) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  Vec a1(T(0)), a2(T(0));
+  int64_t k = 0;
+  T t1 = 0, t2 = 0;
+  for (; k + W <= n; k += W) {
+    Vec uv = Vec::loadu(u + k);
+    a1 = a1 + uv;
+    a2 = at::vec::fmadd(uv, Vec::loadu(xhat + k), a2);
+  }
+  for (; k < n; ++k) { t1 += u[k]; t2 += u[k] * xhat[k]; }
+  const T m1 = (hsum(a1) + t1) / T(n);
+  const T m2 = (hsum(a2) + t2) / T(n);
+  const Vec vm1(m1), vm2(m2), vr(rstd);
+  for (k = 0; k + W <= n; k += W) {
+    Vec r = (Vec::loadu(u + k) - vm1 - Vec::loadu(xhat + k) * vm2) * vr;
+    r.store(u + k);
+  }
+  for (; k < n; ++k) u[k] = (u[k] - m1 - xhat[k] * m2) * rstd;
+}
+
+// dst[i] = a[i] * s[i] for n elements (the Hadamard product formed on the fly).
+template <typename T>
+inline void mul_row(T* dst, const T* a, const T* s, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  int64_t k = 0;
+  for (; k + W <= n; k += W) (Vec::loadu(a + k) * Vec::loadu(s + k)).store(dst + k);
+  for (; k < n; ++k) dst[k] = a[k] * s[k];
+}
+
+// dst[i] += a[i] * s[i]
+template <typename T>
+inline void fma_row(T* dst, const T* a, const T* s, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  int64_t k = 0;
+  for (; k + W <= n; k += W) at::vec::fmadd(Vec::loadu(a + k), Vec::loadu(s + k), Vec::loadu(dst + k)).store(dst + k);
+  for (; k < n; ++k) dst[k] += a[k] * s[k];
+}
+
+// dst[i] += a[i]
+template <typename T>
+inline void add_row(T* dst, const T* a, int64_t n) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  int64_t k = 0;
+  for (; k + W <= n; k += W) (Vec::loadu(dst + k) + Vec::loadu(a + k)).store(dst + k);
+  for (; k < n; ++k) dst[k] += a[k];
+}
+
+at::ScalarType compute_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor as_compute(const at::Tensor& t, at::ScalarType ct) {
+  return t.scalar_type() == ct ? t : t.to(ct);
+}
+
+// Pixel rows per chunk: the (rows, D_out) chunk and its logits stay in a core's L2.
+int64_t chunk_rows(int64_t n, int64_t d_out) {
+  int64_t r = std::max<int64_t>(64, (int64_t(1) << 18) / std::max<int64_t>(d_out, 1));
+  return std::min<int64_t>(std::max<int64_t>(n, 1), r);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------------------------
+// hadamard_concat_linear
+
+// The epilogue of rows [r0, r1) of y (row length n): bias, LayerNorm into xhat (in place) and the
+// affine output, or just the bias.
+template <typename T>
+void hcl_epilogue_rows(T* y, T* out, T* rstd, int64_t r0, int64_t r1, int64_t n, const T* bias, const T* gamma,
+                       const T* beta, bool norm, double eps) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  for (int64_t r = r0; r < r1; ++r) {
+    T* row = y + r * n;
+    if (norm) {
+      rstd[r] = ln_forward_row<T>(row, n, bias, eps);
+      T* o = out + r * n;
+      int64_t k = 0;
+      for (; k + W <= n; k += W) {
+        Vec v = Vec::loadu(row + k) * Vec::loadu(gamma + k);
+        if (beta) v = v + Vec::loadu(beta + k);
+        v.store(o + k);
+      }
+      for (; k < n; ++k) o[k] = row[k] * gamma[k] + (beta ? beta[k] : T(0));
+    } else if (bias) {
+      int64_t k = 0;
+      for (; k + W <= n; k += W) (Vec::loadu(row + k) + Vec::loadu(bias + k)).store(row + k);
+      for (; k < n; ++k) row[k] += bias[k];
+    }
+  }
+}
+
+// Parallel structure: the GEMMs that are shared by all images use MKL's own threads; everything per
+// image (Hadamard buffer, GEMM, epilogue) is one task of a single parallel region over the images,
+// whose GEMMs then run single-threaded on that core. One synchronisation per phase instead of one per
+// operation: on a loaded machine every fork/join of a parallel region costs a scheduler slice.
+LpmTensor3 hcl_forward_kernel(const at::Tensor& text_in, const at::Tensor& cls_in, const at::Tensor& weight_in,
+                              const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& nw_in,
+                              const std::optional<at::Tensor>& nb_in, int64_t mode, double eps) {
+  const auto dt = text_in.scalar_type();
+  const auto ct = compute_type(dt);
+  const at::Tensor text = as_compute(text_in, ct).contiguous(), cls = as_compute(cls_in, ct).contiguous();
+  const at::Tensor w = as_compute(weight_in, ct);
+  const int64_t B = cls.size(0), T = text.size(0), C = text.size(1), D = text.size(2), Do = w.size(0);
+  const bool shared = T == 1 && B != 1;
+  const bool norm = nw_in.has_value();
+  auto opts = text.options().dtype(ct);
+  const at::Tensor bias = bias_in.has_value() ? as_compute(*bias_in, ct).contiguous() : at::Tensor();
+  const at::Tensor gamma = norm ? as_compute(*nw_in, ct).contiguous() : at::Tensor();
+  const at::Tensor beta = nb_in.has_value() ? as_compute(*nb_in, ct).contiguous() : at::Tensor();
+  const int64_t G = (mode == 0 && shared) ? 1 : B;  // mode a, shared text: computed once, broadcast
+  at::Tensor y = at::empty({G, C, Do}, opts);       // un-normalised, then xhat in place
+  at::Tensor out = norm ? at::empty({G, C, Do}, opts) : y;
+  at::Tensor rstd = norm ? at::empty({G, C}, opts) : at::empty({0}, opts);
+  at::Tensor shared_half;  // t W2^T (C, Do), once for shared text
+  if (mode == 0) {
+    at::Tensor y2 = y.view({G * C, Do});
+    at::mm_out(y2, text.expand({G, C, D}).reshape({G * C, D}), w.t());
+  } else if (mode == 2) {
+    const at::Tensor w2 = w.narrow(1, D, D);
+    if (shared) {
+      shared_half = at::mm(text[0], w2.t());
+    } else {
+      at::Tensor y2 = y.view({B * C, Do});
+      at::mm_out(y2, text.reshape({B * C, D}), w2.t());
+    }
+  }
+  // The cheaper operand to scale by c_b: the text rows (C x D) or W1's columns (D_out x D).
+  const bool scale_text = C <= Do;
+  const at::Tensor w1 = mode == 0 ? at::Tensor() : w.narrow(1, 0, D);
+  const at::Tensor w1c = (mode == 0 || scale_text) ? at::Tensor() : w1.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "hcl_forward", [&] {
+    const scalar_t* pb = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pg = norm ? gamma.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pbe = beta.defined() ? beta.data_ptr<scalar_t>() : nullptr;
+    scalar_t* py = y.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    scalar_t* pr = norm ? rstd.data_ptr<scalar_t>() : nullptr;
+    if (mode == 0) {
+      at::parallel_for(0, G * C, 16, [&](int64_t r0, int64_t r1) {
+        hcl_epilogue_rows<scalar_t>(py, po, pr, r0, r1, Do, pb, pg, pbe, norm, eps);
+      });
+      return;
+    }
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      // ATen ops on worker threads: the caller's below-autograd dispatch state is thread-local.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      at::Tensor buf = scale_text ? at::empty({C, D}, opts) : at::empty({Do, D}, opts);
+      scalar_t* pbuf = buf.data_ptr<scalar_t>();
+      for (int64_t b = b0; b < b1; ++b) {
+        const at::Tensor tb = text[shared ? 0 : b];
+        const scalar_t* pc = cls.data_ptr<scalar_t>() + b * D;
+        const int64_t rows = scale_text ? C : Do;
+        const scalar_t* src = scale_text ? tb.data_ptr<scalar_t>() : w1c.data_ptr<scalar_t>();
+        for (int64_t r = 0; r < rows; ++r) mul_row<scalar_t>(pbuf + r * D, src + r * D, pc, D);
+        at::Tensor yb = y[b];
+        const at::Tensor lhs = scale_text ? buf : tb;
+        const at::Tensor rhs = scale_text ? w1.t() : buf.t();
+        if (mode == 1) {
+          at::mm_out(yb, lhs, rhs);
+        } else if (shared) {
+          at::addmm_out(yb, shared_half, lhs, rhs);
+        } else {
+          yb.addmm_(lhs, rhs);
+        }
+        hcl_epilogue_rows<scalar_t>(py + b * C * Do, po + b * C * Do, pr ? pr + b * C : nullptr, 0, C, Do, pb, pg,
+                                    pbe, norm, eps);
+      }
+    });
+  });
+  at::Tensor xhat = norm ? y : at::empty({0}, opts);
+  if (G != B) {
+    out = out.expand({B, C, Do}).contiguous();
+    if (norm) {
+      xhat = xhat.expand({B, C, Do}).contiguous();
+      rstd = rstd.expand({B, C}).contiguous();
+    }
+  }
+  return {out.to(dt), xhat, rstd};
+}
+
+LpmTensor6 hcl_backward_kernel(const at::Tensor& grad_in, const at::Tensor& text_in, const at::Tensor& cls_in,
+                               const at::Tensor& weight_in, const std::optional<at::Tensor>& nw_in,
+                               const at::Tensor& xhat, const at::Tensor& rstd, int64_t mode, bool has_bias,
+                               bool has_norm_bias) {
+  const auto dt = text_in.scalar_type();
+  const auto ct = compute_type(dt);
+  const at::Tensor text = as_compute(text_in, ct), cls = as_compute(cls_in, ct), w = as_compute(weight_in, ct);
+  const at::Tensor g_out = as_compute(grad_in, ct);
+  const int64_t B = cls.size(0), T = text.size(0), C = text.size(1), D = text.size(2), Do = w.size(0);
+  const bool shared = T == 1 && B != 1;
+  auto opts = text.options().dtype(ct);
+  auto empty = [&]() { return at::empty({0}, text_in.options()); };  // outputs may not alias
+  at::Tensor g, g_nw = empty(), g_nb = empty();
+  if (nw_in.has_value()) {
+    g_nw = (g_out * xhat).sum({0, 1}).to(dt);
+    if (has_norm_bias) g_nb = g_out.sum({0, 1}).to(dt);
+    g = (g_out * as_compute(*nw_in, ct)).contiguous();
+    const at::Tensor xh = xhat.contiguous(), rs = rstd.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(ct, "hcl_ln_backward", [&] {
+      scalar_t* pg = g.data_ptr<scalar_t>();
+      const scalar_t* px = xh.data_ptr<scalar_t>();
+      const scalar_t* pr = rs.data_ptr<scalar_t>();
+      at::parallel_for(0, B * C, 16, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) ln_backward_row<scalar_t>(pg + r * Do, px + r * Do, Do, pr[r]);
+      });
+    });
+  } else {
+    g = g_out.contiguous();
+  }
+  at::Tensor g_bias = has_bias ? g.sum({0, 1}).to(dt) : empty();
+  const at::Tensor g2 = g.view({B * C, Do});
+  // The sum over images of the gradient: all the shared half (t W2^T) needs when text is shared.
+  at::Tensor gsum = shared ? g.sum(0) : at::Tensor();
+  at::Tensor g_text, g_cls, g_w;
+  if (mode == 0) {
+    if (shared) {
+      g_text = at::mm(gsum, w).unsqueeze(0);
+      g_w = at::mm(gsum.t(), text[0]);
+    } else {
+      g_text = at::mm(g2, w).view({B, C, D});
+      g_w = at::mm(g2.t(), text.reshape({B * C, D}));
+    }
+    g_cls = at::zeros({B, D}, opts);
+  } else {
+    const at::Tensor w1 = w.narrow(1, 0, D);
+    const at::Tensor h = at::mm(g2, w1);  // (B * C, D): d(t * c_b)
+    g_text = at::empty({T, C, D}, opts);
+    g_cls = at::empty({B, D}, opts);
+    g_w = at::empty({Do, mode == 2 ? 2 * D : D}, opts);
+    at::Tensor g_w1 = g_w.narrow(1, 0, D);
+    const at::Tensor tc = text.contiguous(), cc = cls.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(ct, "hcl_backward", [&] {
+      const scalar_t* ph = h.data_ptr<scalar_t>();
+      const scalar_t* pt = tc.data_ptr<scalar_t>();
+      const scalar_t* pc = cc.data_ptr<scalar_t>();
+      scalar_t* pgt = g_text.data_ptr<scalar_t>();
+      scalar_t* pgc = g_cls.data_ptr<scalar_t>();
+      // d text: H_b * c_b (summed over b for shared text), parallel over class rows.
+      at::parallel_for(0, C, 4, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          if (shared) {
+            scalar_t* dst = pgt + c * D;
+            std::fill(dst, dst + D, scalar_t(0));
+            for (int64_t b = 0; b < B; ++b) fma_row<scalar_t>(dst, ph + (b * C + c) * D, pc + b * D, D);
+          } else {
+            for (int64_t b = 0; b < B; ++b) mul_row<scalar_t>(pgt + (b * C + c) * D, ph + (b * C + c) * D, pc + b * D, D);
+          }
+        }
+      });
+      // d cls_b = sum_c H_bc * t_c, parallel over images.
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      // ATen ops on worker threads: the caller's below-autograd dispatch state is thread-local.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+        for (int64_t b = b0; b < b1; ++b) {
+          scalar_t* dst = pgc + b * D;
+          std::fill(dst, dst + D, scalar_t(0));
+          const scalar_t* tb = pt + (shared ? 0 : b) * C * D;
+          for (int64_t c = 0; c < C; ++c) fma_row<scalar_t>(dst, ph + (b * C + c) * D, tb + c * D, D);
+        }
+      });
+      // d W1 = sum_b g_b^T (t_b * c_b): the Hadamard product re-formed per image for one block of
+      // columns at a time; a task owns its column block of d W1, so no partial sums are needed.
+      constexpr int64_t KB = 64;
+      at::parallel_for(0, (D + KB - 1) / KB, 1, [&](int64_t k0, int64_t k1) {
+        // ATen ops on worker threads: the caller's below-autograd dispatch state is thread-local.
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        at::Tensor blockbuf = at::empty({C, KB}, opts);
+        scalar_t* pbuf = blockbuf.data_ptr<scalar_t>();
+        for (int64_t kb = k0; kb < k1; ++kb) {
+          const int64_t lo = kb * KB, width = std::min(KB, D - lo);
+          at::Tensor dst = g_w1.narrow(1, lo, width);
+          at::Tensor bb = blockbuf.narrow(1, 0, width);
+          for (int64_t b = 0; b < B; ++b) {
+            const scalar_t* tb = pt + (shared ? 0 : b) * C * D;
+            for (int64_t c = 0; c < C; ++c) mul_row<scalar_t>(pbuf + c * KB, tb + c * D + lo, pc + b * D + lo, width);
+            if (b == 0) {
+              at::mm_out(dst, g[b].t(), bb);
+            } else {
+              dst.addmm_(g[b].t(), bb);
+            }
+          }
+        }
+      });
+    });
+    if (mode == 2) {
+      const at::Tensor w2 = w.narrow(1, D, D);
+      at::Tensor g_w2 = g_w.narrow(1, D, D);
+      if (shared) {
+        g_text.add_(at::mm(gsum, w2).unsqueeze(0));
+        at::mm_out(g_w2, gsum.t(), text[0]);
+      } else {
+        g_text.view({B * C, D}).addmm_(g2, w2);
+        at::mm_out(g_w2, g2.t(), text.reshape({B * C, D}));
+      }
+    }
+  }
+  return {g_text.to(dt), g_cls.to(dt), g_w.to(dt), g_bias, g_nw, g_nb};
+}
+
+// ------------------------------------------------------------------------------------------------
+// lpm_logits
+
+// True when (e V) x^T (C-sized) costs less than e (x V^T)^T (N-sized); only used without LayerNorm.
+inline bool reassociate(int64_t C, int64_t N, int64_t D, int64_t Do) {
+  return C * Do * D + C * N * D < N * D * Do + C * N * Do;
+}
+
+LpmTensor3 logits_forward_kernel(const at::Tensor& pixels_in, const at::Tensor& emb_in, const at::Tensor& weight_in,
+                                 const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& nw_in,
+                                 const std::optional<at::Tensor>& nb_in, double eps, double scale, bool save) {
+  const auto dt = pixels_in.scalar_type();
+  const auto ct = compute_type(dt);
+  const at::Tensor x = as_compute(pixels_in, ct), e = as_compute(emb_in, ct), w = as_compute(weight_in, ct);
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), C = e.size(1), Do = w.size(0);
+  auto opts = x.options().dtype(ct);
+  auto empty = [&]() { return at::empty({0}, opts); };  // outputs may not alias
+  const bool norm = nw_in.has_value();
+  at::Tensor bias = bias_in.has_value() ? as_compute(*bias_in, ct).contiguous() : at::Tensor();
+  at::Tensor logits = at::empty({B, C, N}, opts);
+  if (!norm) {
+    at::Tensor cb = bias_in.has_value() ? at::matmul(e, bias).mul_(scale) : at::zeros({B, C}, opts);
+    if (reassociate(C, N, D, Do)) {
+      const at::Tensor a = at::mm(e.reshape({B * C, Do}), w).mul_(scale).view({B, C, D});
+      at::baddbmm_out(logits, cb.unsqueeze(2), a, x.transpose(1, 2));
+    } else {
+      at::Tensor p = at::matmul(x, w.t());
+      if (bias_in.has_value()) p.add_(bias);
+      at::baddbmm_out(logits, cb.unsqueeze(2), e, p.transpose(1, 2), 1.0, scale);
+    }
+    return {logits.to(dt), empty(), empty()};
+  }
+  // gamma and beta move to the class side: logits = (scale e * gamma) xhat^T + scale e . beta.
+  const at::Tensor gamma = as_compute(*nw_in, ct);
+  const at::Tensor ep = (e * gamma).mul_(scale);
+  const at::Tensor cb = nb_in.has_value() ? at::matmul(e, as_compute(*nb_in, ct)).mul_(scale) : at::zeros({B, C}, opts);
+  at::Tensor xhat = save ? at::empty({B, N, Do}, opts) : empty();
+  at::Tensor rstd = save ? at::empty({B, N}, opts) : empty();
+  const int64_t R = chunk_rows(N, Do);
+  const int64_t chunks = (N + R - 1) / R;
+  const at::Tensor wt = w.t();
+  // One parallel region over (image, chunk) tasks; each task's GEMMs run single-threaded on its core
+  // while its chunk stays in that core's L2.
+  AT_DISPATCH_FLOATING_TYPES(ct, "lpm_logits_forward", [&] {
+    const scalar_t* pb = bias_in.has_value() ? bias.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
+      // ATen ops on worker threads: the caller's below-autograd dispatch state is thread-local.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      at::Tensor scratch = save ? at::Tensor() : at::empty({R, Do}, opts);
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t b = task / chunks, n0 = (task % chunks) * R, r = std::min(R, N - n0);
+        at::Tensor chunk = save ? xhat[b].narrow(0, n0, r) : scratch.narrow(0, 0, r);
+        at::mm_out(chunk, x[b].narrow(0, n0, r), wt);
+        scalar_t* pc = chunk.data_ptr<scalar_t>();
+        scalar_t* pr = save ? rstd.data_ptr<scalar_t>() + b * N + n0 : nullptr;
+        for (int64_t i = 0; i < r; ++i) {
+          const scalar_t rs = ln_forward_row<scalar_t>(pc + i * Do, Do, pb, eps);
+          if (pr) pr[i] = rs;
+        }
+        at::Tensor lb = logits[b].narrow(1, n0, r);
+        at::addmm_out(lb, cb[b].unsqueeze(1), ep[b], chunk.t());
+      }
+    });
+  });
+  return {logits.to(dt), xhat, rstd};
+}
+
+LpmTensor6 logits_backward_kernel(const at::Tensor& grad_in, const at::Tensor& pixels_in, const at::Tensor& emb_in,
+                                  const at::Tensor& weight_in, const std::optional<at::Tensor>& bias_in,
+                                  const std::optional<at::Tensor>& nw_in, const std::optional<at::Tensor>& nb_in,
+                                  const at::Tensor& xhat_in, const at::Tensor& rstd_in, double scale) {
+  const auto dt = pixels_in.scalar_type();
+  const auto ct = compute_type(dt);
+  const at::Tensor x = as_compute(pixels_in, ct), e = as_compute(emb_in, ct), w = as_compute(weight_in, ct);
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), C = e.size(1), Do = w.size(0);
+  auto opts = x.options().dtype(ct);
+  auto empty = [&]() { return at::empty({0}, pixels_in.options()); };  // outputs may not alias
+  const at::Tensor g = as_compute(grad_in, ct).mul(scale);  // (B, C, N), scale folded in once
+  const at::Tensor rows = g.sum(2);                             // (B, C)
+  if (!nw_in.has_value()) {
+    const at::Tensor a = at::mm(e.reshape({B * C, Do}), w).view({B, C, D});
+    const at::Tensor m = at::bmm(g, x);  // (B, C, D)
+    at::Tensor g_x = at::bmm(g.transpose(1, 2), a);
+    at::Tensor g_e = at::mm(m.reshape({B * C, D}), w.t()).view({B, C, Do});
+    at::Tensor g_b = empty();
+    if (bias_in.has_value()) {
+      g_e.add_(rows.unsqueeze(2) * as_compute(*bias_in, ct));
+      g_b = at::mv(e.reshape({B * C, Do}).t(), rows.reshape({B * C})).to(dt);
+    }
+    at::Tensor g_w = at::mm(e.reshape({B * C, Do}).t(), m.reshape({B * C, D}));
+    return {g_x.to(dt), g_e.to(dt), g_w.to(dt), g_b, empty(), empty()};
+  }
+  const at::Tensor gamma = as_compute(*nw_in, ct);
+  const at::Tensor xhat = xhat_in.contiguous(), rstd = rstd_in.contiguous();
+  const at::Tensor z = at::bmm(g, xhat);  // (B, C, Do)
+  at::Tensor g_e = z * gamma;
+  at::Tensor g_beta = empty();
+  if (nb_in.has_value()) {
+    g_e.add_(rows.unsqueeze(2) * as_compute(*nb_in, ct));
+    g_beta = at::mv(e.reshape({B * C, Do}).t(), rows.reshape({B * C})).to(dt);
+  }
+  at::Tensor g_gamma = (e * z).sum({0, 1}).to(dt);
+  const at::Tensor ep = e * gamma;
+  at::Tensor g_x = at::empty({B, N, D}, opts);
+  const int64_t R = chunk_rows(N, Do);
+  const int64_t chunks = (N + R - 1) / R;
+  // d V and d v0 are sums over all tasks: one partial per thread, reduced once at the end.
+  const int64_t P = std::min<int64_t>(at::get_num_threads(), B * chunks);
+  at::Tensor g_w_part = at::zeros({P, Do, D}, opts);
+  at::Tensor g_b_part = at::zeros({P, Do}, opts);
+  const bool has_bias = bias_in.has_value();
+  AT_DISPATCH_FLOATING_TYPES(ct, "lpm_logits_backward", [&] {
+    const scalar_t* px = xhat.data_ptr<scalar_t>();
+    const scalar_t* pr = rstd.data_ptr<scalar_t>();
+    at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
+      // ATen ops on worker threads: the caller's below-autograd dispatch state is thread-local.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const int64_t tid = std::min<int64_t>(at::get_thread_num(), P - 1);
+      at::Tensor u = at::empty({R, Do}, opts);
+      at::Tensor gw = g_w_part[tid];
+      scalar_t* pgb = g_b_part.data_ptr<scalar_t>() + tid * Do;
+      for (int64_t task = t0; task < t1; ++task) {
+        const int64_t b = task / chunks, n0 = (task % chunks) * R, r = std::min(R, N - n0);
+        at::Tensor ub = u.narrow(0, 0, r);
+        at::mm_out(ub, g[b].narrow(1, n0, r).t(), ep[b]);  // d p * gamma for the chunk's pixels
+        scalar_t* pu = ub.data_ptr<scalar_t>();
+        const scalar_t* pxh = px + (b * N + n0) * Do;
+        const scalar_t* prs = pr + b * N + n0;
+        for (int64_t i = 0; i < r; ++i) {
+          ln_backward_row<scalar_t>(pu + i * Do, pxh + i * Do, Do, prs[i]);
+          if (has_bias) add_row<scalar_t>(pgb, pu + i * Do, Do);
+        }
+        at::Tensor gxb = g_x[b].narrow(0, n0, r);
+        at::mm_out(gxb, ub, w);
+        gw.addmm_(ub.t(), x[b].narrow(0, n0, r));
+      }
+    });
+  });
+  at::Tensor g_w = P == 1 ? g_w_part[0] : g_w_part.sum(0);
+  at::Tensor g_b = has_bias ? (P == 1 ? g_b_part[0] : g_b_part.sum(0)) : at::Tensor();
+  return {g_x.to(dt), g_e.to(dt), g_w.to(dt), g_b.defined() ? g_b.to(dt) : empty(), g_gamma, g_beta};
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace ovseg_fast
+
+#ifdef OVSEG_DISPATCH_ROOT
+
+OVSEG_DECLARE_KERNEL(LpmTensor3, hcl_forward_kernel,
+                     (const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, double))
+OVSEG_DECLARE_KERNEL(LpmTensor6, hcl_backward_kernel,
+                     (const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, int64_t, bool, bool))
+OVSEG_DECLARE_KERNEL(LpmTensor3, logits_forward_kernel,
+                     (const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, double, bool))
+OVSEG_DECLARE_KERNEL(LpmTensor6, logits_backward_kernel,
+                     (const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                      const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, double))
+
+namespace {
+
+int64_t mode_index(c10::string_view mode) {
+  if (mode == "a") return 0;
+  if (mode == "b") return 1;
+  TORCH_CHECK(mode == "c", "lpm: mode must be 'a', 'b' or 'c', got '", std::string(mode), "'");
+  return 2;
+}
+
+void check_float_inputs(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "lpm: ", name, " must be a CPU tensor");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "lpm: ", name, " must be floating point");
+}
+
+ovseg_fast::LpmTensor3 hcl_cpu_forward(const at::Tensor& text, const at::Tensor& cls, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias,
+                                       const std::optional<at::Tensor>& norm_weight,
+                                       const std::optional<at::Tensor>& norm_bias, c10::string_view mode,
+                                       double eps) {
+  check_float_inputs(text, "text");
+  TORCH_CHECK(text.dim() == 3 && cls.dim() == 2 && weight.dim() == 2, "lpm: bad ranks");
+  const int64_t m = mode_index(mode);
+  return OVSEG_DISPATCH_KERNEL(hcl_forward_kernel, text, cls, weight, bias, norm_weight, norm_bias, m, eps);
+}
+
+ovseg_fast::LpmTensor6 hcl_cpu_backward(const at::Tensor& grad, const at::Tensor& text, const at::Tensor& cls,
+                                        const at::Tensor& weight, const std::optional<at::Tensor>& norm_weight,
+                                        const at::Tensor& xhat, const at::Tensor& rstd, c10::string_view mode,
+                                        bool has_bias, bool has_norm_bias) {
+  check_float_inputs(text, "text");
+  const int64_t m = mode_index(mode);
+  return OVSEG_DISPATCH_KERNEL(hcl_backward_kernel, grad, text, cls, weight, norm_weight, xhat, rstd, m, has_bias,
+                               has_norm_bias);
+}
+
+ovseg_fast::LpmTensor3 logits_cpu_forward(const at::Tensor& pixels, const at::Tensor& class_emb,
+                                          const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                          const std::optional<at::Tensor>& norm_weight,
+                                          const std::optional<at::Tensor>& norm_bias, double eps, double scale,
+                                          bool save) {
+  check_float_inputs(pixels, "pixels");
+  TORCH_CHECK(pixels.dim() == 3 && class_emb.dim() == 3 && weight.dim() == 2, "lpm: bad ranks");
+  return OVSEG_DISPATCH_KERNEL(logits_forward_kernel, pixels, class_emb, weight, bias, norm_weight, norm_bias, eps,
+                               scale, save);
+}
+
+ovseg_fast::LpmTensor6 logits_cpu_backward(const at::Tensor& grad, const at::Tensor& pixels,
+                                           const at::Tensor& class_emb, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& norm_weight,
+                                           const std::optional<at::Tensor>& norm_bias, const at::Tensor& xhat,
+                                           const at::Tensor& rstd, double scale) {
+  check_float_inputs(pixels, "pixels");
+  return OVSEG_DISPATCH_KERNEL(logits_backward_kernel, grad, pixels, class_emb, weight, bias, norm_weight, norm_bias,
+                               xhat, rstd, scale);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ovseg_fast, m) {
+  m.def(
+      "lpm_hcl_cpu_forward(Tensor text, Tensor cls, Tensor weight, Tensor? bias, Tensor? norm_weight, "
+      "Tensor? norm_bias, str mode, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lpm_hcl_cpu_backward(Tensor grad_out, Tensor text, Tensor cls, Tensor weight, Tensor? norm_weight, "
+      "Tensor xhat, Tensor rstd, str mode, bool has_bias, bool has_norm_bias) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "lpm_logits_cpu_forward(Tensor pixels, Tensor class_emb, Tensor weight, Tensor? bias, Tensor? norm_weight, "
+      "Tensor? norm_bias, float eps, float scale, bool save) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lpm_logits_cpu_backward(Tensor grad_logits, Tensor pixels, Tensor class_emb, Tensor weight, Tensor? bias, "
+      "Tensor? norm_weight, Tensor? norm_bias, Tensor xhat, Tensor rstd, float scale) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ovseg_fast, CPU, m) {
+  m.impl("lpm_hcl_cpu_forward", &hcl_cpu_forward);
+  m.impl("lpm_hcl_cpu_backward", &hcl_cpu_backward);
+  m.impl("lpm_logits_cpu_forward", &logits_cpu_forward);
+  m.impl("lpm_logits_cpu_backward", &logits_cpu_backward);
+}
+
+#endif  // OVSEG_DISPATCH_ROOT

@@ -1,0 +1,576 @@
+"""Tests of ovseg_fast.ops.lpm (RPN's Linear Projection Module): reference, C++ and Triton kernels,
+registration, the module and its inputs."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from ovseg_fast.ops import use_backend
+from ovseg_fast.ops.lpm import (
+    LinearProjectionModule,
+    hadamard_concat_linear,
+    hadamard_concat_linear_flops,
+    lpm_logits,
+    lpm_logits_flops,
+)
+from ovseg_fast.ops.lpm_reference import (
+    hadamard_concat_linear_backward_reference,
+    hadamard_concat_linear_forward_reference,
+    hadamard_concat_linear_spec,
+    lpm_logits_backward_reference,
+    lpm_logits_forward_reference,
+    lpm_logits_spec,
+    training_free_logits_spec,
+)
+from tests.helpers import KERNEL_BACKENDS, assert_within_reference_error, require_backend
+
+HCL = torch.ops.ovseg_fast.hadamard_concat_linear
+HCL_BWD = torch.ops.ovseg_fast.hadamard_concat_linear_backward
+LOGITS = torch.ops.ovseg_fast.lpm_logits
+LOGITS_BWD = torch.ops.ovseg_fast.lpm_logits_backward
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def hcl_inputs(b, c, d, d_out, *, mode="c", shared=True, norm=True, dtype=torch.float64, seed=0):
+    gen = _gen(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)
+    text = r(c, d) if shared else r(b, c, d)
+    cls = r(b, d)
+    weight = r(d_out, 2 * d if mode == "c" else d) * (2 * d) ** -0.5
+    bias = r(d_out)
+    nw = (1 + 0.1 * r(d_out)) if norm else None
+    nb = r(d_out) * 0.1 if norm else None
+    return text, cls, weight, bias, nw, nb
+
+
+def logits_inputs(b, n, c, d, d_out, *, norm=True, shared_emb=False, dtype=torch.float64, seed=1):
+    gen = _gen(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)
+    pixels = r(b, n, d)
+    emb = r(c, d_out) if shared_emb else r(b, c, d_out)
+    weight = r(d_out, d) * d**-0.5
+    bias = r(d_out)
+    nw = (1 + 0.1 * r(d_out)) if norm else None
+    nb = r(d_out) * 0.1 if norm else None
+    return pixels, emb, weight, bias, nw, nb
+
+
+def _run_hcl(backend, inputs, mode, grad=None):
+    """Output and the gradients of every tensor argument (zeros for unused ones) under ``backend``."""
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in inputs]
+    text, cls, w, bias, nw, nb = leaves
+    ctx = use_backend(backend) if backend != "spec" else torch.enable_grad()
+    with ctx:
+        fn = hadamard_concat_linear if backend != "spec" else hadamard_concat_linear_spec
+        out = fn(text, cls, w, bias, mode=mode, norm_weight=nw, norm_bias=nb)
+        grad = torch.randn(out.shape, generator=_gen(7), dtype=torch.float64).to(out.dtype) if grad is None else grad
+        used = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad(out, used, grad, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(used, grads)]
+    return out.detach(), grads, grad
+
+
+def _run_logits(backend, inputs, grad=None, scale=None):
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in inputs]
+    px, e, w, bias, nw, nb = leaves
+    ctx = use_backend(backend) if backend != "spec" else torch.enable_grad()
+    with ctx:
+        fn = lpm_logits if backend != "spec" else lpm_logits_spec
+        out = fn(px, e, w, bias, norm_weight=nw, norm_bias=nb, scale=scale)
+        grad = torch.randn(out.shape, generator=_gen(8), dtype=torch.float64).to(out.dtype) if grad is None else grad
+        used = [t for t in leaves if t is not None]
+        grads = torch.autograd.grad(out, used, grad)
+    return out.detach(), list(grads), grad
+
+
+MODES = ["a", "b", "c"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference is the spec: the contract's forward and hand-written backward equal autograd on
+# the literal formulas (cat, mul, Linear, LayerNorm, einsum).
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_image"])
+@pytest.mark.parametrize("norm", [True, False], ids=["ln", "no_ln"])
+def test_reference_contract_equals_spec(mode, shared, norm):
+    inputs = hcl_inputs(3, 5, 6, 7, mode=mode, shared=shared, norm=norm)
+    out, grads, g = _run_hcl("spec", inputs, mode)
+    text, cls, w, bias, nw, nb = inputs
+    t = text.unsqueeze(0) if shared else text
+    got, xhat, rstd = hadamard_concat_linear_forward_reference(t, cls, w, bias, nw, nb, mode, 1e-5)
+    torch.testing.assert_close(got, out, rtol=1e-12, atol=1e-12)
+    back = hadamard_concat_linear_backward_reference(g, t, cls, w, nw, xhat, rstd, mode, True, norm)
+    expected = [grads[0].unsqueeze(0) if shared else grads[0], *grads[1:]]
+    for a, e in zip(back, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["ln", "no_ln"])
+def test_reference_logits_contract_equals_spec(norm):
+    inputs = logits_inputs(2, 11, 4, 6, 5, norm=norm)
+    out, grads, g = _run_logits("spec", inputs)
+    px, e, w, bias, nw, nb = inputs
+    got, xhat, rstd = lpm_logits_forward_reference(px, e, w, bias, nw, nb, 1e-5, 5**-0.5, True)
+    torch.testing.assert_close(got, out, rtol=1e-12, atol=1e-12)
+    back = lpm_logits_backward_reference(g, px, e, w, bias, nw, nb, xhat, rstd, 5**-0.5)
+    for a, ex in zip(back, grads):
+        torch.testing.assert_close(a, ex, rtol=1e-10, atol=1e-12)
+
+
+def _hcl_positional(t, c, w, b, nw, nb, *, mode):
+    return hadamard_concat_linear(t, c, w, b, mode=mode, norm_weight=nw, norm_bias=nb)
+
+
+def test_gradcheck_reference():
+    with use_backend("reference"):
+        for mode in MODES:
+            leaves = [t.requires_grad_(True) for t in hcl_inputs(2, 3, 4, 5, mode=mode, shared=mode != "b")]
+            fn = functools.partial(_hcl_positional, mode=mode)
+            assert torch.autograd.gradcheck(fn, leaves)
+        leaves = [t.requires_grad_(True) for t in logits_inputs(2, 5, 3, 4, 6)]
+        assert torch.autograd.gradcheck(
+            lambda x, e, w, b, nw, nb: lpm_logits(x, e, w, b, norm_weight=nw, norm_bias=nb), leaves
+        )
+        leaves = [t.requires_grad_(True) for t in logits_inputs(2, 5, 3, 4, 6, norm=False)[:4]]
+        assert torch.autograd.gradcheck(lambda x, e, w, b: lpm_logits(x, e, w, b, scale=0.7), leaves)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels against the reference (float32 against the float64 spec; gradients of every argument).
+
+HCL_CASES = [(m, s, n) for m in MODES for s in (True, False) for n in (True, False)]
+
+
+def _assert_all_close(got, expected, rtol, atol, what):
+    for i, (a, e) in enumerate(zip(got, expected)):
+        assert a.shape == e.shape, f"{what}[{i}]: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        torch.testing.assert_close(a.double(), e.double(), rtol=rtol, atol=atol, msg=lambda m, i=i: f"{what}[{i}]: {m}")
+
+
+@pytest.mark.parametrize(
+    "case", HCL_CASES, ids=lambda c: f"{c[0]}-{'shared' if c[1] else 'per_image'}-{'ln' if c[2] else 'no_ln'}"
+)
+def test_cpu_hcl_matches_reference(case):
+    require_backend("lpm", "cpu")
+    mode, shared, norm = case
+    inputs64 = hcl_inputs(4, 19, 24, 33, mode=mode, shared=shared, norm=norm)
+    out64, grads64, g = _run_hcl("spec", inputs64, mode)
+    out, grads, _ = _run_hcl("cpu", [t.float() if t is not None else None for t in inputs64], mode, g.float())
+    _assert_all_close([out], [out64], 1e-4, 1e-5, "out")
+    _assert_all_close(grads, grads64, 1e-4, 1e-4, "grad")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    "case",
+    [("a", True, True), ("b", False, True), ("c", True, True), ("c", False, False)],
+    ids=lambda c: f"{c[0]}-{'shared' if c[1] else 'per_image'}-{'ln' if c[2] else 'no_ln'}",
+)
+def test_triton_hcl_matches_reference(case):
+    require_backend("lpm", "triton")
+    mode, shared, norm = case
+    inputs64 = hcl_inputs(2, 5, 20, 24, mode=mode, shared=shared, norm=norm)
+    out64, grads64, g = _run_hcl("spec", inputs64, mode)
+    out, grads, _ = _run_hcl("triton", [t.float() if t is not None else None for t in inputs64], mode, g.float())
+    _assert_all_close([out], [out64], 1e-4, 1e-5, "out")
+    _assert_all_close(grads, grads64, 1e-4, 1e-4, "grad")
+
+
+@pytest.mark.triton
+def test_triton_partial_statistics_path():
+    """D_out wider than one tile: per-row partial (mean, M2) and the finish pass."""
+    require_backend("lpm", "triton")
+    from ovseg_fast.kernels import lpm as K
+
+    text, cls, w, bias, nw, nb = [t.float() for t in hcl_inputs(2, 3, 16, 40, mode="c")]
+    text = text.unsqueeze(0) + 30.0  # a large mean: the merge must not cancel
+    got = K.hcl_forward(text, cls, w, bias, nw, nb, "c", 1e-5, row_tile=16)
+    exp = hadamard_concat_linear_forward_reference(
+        text.double(), cls.double(), w.double(), bias.double(), nw.double(), nb.double(), "c", 1e-5
+    )
+    _assert_all_close(got, exp, 1e-4, 1e-4, "hcl")
+    px, e, w, bias, nw, nb = [t.float() for t in logits_inputs(2, 7, 3, 16, 40)]
+    for norm in (True, False):
+        args = (px, e, w, bias, nw if norm else None, nb if norm else None, 1e-5, 0.3, True)
+        got = K.logits_forward(*args, row_tile=16)
+        exp = lpm_logits_forward_reference(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
+        _assert_all_close(got, exp, 1e-4, 1e-5, f"logits norm={norm}")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("norm", [True, False], ids=["ln", "no_ln"])
+@pytest.mark.parametrize("shared_emb", [False, True], ids=["per_image_emb", "shared_emb"])
+def test_kernel_logits_matches_reference(backend, norm, shared_emb):
+    require_backend("lpm", backend)
+    shape = (2, 37, 5, 24, 20) if backend == "triton" else (3, 300, 9, 40, 48)
+    inputs64 = logits_inputs(*shape, norm=norm, shared_emb=shared_emb)
+    out64, grads64, g = _run_logits("spec", inputs64)
+    out, grads, _ = _run_logits(backend, [t.float() if t is not None else None for t in inputs64], g.float())
+    _assert_all_close([out], [out64], 1e-4, 1e-5, "logits")
+    _assert_all_close(grads, grads64, 1e-4, 1e-4, "grad")
+
+
+def test_cpu_logits_several_chunks_and_reassociation():
+    """N spans several pixel chunks of the C++ kernel (rows per chunk = 2^18 / D_out), with and without
+    LayerNorm (without it, C << N takes the re-associated (e V) x^T path)."""
+    require_backend("lpm", "cpu")
+    for norm in (True, False):
+        inputs64 = logits_inputs(2, 700, 3, 8, 1024, norm=norm)
+        out64, grads64, g = _run_logits("spec", inputs64)
+        out, grads, _ = _run_logits("cpu", [t.float() if t is not None else None for t in inputs64], g.float())
+        _assert_all_close([out], [out64], 1e-4, 1e-5, "logits")
+        _assert_all_close(grads, grads64, 1e-4, 1e-4, "grad")
+
+
+def test_cpu_kernel_float64_is_exact_and_gradchecks():
+    require_backend("lpm", "cpu", torch.float64)
+    with use_backend("cpu"):
+        for mode, shared in (("c", True), ("b", False), ("a", True)):
+            leaves = [t.requires_grad_(True) for t in hcl_inputs(3, 4, 5, 6, mode=mode, shared=shared)]
+            fn = functools.partial(_hcl_positional, mode=mode)
+            assert torch.autograd.gradcheck(fn, leaves)
+        for norm in (True, False):
+            leaves = [t.requires_grad_(True) for t in logits_inputs(2, 6, 3, 4, 5, norm=norm) if t is not None]
+            if norm:
+                fn = lambda x, e, w, b, nw, nb: lpm_logits(x, e, w, b, norm_weight=nw, norm_bias=nb)
+            else:
+                fn = lambda x, e, w, b: lpm_logits(x, e, w, b)
+            assert torch.autograd.gradcheck(fn, leaves)
+    inputs = hcl_inputs(3, 7, 8, 9, mode="c", shared=True)
+    out, _, _ = _run_hcl("cpu", inputs, "c")
+    torch.testing.assert_close(
+        out,
+        hadamard_concat_linear_spec(*inputs[:4], mode="c", norm_weight=inputs[4], norm_bias=inputs[5]),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [
+        pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+        pytest.param("triton", torch.bfloat16, id="triton-bf16", marks=pytest.mark.triton),
+    ],
+)
+def test_reduced_precision_within_reference_error(backend, dtype):
+    """flash-attention's rule: the kernel's error against float64 within 2x that of the plain-PyTorch
+    spec run in the same dtype (+ a small atol for entries whose spec error is ~0)."""
+    require_backend("lpm", backend, dtype)
+    small = backend == "triton"
+    hin = hcl_inputs(2, 5 if small else 21, 16 if small else 64, 32 if small else 64, mode="c", norm=True)
+    lin = logits_inputs(2, 20 if small else 200, 5 if small else 21, 16 if small else 64, 32 if small else 64)
+    low = lambda ts: [t.to(dtype) if t is not None else None for t in ts]
+    # the "exact" results use the dtype-rounded inputs, so only the computation's error is compared
+    exact_h, exact_hg, gh = _run_hcl("spec", [t.double() if t is not None else None for t in low(hin)], "c")
+    base_h, base_hg, _ = _run_hcl("spec", low(hin), "c", gh.to(dtype))
+    got_h, got_hg, _ = _run_hcl(backend, low(hin), "c", gh.to(dtype))
+    assert got_h.dtype == dtype
+    assert_within_reference_error(got_h, exact_h, base_h, factor=2.0, atol=1e-2, what="hcl out")
+    for i, (a, e, bl) in enumerate(zip(got_hg, exact_hg, base_hg)):
+        assert_within_reference_error(a, e, bl, factor=2.0, atol=2e-2, what=f"hcl grad {i}")
+    exact_l, exact_lg, gl = _run_logits("spec", [t.double() if t is not None else None for t in low(lin)])
+    base_l, base_lg, _ = _run_logits("spec", low(lin), gl.to(dtype))
+    got_l, got_lg, _ = _run_logits(backend, low(lin), gl.to(dtype))
+    assert_within_reference_error(got_l, exact_l, base_l, factor=2.0, atol=1e-2, what="logits")
+    for i, (a, e, bl) in enumerate(zip(got_lg, exact_lg, base_lg)):
+        assert_within_reference_error(a, e, bl, factor=2.0, atol=2e-2, what=f"logits grad {i}")
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_large_mean_stays_accurate(backend):
+    """Pixels with a large common offset: the LayerNorm's centred variance must not cancel."""
+    require_backend("lpm", backend)
+    px, e, w, bias, nw, nb = [t.float() for t in logits_inputs(2, 9, 3, 16, 24)]
+    bias = bias + 1e3
+    with use_backend(backend):
+        out = lpm_logits(px, e, w, bias, norm_weight=nw, norm_bias=nb)
+    exp = lpm_logits_spec(
+        px.double(), e.double(), w.double(), bias.double(), norm_weight=nw.double(), norm_bias=nb.double()
+    )
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), exp, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module: modes a, b, c and training-free against the spec; shared vs per-image text.
+
+
+@pytest.mark.parametrize("mode", [*MODES, "training_free"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "per_image"])
+def test_module_matches_spec(mode, shared):
+    torch.manual_seed(0)
+    b, d, h, w, c, d_out = 2, 12, 5, 4, 6, 10
+    module = LinearProjectionModule(d, d_out, mode=mode).double()
+    pixels = torch.randn(b, d, h, w, dtype=torch.float64)
+    text = torch.randn(c, d, dtype=torch.float64) if shared else torch.randn(b, c, d, dtype=torch.float64)
+    cls = torch.randn(b, d, dtype=torch.float64)
+    out = module(pixels, text, cls)
+    assert out.shape == (b, c, h, w)
+    flat = pixels.flatten(2).transpose(1, 2)
+    if mode == "training_free":
+        exp = training_free_logits_spec(flat, text)
+        assert not list(module.parameters())
+    else:
+        emb = hadamard_concat_linear_spec(
+            text,
+            cls,
+            module.text_proj.weight,
+            module.text_proj.bias,
+            mode=mode,
+            norm_weight=module.text_norm.weight,
+            norm_bias=module.text_norm.bias,
+        )
+        exp = lpm_logits_spec(
+            flat,
+            emb,
+            module.image_proj.weight,
+            module.image_proj.bias,
+            norm_weight=module.image_norm.weight,
+            norm_bias=module.image_norm.bias,
+        )
+    torch.testing.assert_close(out, exp.view(b, c, h, w), rtol=1e-10, atol=1e-10)
+    assert f"mode='{mode}'" in repr(module)
+
+
+def test_module_without_layernorm_and_cosine_range():
+    module = LinearProjectionModule(8, 6, mode="b", norm=False)
+    assert not hasattr(module, "text_norm")
+    out = module(torch.randn(2, 8, 3, 3), torch.randn(4, 8), torch.randn(2, 8))
+    assert out.shape == (2, 4, 3, 3)
+    free = LinearProjectionModule(8, 8, mode="training_free")
+    cos = free(torch.randn(2, 8, 3, 3), torch.randn(4, 8))
+    assert float(cos.abs().max()) <= 1.0 + 1e-6
+
+
+def test_compiled_module_fullgraph_forward_and_backward():
+    torch.manual_seed(0)
+    module = LinearProjectionModule(16, 12, mode="c")
+    pixels = torch.randn(2, 16, 4, 5)
+    text, cls = torch.randn(7, 16), torch.randn(2, 16)
+    compiled = torch.compile(lambda p, t, c: module(p, t, c).square().sum(), fullgraph=True)
+    leaf = pixels.clone().requires_grad_(True)
+    loss = compiled(leaf, text, cls)
+    loss.backward()
+    grads_c = [leaf.grad, *[p.grad.clone() for p in module.parameters()]]
+    module.zero_grad()
+    leaf_e = pixels.clone().requires_grad_(True)
+    loss_e = module(leaf_e, text, cls).square().sum()
+    loss_e.backward()
+    torch.testing.assert_close(loss, loss_e)
+    for a, e in zip(grads_c, [leaf_e.grad, *[p.grad for p in module.parameters()]]):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: opcheck, FLOPs, empty and non-contiguous inputs.
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_opcheck(backend):
+    require_backend("lpm", backend)
+    with use_backend(backend):
+        for mode, shared, norm in (("c", True, True), ("b", False, False), ("a", True, True)):
+            text, cls, w, bias, nw, nb = [
+                t.float() if t is not None else None
+                for t in hcl_inputs(2, 3, 4, 5, mode=mode, shared=shared, norm=norm)
+            ]
+            t3 = text.unsqueeze(0) if shared else text
+            args = (t3.requires_grad_(True), cls.requires_grad_(True), w.requires_grad_(True), bias, nw, nb, mode, 1e-5)
+            torch.library.opcheck(HCL, args)
+            out, xhat, rstd = HCL(*args)
+            torch.library.opcheck(
+                HCL_BWD,
+                (torch.randn_like(out), t3.detach(), cls.detach(), w.detach(), nw, xhat, rstd, mode, True, norm),
+            )
+        for norm in (True, False):
+            px, e, w, bias, nw, nb = [
+                t.float() if t is not None else None for t in logits_inputs(2, 6, 3, 4, 5, norm=norm)
+            ]
+            args = (px.requires_grad_(True), e.requires_grad_(True), w, bias, nw, nb, 1e-5, 0.5, True)
+            torch.library.opcheck(LOGITS, args)
+            lg, xhat, rstd = LOGITS(*args)
+            torch.library.opcheck(
+                LOGITS_BWD, (torch.randn_like(lg), px.detach(), e.detach(), w, bias, nw, nb, xhat, rstd, 0.5)
+            )
+
+
+def test_flop_counter_counts_forward_and_backward():
+    text, cls, w, bias, nw, nb = [t.float().requires_grad_(True) for t in hcl_inputs(3, 5, 4, 6, mode="c")]
+    with FlopCounterMode(display=False) as counter:
+        hadamard_concat_linear(text, cls, w, bias, norm_weight=nw, norm_bias=nb).sum().backward()
+    assert counter.get_total_flops() == hadamard_concat_linear_flops(3, 5, 4, 6) * 3
+    # shared text: 3 Hadamard GEMMs + 1 shared one, 2 FLOPs per multiply-add
+    assert hadamard_concat_linear_flops(3, 5, 4, 6) == (3 + 1) * 5 * 4 * 6 * 2
+    px, e, w, bias, nw, nb = [t.float().requires_grad_(True) for t in logits_inputs(2, 7, 3, 4, 5)]
+    with FlopCounterMode(display=False) as counter:
+        lpm_logits(px, e, w, bias, norm_weight=nw, norm_bias=nb).sum().backward()
+    expected = lpm_logits_flops(2, 3, 7, 4, 5) + lpm_logits_flops(2, 3, 7, 4, 5, backward=True)
+    assert counter.get_total_flops() == expected
+    assert lpm_logits_flops(1, 1, 1, 1, 1) == 4
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("which", ["B=0", "C=0", "N=0"])
+def test_empty_inputs(backend, which):
+    require_backend("lpm", backend)
+    b, c, n = {"B=0": (0, 3, 4), "C=0": (2, 0, 4), "N=0": (2, 3, 0)}[which]
+    text, cls, w, bias, nw, nb = [t.float().requires_grad_(True) for t in hcl_inputs(max(b, 1), c, 4, 5, shared=False)]
+    text = text[:b].detach().requires_grad_(True)
+    cls = cls[:b].detach().requires_grad_(True)
+    px = torch.randn(b, n, 4, requires_grad=True)
+    wp = torch.randn(5, 4, requires_grad=True)
+    with use_backend(backend):
+        emb = hadamard_concat_linear(text, cls, w, bias, norm_weight=nw, norm_bias=nb)
+        logits = lpm_logits(px, emb, wp, norm_weight=nw)
+        (logits.sum() + emb.sum()).backward()
+    assert emb.shape == (b, c, 5) and logits.shape == (b, c, n)
+    for t in (text, cls, w, bias, nw, nb, px, wp):
+        assert t.grad is not None and torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_non_contiguous_inputs(backend):
+    require_backend("lpm", backend)
+    gen = _gen(4)
+    pixels = torch.randn(2, 16, 3, 5, generator=gen).flatten(2).transpose(1, 2)  # (B, N, D) channel-first view
+    text = torch.randn(16, 6, generator=gen).t()  # (C, D) transposed
+    cls = torch.randn(16, 2, generator=gen).t()
+    w = torch.randn(32, 12, generator=gen).t()  # (D_out=12, 2D=32) transposed
+    wp = torch.randn(16, 12, generator=gen).t()
+    nw, nb = torch.rand(12, generator=gen) + 0.5, torch.randn(12, generator=gen)
+    assert not (pixels.is_contiguous() or text.is_contiguous() or w.is_contiguous())
+    with use_backend(backend):
+        emb = hadamard_concat_linear(text, cls, w, norm_weight=nw, norm_bias=nb)
+        out = lpm_logits(pixels, emb, wp, norm_weight=nw, norm_bias=nb)
+    emb_e = hadamard_concat_linear_spec(
+        text.double(), cls.double(), w.double(), norm_weight=nw.double(), norm_bias=nb.double()
+    )
+    exp = lpm_logits_spec(pixels.double(), emb_e, wp.double(), norm_weight=nw.double(), norm_bias=nb.double())
+    torch.testing.assert_close(out.double(), exp, rtol=1e-4, atol=1e-5)
+
+
+def test_inference_saves_nothing():
+    require_backend("lpm", "cpu")
+    px, e, w, bias, nw, nb = [t.float() for t in logits_inputs(2, 6, 3, 4, 5)]
+    with torch.no_grad():
+        _, xhat, rstd = LOGITS(px, e, w, bias, nw, nb, 1e-5, 0.5, False)
+    assert xhat.numel() == 0 and rstd.numel() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: clear errors naming the argument.
+
+
+def test_bad_inputs():
+    text, cls, w, bias, nw, nb = [t.float() for t in hcl_inputs(2, 3, 4, 5)]
+    px, e, wp, bp, _, _ = [t.float() for t in logits_inputs(2, 6, 3, 4, 5)]
+    bad_hcl = [
+        (ValueError, "mode", dict(mode="d")),
+        (TypeError, "text must be a torch.Tensor", dict(text=[1.0])),
+        (ValueError, "text must have 2 or 3", dict(text=text[0])),
+        (TypeError, "cls must have the dtype", dict(cls=cls.double())),
+        (TypeError, "text must have dtype", dict(text=text.int(), cls=cls.int(), weight=w.int())),
+        (ValueError, "cls must have shape", dict(cls=cls[:, :3])),
+        (ValueError, "text must have shape", dict(text=torch.randn(3, 3, 4))),
+        (ValueError, "weight must have shape", dict(weight=w[:, :4])),
+        (ValueError, "weight must have shape", dict(weight=w[:, :4], mode="c")),
+        (ValueError, "bias must have shape", dict(bias=bias[:4])),
+        (ValueError, "norm_bias was given without norm_weight", dict(norm_weight=None)),
+        (ValueError, "norm_weight must have shape", dict(norm_weight=nw[:3])),
+        (ValueError, "eps must be > 0", dict(eps=0.0)),
+        (ValueError, "eps must be finite", dict(eps=float("nan"))),
+    ]
+    base = dict(text=text, cls=cls, weight=w, bias=bias, mode="c", norm_weight=nw, norm_bias=nb, eps=1e-5)
+    for exc, match, change in bad_hcl:
+        kw = {**base, **change}
+        with pytest.raises(exc, match=match):
+            hadamard_concat_linear(kw.pop("text"), kw.pop("cls"), kw.pop("weight"), kw.pop("bias"), **kw)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        hadamard_concat_linear(text, cls, w, bias, mode="a")
+    bad_logits = [
+        (ValueError, "pixels must have 3", dict(pixels=px[0])),
+        (ValueError, "class_emb must have shape", dict(class_emb=torch.randn(3, 3, 5))),
+        (ValueError, "class_emb must have shape", dict(class_emb=torch.randn(3, 4))),
+        (ValueError, "weight must have shape", dict(weight=torch.randn(5, 3))),
+        (TypeError, "weight must have the dtype", dict(weight=wp.double())),
+        (TypeError, "scale must be a float", dict(scale="1")),
+        (ValueError, "scale must be finite", dict(scale=float("inf"))),
+        (ValueError, "norm_weight must have shape", dict(norm_weight=torch.ones(4))),
+        (TypeError, "norm_weight must have the dtype", dict(norm_weight=torch.ones(5, dtype=torch.float64))),
+    ]
+    base = dict(pixels=px, class_emb=e, weight=wp, bias=bp, norm_weight=None, norm_bias=None, eps=1e-5, scale=None)
+    for exc, match, change in bad_logits:
+        kw = {**base, **change}
+        with pytest.raises(exc, match=match):
+            lpm_logits(kw.pop("pixels"), kw.pop("class_emb"), kw.pop("weight"), kw.pop("bias"), **kw)
+    if torch.device("meta") is not None:
+        with pytest.raises(ValueError, match="is on meta"):
+            lpm_logits(px, e, wp.to("meta"))
+    with pytest.raises(ValueError, match="mode"):
+        LinearProjectionModule(4, 4, mode="x")
+    with pytest.raises(ValueError, match="dim must be >= 1"):
+        LinearProjectionModule(0, 4)
+    module = LinearProjectionModule(4, 5)
+    with pytest.raises(ValueError, match="pixels must have 4 channels"):
+        module(torch.randn(2, 3, 2, 2), torch.randn(3, 4), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="cls is required"):
+        module(torch.randn(2, 4, 2, 2), torch.randn(3, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU kernel's per-capability copies (DEFAULT, AVX2, AVX512) all agree with the reference.
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_every_cpu_capability_copy(capability):
+    require_backend("lpm", "cpu")
+    import ovseg_fast._C as ext
+
+    if capability.upper() not in ext.compiled_capabilities():
+        pytest.skip(f"{capability} copy is not compiled on this architecture")
+    code = textwrap.dedent(
+        """
+        import torch, ovseg_fast._C as ext
+        from ovseg_fast.ops import use_backend
+        from ovseg_fast.ops.lpm import LinearProjectionModule
+        torch.manual_seed(0)
+        m = LinearProjectionModule(21, 37, mode="c")
+        p, t, c = torch.randn(2, 21, 5, 7, requires_grad=True), torch.randn(9, 21), torch.randn(2, 21)
+        res = {}
+        for name in ("cpu", "reference"):
+            m.zero_grad(); p.grad = None
+            with use_backend(name):
+                out = m(p, t, c); out.square().sum().backward()
+            res[name] = [out.detach(), p.grad.clone(), *[q.grad.clone() for q in m.parameters()]]
+        for a, b in zip(res["cpu"], res["reference"]):
+            torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
+        print(ext.kernel_capability())
+        """
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == capability.upper()
+
+
+def test_training_free_spec_is_cosine():
+    p = torch.randn(1, 4, 3, dtype=torch.float64)
+    t = torch.randn(2, 3, dtype=torch.float64)
+    got = training_free_logits_spec(p, t)
+    exp = F.cosine_similarity(t[:, None, :], p[0][None, :, :], dim=-1)
+    torch.testing.assert_close(got[0], exp)
