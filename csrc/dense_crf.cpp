@@ -1,0 +1,651 @@
+// Dense CRF (Kraehenbuehl & Koltun 2011) mean-field inference on the permutohedral lattice
+// (Adams, Baek & Davis 2010), with pydensecrf's DenseCRF2D semantics. The readable spec is
+// ovseg_fast/ops/dense_crf_reference.py; this is the CPU kernel behind ovseg_fast.ops.dense_crf.
+//
+// Design, per image of N pixels and C classes (C padded to CP, a multiple of 8, so every row of
+// class values is a whole number of SIMD vectors; padded lanes stay exactly 0):
+//  * Lattices are built once per image: the elevation/rounding/rank/barycentric maths per pixel runs
+//    in parallel, in float32 with the reference implementation's operation order (FP contraction
+//    off, so the AVX2/AVX512 copies build the very same lattice as pydensecrf); vertices go into an
+//    open-addressing hash table (sequential, with a one-entry cache per simplex vertex because
+//    neighbouring pixels mostly share vertices), then blur neighbours are looked up in parallel.
+//  * The normalisation n_i = 1/sqrt(K1_i) and the compatibility weight are folded into per-entry
+//    splat and slice weights, so an iteration is: reduce the splat buffers, blur every lattice
+//    (Jacobi along each axis, parallel over vertices), then ONE pass over pixels that slices both
+//    kernels' messages, adds the unary, takes the softmax (vectorised exp) and immediately splats the
+//    new Q_i into the next iteration's buffers. Q is never written to memory between iterations.
+//  * Splatting is a scatter, so each pixel chunk (one per thread) owns private vertex buffers
+//    (vertex counts are small, M << N) that the next iteration sums: no atomics, Q read once.
+//  * Threads: over the batch when it has at least as many images as threads (each image then runs
+//    serially: nested at::parallel_for calls run inline), otherwise within each image.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "cpu_dispatch.h"
+
+namespace ovseg_fast {
+namespace CPU_CAPABILITY {
+namespace {
+
+constexpr float kNormEps = 1e-20f;
+// Vertex loops (reduce, blur) are short (M is a few 10k for 512x512 images): below this many
+// vertices they run on one thread, because a parallel region per blur axis (9 per iteration) costs
+// more in synchronisation than it saves, badly so on a loaded machine.
+constexpr int64_t kVertexGrain = 1 << 16;
+
+
+// ---------------------------------------------------------------------------------------------
+// Hash table of lattice vertices (keys: the first d integer coordinates of a vertex)
+// ---------------------------------------------------------------------------------------------
+class VertexTable {
+ public:
+  VertexTable(int dim, int64_t expected) : dim_(dim) {
+    int64_t cap = 64;
+    while (cap < 2 * expected) cap <<= 1;
+    slots_.assign(cap, -1);
+    keys_.reserve(static_cast<size_t>(expected) * dim);
+  }
+  int64_t size() const { return static_cast<int64_t>(keys_.size()) / dim_; }
+  const int32_t* key(int64_t id) const { return keys_.data() + id * dim_; }
+
+  int32_t find(const int32_t* k) const {
+    const uint64_t mask = slots_.size() - 1;
+    for (uint64_t h = hash(k) & mask;; h = (h + 1) & mask) {
+      const int32_t e = slots_[h];
+      if (e < 0) return -1;
+      if (equal(key(e), k)) return e;
+    }
+  }
+  int32_t insert(const int32_t* k) {
+    if (2 * (size() + 1) > static_cast<int64_t>(slots_.size())) grow();
+    const uint64_t mask = slots_.size() - 1;
+    for (uint64_t h = hash(k) & mask;; h = (h + 1) & mask) {
+      const int32_t e = slots_[h];
+      if (e < 0) {
+        const int32_t id = static_cast<int32_t>(size());
+        keys_.insert(keys_.end(), k, k + dim_);
+        slots_[h] = id;
+        return id;
+      }
+      if (equal(key(e), k)) return e;
+    }
+  }
+
+ private:
+  uint64_t hash(const int32_t* k) const {
+    uint64_t h = 0x9E3779B97F4A7C15ull;
+    for (int i = 0; i < dim_; ++i) h = (h ^ static_cast<uint32_t>(k[i])) * 0xff51afd7ed558ccdull;
+    return h ^ (h >> 32);
+  }
+  bool equal(const int32_t* a, const int32_t* b) const {
+    for (int i = 0; i < dim_; ++i)
+      if (a[i] != b[i]) return false;
+    return true;
+  }
+  void grow() {
+    std::vector<int32_t> slots(slots_.size() * 2, -1);
+    const uint64_t mask = slots.size() - 1;
+    for (int64_t e = 0; e < size(); ++e) {
+      uint64_t h = hash(key(e)) & mask;
+      while (slots[h] >= 0) h = (h + 1) & mask;
+      slots[h] = static_cast<int32_t>(e);
+    }
+    slots_.swap(slots);
+  }
+  int dim_;
+  std::vector<int32_t> slots_;
+  std::vector<int32_t> keys_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Lattice construction
+// ---------------------------------------------------------------------------------------------
+struct Lattice {
+  int d = 0;
+  int64_t n = 0;
+  int64_t m = 0;                 // vertices; row m of every value buffer is the absent neighbour (0)
+  std::vector<int32_t> offset;   // (n, d+1) vertex of each simplex corner
+  std::vector<float> weight;     // (n, d+1) barycentric weights
+  std::vector<int32_t> nb;       // (d+1, m, 2) previous / next vertex along each axis
+};
+
+// The elevation and rounding must reproduce pydensecrf's float32 arithmetic exactly (the lattice is
+// not rotation invariant and vertex choices flip on rounding), so no FMA contraction here.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
+// Scale factors of the elevation matrix times the expected std (Adams et al. 2010, pp. 5-6), rounded
+// as pydensecrf rounds them.
+template <int D>
+void elevation_scale(float* scale) {
+  const float inv_std = static_cast<float>(std::sqrt(2.0 / 3.0) * (D + 1));
+  for (int i = 0; i < D; ++i)
+    scale[i] = static_cast<float>(1.0 / std::sqrt(static_cast<double>((i + 2) * (i + 1))) * inv_std);
+}
+
+// Simplex of one feature vector: the keys of its D+1 vertices and their barycentric weights.
+template <int D>
+inline void embed_point(const float* f, const float* scale, int32_t* keys, float* bary) {
+  constexpr int DP1 = D + 1;
+  const float inv = 1.0f / DP1;
+  float elevated[DP1], rem0[DP1], vs[DP1];
+  int rank[DP1];
+  float sm = 0.0f;
+  for (int j = D; j > 0; --j) {
+    const float cf = f[j - 1] * scale[j - 1];
+    elevated[j] = sm - static_cast<float>(j) * cf;
+    sm += cf;
+  }
+  elevated[0] = sm;
+  int sum = 0;
+  for (int i = 0; i < DP1; ++i) {
+    const float v = std::nearbyint(elevated[i] * inv);  // half to even, as SSE's cvtps2dq
+    rem0[i] = v * DP1;
+    sum += static_cast<int>(v);
+    rank[i] = 0;
+  }
+  for (int i = 0; i < D; ++i) {
+    const float di = elevated[i] - rem0[i];
+    for (int j = i + 1; j < DP1; ++j) {
+      if (di < elevated[j] - rem0[j])
+        ++rank[i];
+      else
+        ++rank[j];
+    }
+  }
+  for (int i = 0; i < DP1; ++i) {
+    rank[i] += sum;
+    if (rank[i] < 0) {
+      rank[i] += DP1;
+      rem0[i] += DP1;
+    } else if (rank[i] > D) {
+      rank[i] -= DP1;
+      rem0[i] -= DP1;
+    }
+  }
+  for (int i = 0; i < DP1; ++i) vs[D - rank[i]] = (elevated[i] - rem0[i]) * inv;
+  bary[0] = vs[0] + (1.0f - vs[D]);
+  for (int p = 1; p < DP1; ++p) bary[p] = vs[p] - vs[p - 1];
+  for (int r = 0; r < DP1; ++r)
+    for (int i = 0; i < D; ++i)
+      keys[r * D + i] = static_cast<int32_t>(rem0[i]) + r - (rank[i] > D - r ? DP1 : 0);
+}
+
+// Features of pixel p: (x/sxy, y/sxy[, r/srgb, g/srgb, b/srgb]), computed as float32 divisions.
+template <int D>
+inline void pixel_features(int64_t p, int64_t width, int64_t npix, float sxy, float srgb, const uint8_t* rgb,
+                           float* f) {
+  f[0] = static_cast<float>(p % width) / sxy;
+  f[1] = static_cast<float>(p / width) / sxy;
+  if constexpr (D == 5) {
+    for (int c = 0; c < 3; ++c) f[2 + c] = static_cast<float>(rgb[c * npix + p]) / srgb;
+  }
+}
+
+#pragma GCC pop_options
+
+template <int D>
+std::unique_ptr<Lattice> build_lattice(int64_t height, int64_t width, float sxy, float srgb, const uint8_t* rgb) {
+  constexpr int DP1 = D + 1;
+  const int64_t n = height * width;
+  auto lat = std::make_unique<Lattice>();
+  lat->d = D;
+  lat->n = n;
+  lat->offset.resize(n * DP1);
+  lat->weight.resize(n * DP1);
+  std::unique_ptr<int32_t[]> keys(new int32_t[n * DP1 * D]);  // every entry is written below
+  float scale[D];
+  elevation_scale<D>(scale);
+
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    float f[D];
+    for (int64_t p = begin; p < end; ++p) {
+      pixel_features<D>(p, width, n, sxy, srgb, rgb, f);
+      embed_point<D>(f, scale, keys.get() + p * DP1 * D, lat->weight.data() + p * DP1);
+    }
+  });
+
+  // Vertex ids do not influence the result (every sum below runs in pixel or axis order), so a
+  // plain sequential insertion is enough; the previous pixel's corner r is usually the same vertex.
+  VertexTable table(D, std::max<int64_t>(n / 4, 64));
+  int32_t prev_id[DP1];
+  const int32_t* prev_key[DP1] = {};
+  for (int64_t p = 0; p < n; ++p) {
+    for (int r = 0; r < DP1; ++r) {
+      const int32_t* k = keys.get() + (p * DP1 + r) * D;
+      int32_t id;
+      if (prev_key[r] != nullptr && std::memcmp(prev_key[r], k, sizeof(int32_t) * D) == 0)
+        id = prev_id[r];
+      else
+        id = table.insert(k);
+      prev_key[r] = k;
+      prev_id[r] = id;
+      lat->offset[p * DP1 + r] = id;
+    }
+  }
+  const int64_t m = table.size();
+  lat->m = m;
+  lat->nb.resize(DP1 * m * 2);
+  at::parallel_for(0, m, 1024, [&](int64_t begin, int64_t end) {
+    int32_t k1[D], k2[D];
+    for (int j = 0; j < DP1; ++j) {
+      for (int64_t v = begin; v < end; ++v) {
+        const int32_t* k = table.key(v);
+        for (int i = 0; i < D; ++i) {
+          k1[i] = k[i] - 1;
+          k2[i] = k[i] + 1;
+        }
+        if (j < D) {
+          k1[j] = k[j] + D;
+          k2[j] = k[j] - D;
+        }
+        const int32_t a = table.find(k1), b = table.find(k2);
+        lat->nb[(j * m + v) * 2] = a < 0 ? static_cast<int32_t>(m) : a;
+        lat->nb[(j * m + v) * 2 + 1] = b < 0 ? static_cast<int32_t>(m) : b;
+      }
+    }
+  });
+  return lat;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mean-field inference
+// ---------------------------------------------------------------------------------------------
+
+// Rows of class values are handled as 16- and 8-float vectors (GCC/Clang vector extensions: native
+// registers in the AVX512 copy, split into ymm/xmm halves in the AVX2/DEFAULT ones). The hot loops
+// need horizontal max/sum and exp, which the compiler does not vectorise on its own without
+// -ffast-math. The helpers are internal (inlined), so the note that passing 32/64-byte vectors
+// without AVX changes the ABI does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8f_mem __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v16f_mem __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+inline v8f load8(const float* p) { return *reinterpret_cast<const v8f_mem*>(p); }
+inline void store8(float* p, v8f v) { *reinterpret_cast<v8f_mem*>(p) = v; }
+inline v16f load16(const float* p) { return *reinterpret_cast<const v16f_mem*>(p); }
+inline void store16(float* p, v16f v) { *reinterpret_cast<v16f_mem*>(p) = v; }
+
+// exp for x <= 0 (max-subtracted logits): Cody-Waite reduction by ln 2 and a degree-6 polynomial
+// (Cephes' expf coefficients), ~1 ulp; below -87 it returns ~1e-38 (the caller masks padded lanes).
+template <class V, class VI>
+inline V exp_nonpositive(V x) {
+  const V lo = V{} - 87.0f;  // (not x * 0 - 87: padded lanes hold -inf)
+  x = x < lo ? lo : x;
+  // floor(x log2 e + 1/2) by truncation of a positive number (x log2 e >= -126).
+  const VI t = __builtin_convertvector(x * 1.44269504088896341f + 128.5f, VI) - 128;
+  const V fx = __builtin_convertvector(t, V);
+  x = x - fx * 0.693359375f - fx * -2.12194440e-4f;
+  const V z = x * x;
+  V y = V{} + 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  const VI e = (t + 127) << 23;
+  return y * reinterpret_cast<const V&>(e);
+}
+
+template <class V>
+inline float hmax(V v) {
+  float m = v[0];
+  for (int i = 1; i < static_cast<int>(sizeof(V) / sizeof(float)); ++i) m = std::max(m, v[i]);
+  return m;
+}
+template <class V>
+inline float hsum(V v) {
+  float s = 0.0f;
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(float)); ++i) s += v[i];
+  return s;
+}
+
+// One pixel's row of CP class values in registers: CP/16 16-float vectors (zmm in the AVX512 copy)
+// and an 8-float tail when CP is not a multiple of 16 (C=21: one zmm + one ymm instead of 3 ymm).
+template <int CP>
+struct Row {
+  static constexpr int kN16 = CP / 16;
+  static constexpr bool kTail = CP % 16 != 0;
+  v16f a[kN16 > 0 ? kN16 : 1];
+  v8f b;
+  explicit Row(int /*cp*/) {}
+  void load(const float* p) {
+    for (int k = 0; k < kN16; ++k) a[k] = load16(p + 16 * k);
+    if (kTail) b = load8(p + 16 * kN16);
+  }
+  void fma(float w, const float* p) {  // row += w * p
+    for (int k = 0; k < kN16; ++k) a[k] += w * load16(p + 16 * k);
+    if (kTail) b += w * load8(p + 16 * kN16);
+  }
+  void scatter(float* p, float w) const {  // p += w * row
+    for (int k = 0; k < kN16; ++k) store16(p + 16 * k, load16(p + 16 * k) + w * a[k]);
+    if (kTail) store8(p + 16 * kN16, load8(p + 16 * kN16) + w * b);
+  }
+  // softmax over the lanes, padded lanes (mask 0) set to exactly 0.
+  void softmax(const float* mask) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int k = 0; k < kN16; ++k) m = std::max(m, hmax(a[k]));
+    if (kTail) m = std::max(m, hmax(b));
+    float sum = 0.0f;
+    for (int k = 0; k < kN16; ++k) {
+      a[k] = exp_nonpositive<v16f, v16i>(a[k] - m) * load16(mask + 16 * k);
+      sum += hsum(a[k]);
+    }
+    if (kTail) {
+      b = exp_nonpositive<v8f, v8i>(b - m) * load8(mask + 16 * kN16);
+      sum += hsum(b);
+    }
+    const float inv = 1.0f / sum;
+    for (int k = 0; k < kN16; ++k) a[k] *= inv;
+    if (kTail) b *= inv;
+  }
+  float operator[](int l) const { return l < 16 * kN16 ? a[l / 16][l % 16] : b[l - 16 * kN16]; }
+};
+
+// Any number of classes (a multiple of 8 known at run time only): 8-float vectors in memory.
+template <>
+struct Row<0> {
+  int nv;
+  std::vector<v8f> a;
+  explicit Row(int cp) : nv(cp / 8), a(nv) {}
+  void load(const float* p) {
+    for (int k = 0; k < nv; ++k) a[k] = load8(p + 8 * k);
+  }
+  void fma(float w, const float* p) {
+    for (int k = 0; k < nv; ++k) a[k] += w * load8(p + 8 * k);
+  }
+  void scatter(float* p, float w) const {
+    for (int k = 0; k < nv; ++k) store8(p + 8 * k, load8(p + 8 * k) + w * a[k]);
+  }
+  void softmax(const float* mask) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int k = 0; k < nv; ++k) m = std::max(m, hmax(a[k]));
+    float sum = 0.0f;
+    for (int k = 0; k < nv; ++k) {
+      a[k] = exp_nonpositive<v8f, v8i>(a[k] - m) * load8(mask + 8 * k);
+      sum += hsum(a[k]);
+    }
+    const float inv = 1.0f / sum;
+    for (int k = 0; k < nv; ++k) a[k] *= inv;
+  }
+  float operator[](int l) const { return a[l / 8][l % 8]; }
+};
+
+struct Pairwise {
+  const Lattice* lat;
+  std::vector<float> splat_w;  // (n, d+1) barycentric * norm_i
+  std::vector<float> slice_w;  // (n, d+1) barycentric * alpha * norm_i * compat
+  std::vector<float> val, tmp;  // (m+1, cp) blurred values (row m: zero)
+  std::vector<float> priv;      // (chunks, m+1, cp) splat buffers of the pixel chunks
+};
+
+// n_i = 1 / sqrt(K 1)_i, by filtering a constant 1 through the lattice (scalar values).
+void lattice_norm(const Lattice& lat, std::vector<float>& norm) {
+  const int dp1 = lat.d + 1;
+  const int64_t n = lat.n, m = lat.m;
+  std::vector<float> a(m + 1, 0.0f), b(m + 1, 0.0f);
+  for (int64_t e = 0; e < n * dp1; ++e) a[lat.offset[e]] += lat.weight[e];
+  for (int j = 0; j < dp1; ++j) {
+    const int32_t* nb = lat.nb.data() + j * m * 2;
+    at::parallel_for(0, m, kVertexGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t v = begin; v < end; ++v) b[v] = a[v] + 0.5f * (a[nb[2 * v]] + a[nb[2 * v + 1]]);
+    });
+    std::swap(a, b);
+  }
+  const float alpha = 1.0f / (1.0f + std::pow(2.0f, -static_cast<float>(lat.d)));
+  norm.resize(n);
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      float s = 0.0f;
+      for (int r = 0; r < dp1; ++r) s += lat.weight[p * dp1 + r] * alpha * a[lat.offset[p * dp1 + r]];
+      norm[p] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s) + 1e-20));
+    }
+  });
+}
+
+struct ImageArgs {
+  const float* logp;   // (C, H, W) log(clip(P, clip, 1))
+  const uint8_t* rgb;  // (3, H, W)
+  float* out;          // (C, H, W)
+  int64_t c, h, w;
+  int64_t n_iters;
+  float gaussian_sxy, gaussian_compat, bilateral_sxy, bilateral_srgb, bilateral_compat, clip;
+  int chunks;  // pixel chunks = threads used within the image (1 when the batch is parallel)
+};
+
+// CP: padded class count known at compile time (0: use cp_rt) so the per-row loops unroll into a
+// few SIMD vectors with accumulators in registers.
+template <int CP>
+void crf_image(const ImageArgs& args, int cp_rt) {
+  const int cp = CP > 0 ? CP : cp_rt;  // a multiple of 8
+  const int64_t c = args.c, n = args.h * args.w;
+  const int chunks = args.chunks;
+
+  std::vector<std::unique_ptr<Lattice>> lattices;
+  std::vector<float> compats;
+  if (args.gaussian_compat != 0.0f) {
+    lattices.push_back(build_lattice<2>(args.h, args.w, args.gaussian_sxy, 1.0f, nullptr));
+    compats.push_back(args.gaussian_compat);
+  }
+  if (args.bilateral_compat != 0.0f) {
+    lattices.push_back(build_lattice<5>(args.h, args.w, args.bilateral_sxy, args.bilateral_srgb, args.rgb));
+    compats.push_back(args.bilateral_compat);
+  }
+  std::vector<Pairwise> kernels(lattices.size());
+  for (size_t k = 0; k < lattices.size(); ++k) {
+    Pairwise& pw = kernels[k];
+    const Lattice& lat = *lattices[k];
+    pw.lat = &lat;
+    std::vector<float> norm;
+    lattice_norm(lat, norm);
+    const int dp1 = lat.d + 1;
+    const float alpha = 1.0f / (1.0f + std::pow(2.0f, -static_cast<float>(lat.d)));
+    pw.splat_w.resize(n * dp1);
+    pw.slice_w.resize(n * dp1);
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p)
+        for (int r = 0; r < dp1; ++r) {
+          const float wgt = lat.weight[p * dp1 + r];
+          pw.splat_w[p * dp1 + r] = wgt * norm[p];
+          pw.slice_w[p * dp1 + r] = wgt * alpha * norm[p] * compats[k];
+        }
+    });
+    pw.val.assign((lat.m + 1) * cp, 0.0f);
+    pw.tmp.assign((lat.m + 1) * cp, 0.0f);
+    pw.priv.assign(static_cast<size_t>(chunks) * (lat.m + 1) * cp, 0.0f);
+  }
+
+  // -U = log(clip(P)), pixel-major, padded lanes -inf so they get probability exactly 0.
+  std::vector<float> logp(n * cp);
+  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      float* row = logp.data() + p * cp;
+      for (int64_t l = 0; l < c; ++l) row[l] = args.logp[l * n + p];
+      for (int l = c; l < cp; ++l) row[l] = -std::numeric_limits<float>::infinity();
+    }
+  });
+  std::vector<float> lane_mask(cp);
+  for (int l = 0; l < cp; ++l) lane_mask[l] = l < c ? 1.0f : 0.0f;
+
+  // One pass over the pixels: messages (if any) + unary, softmax, then splat or write out.
+  auto pixel_pass = [&](bool messages, bool last) {
+    at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t begin = n * t / chunks, end = n * (t + 1) / chunks;
+        Row<CP> row(cp);
+        const float* mask = lane_mask.data();
+        for (int64_t p = begin; p < end; ++p) {
+          row.load(logp.data() + p * cp);
+          if (messages) {
+            for (const Pairwise& pw : kernels) {
+              const int dp1 = pw.lat->d + 1;
+              const int32_t* off = pw.lat->offset.data() + p * dp1;
+              const float* wr = pw.slice_w.data() + p * dp1;
+              for (int r = 0; r < dp1; ++r) row.fma(wr[r], pw.val.data() + static_cast<int64_t>(off[r]) * cp);
+            }
+          }
+          row.softmax(mask);
+          if (last) {
+            for (int64_t l = 0; l < c; ++l) args.out[l * n + p] = row[static_cast<int>(l)];
+          } else {
+            for (Pairwise& pw : kernels) {
+              const int dp1 = pw.lat->d + 1;
+              const int32_t* off = pw.lat->offset.data() + p * dp1;
+              const float* ws = pw.splat_w.data() + p * dp1;
+              float* buf = pw.priv.data() + t * (pw.lat->m + 1) * cp;
+              for (int r = 0; r < dp1; ++r) row.scatter(buf + static_cast<int64_t>(off[r]) * cp, ws[r]);
+            }
+          }
+        }
+      }
+    });
+  };
+
+  // Sum the chunks' splat buffers (and clear them), then blur along the d+1 axes.
+  auto reduce_and_blur = [&](Pairwise& pw) {
+    const int64_t m = pw.lat->m;
+    const int64_t stride = (m + 1) * cp;
+    if (chunks == 1) {  // the only splat buffer becomes the values; the old values are the next buffer
+      std::swap(pw.val, pw.priv);
+      std::fill(pw.priv.begin(), pw.priv.begin() + m * cp, 0.0f);
+    } else {
+      at::parallel_for(0, m, kVertexGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t v = begin; v < end; ++v) {
+          float* dst = pw.val.data() + v * cp;
+          float* src = pw.priv.data() + v * cp;
+          for (int l = 0; l < cp; ++l) {
+            dst[l] = src[l];
+            src[l] = 0.0f;
+          }
+          for (int t = 1; t < chunks; ++t) {
+            float* s = src + t * stride;
+            for (int l = 0; l < cp; ++l) {
+              dst[l] += s[l];
+              s[l] = 0.0f;
+            }
+          }
+        }
+      });
+    }
+    for (int j = 0; j <= pw.lat->d; ++j) {
+      const int32_t* nb = pw.lat->nb.data() + j * m * 2;
+      const float* src = pw.val.data();
+      float* dst = pw.tmp.data();
+      at::parallel_for(0, m, kVertexGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t v = begin; v < end; ++v) {
+          const float* x = src + v * cp;
+          const float* y1 = src + static_cast<int64_t>(nb[2 * v]) * cp;
+          const float* y2 = src + static_cast<int64_t>(nb[2 * v + 1]) * cp;
+          float* o = dst + v * cp;
+          for (int l = 0; l < cp; ++l) o[l] = x[l] + 0.5f * (y1[l] + y2[l]);
+        }
+      });
+      std::swap(pw.val, pw.tmp);
+    }
+  };
+
+  pixel_pass(false, args.n_iters == 0);
+  for (int64_t it = 1; it <= args.n_iters; ++it) {
+    for (Pairwise& pw : kernels) reduce_and_blur(pw);
+    pixel_pass(true, it == args.n_iters);
+  }
+}
+
+}  // namespace
+
+at::Tensor dense_crf_forward(const at::Tensor& probs, const at::Tensor& image, int64_t n_iters, double gaussian_sxy,
+                             double gaussian_compat, double bilateral_sxy, double bilateral_srgb,
+                             double bilateral_compat, double clip) {
+  // -U = log(clip(P)) by ATen's vectorised, threaded log; the kernel transposes it to pixel-major.
+  const at::Tensor p = at::log(at::clamp(probs, clip, 1.0)).contiguous();
+  const at::Tensor im = image.contiguous();
+  const int64_t b = p.size(0), c = p.size(1), h = p.size(2), w = p.size(3);
+  at::Tensor out = at::empty_like(p);
+  if (p.numel() == 0) return out;
+  const int cp = static_cast<int>((c + 7) / 8 * 8);
+  const int threads = at::get_num_threads();
+  const bool over_batch = b > 1 && b >= threads;
+  auto run = [&](int64_t i, int chunks) {
+    ImageArgs args{p.data_ptr<float>() + i * c * h * w,
+                   im.data_ptr<uint8_t>() + i * 3 * h * w,
+                   out.data_ptr<float>() + i * c * h * w,
+                   c, h, w, n_iters,
+                   static_cast<float>(gaussian_sxy), static_cast<float>(gaussian_compat),
+                   static_cast<float>(bilateral_sxy), static_cast<float>(bilateral_srgb),
+                   static_cast<float>(bilateral_compat), static_cast<float>(clip), chunks};
+    switch (cp) {
+      case 8: crf_image<8>(args, cp); break;
+      case 16: crf_image<16>(args, cp); break;
+      case 24: crf_image<24>(args, cp); break;
+      case 32: crf_image<32>(args, cp); break;
+      case 40: crf_image<40>(args, cp); break;
+      case 48: crf_image<48>(args, cp); break;
+      case 56: crf_image<56>(args, cp); break;
+      case 64: crf_image<64>(args, cp); break;
+      default: crf_image<0>(args, cp); break;
+    }
+  };
+  if (over_batch) {
+    at::parallel_for(0, b, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) run(i, 1);
+    });
+  } else {
+    for (int64_t i = 0; i < b; ++i) run(i, threads);
+  }
+  return out;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace ovseg_fast
+
+#ifdef OVSEG_DISPATCH_ROOT
+OVSEG_DECLARE_KERNEL(at::Tensor, dense_crf_forward,
+                     (const at::Tensor&, const at::Tensor&, int64_t, double, double, double, double, double, double))
+
+namespace {
+
+at::Tensor dense_crf_cpu(const at::Tensor& probs, const at::Tensor& image, int64_t n_iters, double gaussian_sxy,
+                         double gaussian_compat, double bilateral_sxy, double bilateral_srgb, double bilateral_compat,
+                         double clip) {
+  TORCH_CHECK(probs.dim() == 4 && probs.scalar_type() == at::kFloat && probs.device().is_cpu(),
+              "dense_crf_cpu: probs must be a (B, C, H, W) float32 CPU tensor, got ", probs.sizes(), " ",
+              probs.scalar_type());
+  TORCH_CHECK(image.dim() == 4 && image.scalar_type() == at::kByte && image.size(0) == probs.size(0) &&
+                  image.size(1) == 3 && image.size(2) == probs.size(2) && image.size(3) == probs.size(3),
+              "dense_crf_cpu: image must be a (B, 3, H, W) uint8 tensor matching probs, got ", image.sizes(), " ",
+              image.scalar_type());
+  TORCH_CHECK(n_iters >= 0, "dense_crf_cpu: n_iters must be >= 0");
+  TORCH_CHECK(gaussian_sxy > 0 && bilateral_sxy > 0 && bilateral_srgb > 0 && clip > 0 && clip <= 1,
+              "dense_crf_cpu: sxy, srgb must be > 0 and clip in (0, 1]");
+  TORCH_CHECK(probs.size(2) * probs.size(3) * 6 < std::numeric_limits<int32_t>::max(),
+              "dense_crf_cpu: images of more than 357M pixels are not supported");
+  return OVSEG_DISPATCH_KERNEL(dense_crf_forward, probs, image, n_iters, gaussian_sxy, gaussian_compat, bilateral_sxy,
+                               bilateral_srgb, bilateral_compat, clip);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ovseg_fast, m) {
+  m.def(
+      "dense_crf_cpu_forward(Tensor probs, Tensor image, int n_iters, float gaussian_sxy, float gaussian_compat, "
+      "float bilateral_sxy, float bilateral_srgb, float bilateral_compat, float clip) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ovseg_fast, CPU, m) { m.impl("dense_crf_cpu_forward", &dense_crf_cpu); }
+#endif
