@@ -35,7 +35,7 @@ setup_threads()
 
 
 def photo(name: str, height: int, width: int) -> np.ndarray:
-    skdata = pytest.importorskip("skimage.data", reason="scikit-image is a bench dependency")
+    import skimage.data as skdata  # a bench dependency (the [bench] extra)
     img = getattr(skdata, name)()[:height, :width, :3]
     assert img.shape[:2] == (height, width), f"{name} is smaller than {height}x{width}"
     return np.ascontiguousarray(img)
@@ -63,7 +63,7 @@ def class_map(img: np.ndarray, n_classes: int = N_CLASSES, stride: int = 8, seed
 
 
 def _pydensecrf(probs: np.ndarray, imgs: list[np.ndarray]):
-    dcrf = pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf2 is a bench dependency")
+    import pydensecrf.densecrf as dcrf  # pydensecrf2, a bench dependency (the [bench] extra)
     from pydensecrf.utils import unary_from_softmax
 
     def run():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ovseg_fast.bench._common import record, setup_threads
+from ovseg_fast.bench._common import compiled, record, setup_threads
 from ovseg_fast.ops.lpm import hadamard_concat_linear, hadamard_concat_linear_flops, lpm_logits, lpm_logits_flops
 from ovseg_fast.ops.lpm_reference import hadamard_concat_linear_spec, lpm_logits_spec
 
@@ -59,7 +59,7 @@ def test_lpm_head(benchmark, case, provider, mode):
     elif provider == "reference":
         head = _head(hadamard_concat_linear_spec, lpm_logits_spec)
     else:
-        head = torch.compile(_head(hadamard_concat_linear_spec, lpm_logits_spec))
+        head = compiled(_head(hadamard_concat_linear_spec, lpm_logits_spec))
 
     if mode == "fwd":
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ovseg_fast.bench._common import record, setup_threads
+from ovseg_fast.bench._common import compiled, record, setup_threads
 from ovseg_fast.ops.moe import moe_combine, moe_combine_flops, moe_dispatch, topk_gating, topk_gating_flops
 from ovseg_fast.ops.moe_reference import (
     argsort_dispatch,
@@ -62,7 +62,7 @@ def test_topk_gating(benchmark, case, provider, mode):
     fwd = {
         "ovseg_fast": _ovseg_gating,
         "reference": _reference_gating,
-        "reference_compiled": torch.compile(_reference_gating),
+        "reference_compiled": compiled(_reference_gating),
     }[provider]
     if mode == "fwd":
 
@@ -124,7 +124,7 @@ def test_moe_dispatch_combine(benchmark, case, provider, mode):
     fwd = {
         "ovseg_fast": _ovseg_dc,
         "reference": _ref_dc,
-        "reference_compiled": torch.compile(_ref_dc),
+        "reference_compiled": compiled(_ref_dc),
         "argsort_index_add": _argsort_dc,
     }[provider]
     if mode == "fwd":

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovseg_fast.bench._common import record, setup_threads
+from ovseg_fast.bench._common import compiled, record, setup_threads
 from ovseg_fast.ops.routed_attention import routed_attention, routed_attention_flops
 from ovseg_fast.ops.routed_attention_reference import flex_attention_inputs, route, routed_attention_reference
 
@@ -60,13 +60,13 @@ def test_routed_attention(benchmark, case, provider, mode):
     elif provider == "reference":
         fwd = lambda q, k, v: routed_attention_reference(q, k, v, indices, n, n, scale)
     elif provider == "reference_compiled":
-        fwd = torch.compile(lambda q, k, v: routed_attention_reference(q, k, v, indices, n, n, scale))
+        fwd = compiled(lambda q, k, v: routed_attention_reference(q, k, v, indices, n, n, scale))
     elif provider == "flex_attention":
         from torch.nn.attention.flex_attention import flex_attention
 
         q, k, v, block_mask, _ = flex_attention_inputs(q, k, v, indices, n, n)
         grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
-        flex = torch.compile(flex_attention)
+        flex = compiled(flex_attention)
         fwd = lambda q, k, v: flex(q, k, v, block_mask=block_mask, scale=scale)
     else:
         q, k, v = (t.reshape(b, hh, h * w, d) for t in (q, k, v))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ovseg_fast.bench._common import record, setup_threads
+from ovseg_fast.bench._common import compiled, record, setup_threads
 from ovseg_fast.ops import sinkhorn
 from ovseg_fast.ops.sinkhorn import sinkhorn_flops
 from ovseg_fast.ops.sinkhorn_reference import default_marginals, sinkhorn_reference
@@ -65,7 +65,7 @@ def test_sinkhorn(benchmark, case, provider, mode):
     elif provider == "reference":
         fwd = lambda s: sinkhorn_reference(s, mask, rows, cols, EPSILON, N_ITERS)
     elif provider == "reference_compiled":
-        fwd = torch.compile(lambda s: sinkhorn_reference(s, mask, rows, cols, EPSILON, N_ITERS))
+        fwd = compiled(lambda s: sinkhorn_reference(s, mask, rows, cols, EPSILON, N_ITERS))
     else:
         fwd = None
 

@@ -177,6 +177,8 @@ def _bench(args: argparse.Namespace) -> int:
         **info["cpu"],
         "platform": info["platform"],
         "kernel_capability": info["extension"].get("kernel_capability"),
+        "torch_huge_pages": os.environ.get("OVSEG_BENCH_THP", "1") != "0"
+        or os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
     }
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -193,7 +195,10 @@ def _bench(args: argparse.Namespace) -> int:
     if args.plot:
         plot(rows, Path(args.plot))
         print(f"saved {args.plot}")
-    print(f"\nmachine: {machine['model']}, {machine['threads']} threads, kernels {machine['kernel_capability']}")
+    print(
+        f"\nmachine: {machine['model']}, {machine['threads']} threads, kernels {machine['kernel_capability']}, "
+        f"torch huge pages {'on' if machine['torch_huge_pages'] else 'off'} (see bench/conftest.py)"
+    )
     return 0
 
 
