@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from typing import Optional
 
@@ -73,3 +77,25 @@ def tolerances(dtype: torch.dtype) -> dict[str, float]:
 def raises(exc: type[BaseException], match: Optional[str], fn: Callable[[], object]) -> None:
     with pytest.raises(exc, match=match):
         fn()
+
+
+#: The copies of every C++ kernel (see csrc/cpu_dispatch.h), as torch's ATEN_CPU_CAPABILITY names them.
+CPU_CAPABILITIES = ["default", "avx2", "avx512"]
+
+
+def run_under_capability(op: str, capability: str, code: str) -> None:
+    """Runs ``code`` in a fresh interpreter with ``ATEN_CPU_CAPABILITY=capability`` and checks that it
+    passes and that the extension really ran that copy of the kernels. ``code`` does the comparing
+    (the capability is fixed per process, hence the subprocess)."""
+    require_backend(op, "cpu")
+    import ovseg_fast._C as ext
+
+    if capability.upper() not in ext.compiled_capabilities():
+        pytest.skip(f"the {capability} copy is not compiled on this architecture")
+    check = "\nimport ovseg_fast._C as _ext\nprint(_ext.kernel_capability())\n"
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code) + check], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == capability.upper()

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -23,7 +18,15 @@ from ovseg_fast.ops.routed_attention_reference import (
     routed_attention_reference,
     window_geometry,
 )
-from tests.helpers import KERNEL_BACKENDS, assert_within_reference_error, max_abs_err, require_backend, tolerances
+from tests.helpers import (
+    CPU_CAPABILITIES,
+    KERNEL_BACKENDS,
+    assert_within_reference_error,
+    max_abs_err,
+    require_backend,
+    run_under_capability,
+    tolerances,
+)
 
 OP = torch.ops.ovseg_fast.routed_attention
 BACKWARD_OP = torch.ops.ovseg_fast.routed_attention_backward
@@ -511,16 +514,13 @@ def test_module_bad_arguments():
 # The CPU kernel's per-capability copies (DEFAULT, AVX2, AVX512) all agree with the reference.
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
 def test_every_cpu_capability_copy(capability):
-    require_backend("routed_attention", "cpu")
-    import ovseg_fast._C as ext
-
-    if capability.upper() not in ext.compiled_capabilities():
-        pytest.skip(f"{capability} copy is not compiled on this architecture")
-    code = textwrap.dedent(
+    run_under_capability(
+        "routed_attention",
+        capability,
         """
-        import torch, ovseg_fast._C as ext
+        import torch
         from ovseg_fast.ops import use_backend
         from ovseg_fast.ops.routed_attention import routed_attention
         torch.manual_seed(0)
@@ -537,10 +537,5 @@ def test_every_cpu_capability_copy(capability):
                 tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
                 for a, b in zip(res["cpu"], res["reference"]):
                     torch.testing.assert_close(a, b, **tol)
-        print(ext.kernel_capability())
-        """
+        """,
     )
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == capability.upper()

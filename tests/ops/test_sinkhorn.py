@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,7 +19,15 @@ from ovseg_fast.ops.sinkhorn_reference import (
     sinkhorn_forward_reference,
     sinkhorn_reference,
 )
-from tests.helpers import KERNEL_BACKENDS, assert_within_reference_error, max_abs_err, require_backend, tolerances
+from tests.helpers import (
+    CPU_CAPABILITIES,
+    KERNEL_BACKENDS,
+    assert_within_reference_error,
+    max_abs_err,
+    require_backend,
+    run_under_capability,
+    tolerances,
+)
 
 OP = torch.ops.ovseg_fast.sinkhorn
 
@@ -342,16 +349,13 @@ def test_flop_counter_counts_forward_and_backward():
 # The CPU kernel's per-capability copies (DEFAULT, AVX2, AVX512) all agree with the reference.
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
 def test_every_cpu_capability_copy(capability):
-    require_backend("sinkhorn", "cpu")
-    import ovseg_fast._C as ext
-
-    if capability.upper() not in ext.compiled_capabilities():
-        pytest.skip(f"{capability} copy is not compiled on this architecture")
-    code = textwrap.dedent(
+    run_under_capability(
+        "sinkhorn",
+        capability,
         """
-        import torch, ovseg_fast, ovseg_fast._C as ext, sys
+        import torch
         from ovseg_fast.ops import sinkhorn, use_backend
         torch.manual_seed(0)
         s = torch.randn(3, 33, 17, requires_grad=True)
@@ -362,13 +366,8 @@ def test_every_cpu_capability_copy(capability):
             r = sinkhorn(s, epsilon=0.1); r.backward(g)
         torch.testing.assert_close(q, r, rtol=2e-4, atol=1e-6)
         torch.testing.assert_close(gk, s.grad, rtol=1e-3, atol=1e-5)
-        print(ext.kernel_capability())
-        """
+        """,
     )
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == capability.upper()
 
 
 # ---------------------------------------------------------------------------------------------
