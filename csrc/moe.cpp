@@ -2,15 +2,19 @@
 //
 // The maths and the kernel contracts are those of ovseg_fast/ops/moe_reference.py.
 //
-// Gating: ONE pass over the logits per chunk of rows. A chunk (kRowsPerChunk rows) is converted to
-// the accumulation type into an L1/L2-resident buffer, then, per row, the max and the running
-// top-(k+1) (an insertion list, strict '>' so ties keep the lower expert index) are taken and the
-// shifted logits written back; the exponentials of the whole chunk are one vectorised
-// at::vec::map (Sleef exp), the row sums, probabilities, renormalised weights, per-expert counts and
-// every loss's partial sum (sum of probabilities, importance, smooth load, sum of lse^2) are then
-// accumulated per chunk. Chunk partials are reduced in chunk order after the parallel loop, so the
-// results do not depend on the thread count. The backward recomputes the probabilities from the
-// saved row logsumexps in the same chunked way.
+// Gating: ONE pass over the logits per chunk of rows, one row per SIMD lane. A chunk (rows_per_chunk,
+// about 4096 logits) is transposed (ATen's in-register block transpose) into L1/L2-resident columns
+// (expert-major: column e holds expert e's logit of every row), so that a vector holds one expert
+// of 16 rows and all per-row work is plain vector arithmetic over the E experts, whatever E is
+// (E = 4 or 8 would leave most of a row-major vector empty). Per group of lanes: the running
+// top-(k+1) (an insertion list in registers, strict '>' so ties keep the lower expert index), the
+// softmax sum, the logsumexps, the k weights straight from the top values (no gather), and the
+// partial sums of every loss (sum of probabilities, smooth load via a fast erfc, sum of lse^2);
+// counts and importance are accumulated from the written indices. The noise scale uses a series
+// log1p (Sleef's log1p and erfc were most of the time). Chunk partials are reduced in chunk order
+// after the parallel loop, so the results do not depend on the thread count. The backward
+// recomputes the probabilities from the saved row logsumexps in the same columns: the dense terms
+// per lane, then the sparse ones (the k selected experts and the two threshold experts) per row.
 //
 // Dispatch: a stable counting sort of the T*k (token, slot) pairs: per-chunk expert histograms
 // (parallel), an exclusive prefix sum over (expert, chunk), then every chunk scatters its pairs to
@@ -49,8 +53,17 @@ constexpr double kCvEps = 1e-10;
 // Elements of work below which a loop stays on the calling thread: waking the other threads costs
 // more than it saves (and on a busy machine a sleeping thread can take a scheduler tick to wake).
 constexpr int64_t kMinWork = 32768;
-// Fixed (not thread-dependent) so that partial sums are reduced in the same order on any machine.
-constexpr int64_t kRowsPerChunk = 256;
+// Every lane count divides it (16 floats in AVX-512, 8 doubles).
+constexpr int64_t kLaneAlign = 16;
+
+// Rows per gating chunk: about 4096 logits, so that a chunk's column buffers stay in L1/L2, a
+// multiple of every lane count, and fixed for a given E (not thread-dependent) so that the chunk
+// partial sums are reduced in the same order on any machine.
+int64_t rows_per_chunk(int64_t E) { return std::clamp<int64_t>(4096 / E / kLaneAlign * kLaneAlign, kLaneAlign, 256); }
+
+// Rows of the per-thread buffers: a chunk's, or fewer when the whole batch is smaller (RPN: T = 16),
+// where allocating and zeroing full chunk buffers cost as much as the work.
+int64_t buffer_rows(int64_t T, int64_t R) { return std::min(R, (T + kLaneAlign - 1) / kLaneAlign * kLaneAlign); }
 
 template <typename T>
 void vec_exp_inplace(T* buf, int64_t n) {
@@ -58,35 +71,40 @@ void vec_exp_inplace(T* buf, int64_t n) {
   at::vec::map([](Vec v) { return v.exp(); }, buf, buf, n);
 }
 
+// log1p(u) for u in [0, 1]. In float, 2 atanh(u / (2 + u)) as its odd series in s = u / (2 + u) <= 1/3
+// (relative error < 2e-8, no cancellation): Sleef's log1p (double-float arithmetic) took a third
+// of the forward. Double keeps Sleef's.
 template <typename T>
-void vec_erfc_inplace(T* buf, int64_t n) {
+inline at::vec::Vectorized<T> log1p_unit(const at::vec::Vectorized<T>& u) {
   using Vec = at::vec::Vectorized<T>;
-  at::vec::map([](Vec v) { return v.erfc(); }, buf, buf, n);
+  if constexpr (std::is_same_v<T, float>) {
+    const Vec s = u / (Vec(2.f) + u);
+    const Vec s2 = s * s;
+    Vec p(2.f / 13.f);
+    for (const float c : {2.f / 11.f, 2.f / 9.f, 2.f / 7.f, 2.f / 5.f, 2.f / 3.f, 2.f})
+      p = at::vec::fmadd(p, s2, Vec(c));
+    return s * p;
+  } else {
+    return u.log1p();
+  }
 }
 
-// exp(-x^2 / 2) / sqrt(2 pi), the standard normal density.
+// The noise scale softplus(x) + eps = max(x, 0) + log1p(exp(-|x|)) + eps (finite for every finite
+// x) and, when `sig` is given, sigmoid(x) = 1 / (1 + u) or u / (1 + u) from the same u = exp(-|x|).
 template <typename T>
-void vec_normal_pdf_inplace(T* buf, int64_t n) {
+void vec_noise_scale(const T* src, T* dst, T* sig, int64_t n) {
   using Vec = at::vec::Vectorized<T>;
-  const Vec c = Vec(T(-0.5));
-  const Vec inv = Vec(T(0.3989422804014327));
-  at::vec::map([&](Vec v) { return (c * v * v).exp() * inv; }, buf, buf, n);
-}
-
-template <typename T>
-void vec_sigmoid_inplace(T* buf, int64_t n) {
-  using Vec = at::vec::Vectorized<T>;
-  const Vec one = Vec(T(1));
-  at::vec::map([&](Vec v) { return one / (one + v.neg().exp()); }, buf, buf, n);
-}
-
-// softplus(x) + eps = max(x, 0) + log1p(exp(-|x|)) + eps, finite for every finite x.
-template <typename T>
-void vec_noise_scale_inplace(T* buf, int64_t n) {
-  using Vec = at::vec::Vectorized<T>;
-  const Vec zero = Vec(T(0));
-  const Vec eps = Vec(static_cast<T>(kNoiseEps));
-  at::vec::map([&](Vec v) { return at::vec::maximum(v, zero) + (zero - v.abs()).exp().log1p() + eps; }, buf, buf, n);
+  const Vec zero(T(0)), one(T(1)), eps(static_cast<T>(kNoiseEps));
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t m = std::min<int64_t>(Vec::size(), n - i);
+    const Vec x = Vec::loadu(src + i, m);
+    const Vec u = (zero - x.abs()).exp();
+    (at::vec::maximum(x, zero) + log1p_unit(u) + eps).store(dst + i, m);
+    if (sig != nullptr) {
+      const Vec r = one / (one + u);
+      Vec::blendv(r, u * r, x < zero).store(sig + i, m);
+    }
+  }
 }
 
 template <typename src_t, typename dst_t>
@@ -95,6 +113,35 @@ void convert_row(const src_t* src, dst_t* dst, int64_t n) {
     std::memcpy(dst, src, n * sizeof(dst_t));
   } else {
     at::vec::convert(src, dst, n);
+  }
+}
+
+// dst[e * R + r] = src[r * E + e] for the nr rows of a chunk, 0 for the padding rows nr <= r < R
+// (so that every lane computes on finite values). The gating kernels work on these columns: a lane
+// is a row, so the per-row work (top-k, softmax, losses) is plain vector arithmetic over experts.
+// ATen's block transpose (16x16 in registers with AVX-512): element-wise strided copies were a
+// third of the forward. Other dtypes go through `scratch` (nr * E) in the accumulation type.
+template <typename src_t, typename T>
+void to_columns(const src_t* src, int64_t nr, int64_t E, int64_t R, T* dst, T* scratch) {
+  const T* rows = nullptr;
+  if constexpr (std::is_same_v<src_t, T>) {
+    rows = src;
+  } else {
+    convert_row(src, scratch, nr * E);
+    rows = scratch;
+  }
+  at::vec::transpose_mxn<T>(rows, E, dst, R, static_cast<int>(nr), static_cast<int>(E));
+  for (int64_t e = 0; e < E; ++e) std::fill(dst + e * R + nr, dst + (e + 1) * R, T(0));
+}
+
+// The inverse of to_columns for the nr real rows.
+template <typename T, typename dst_t>
+void to_rows(const T* src, int64_t nr, int64_t E, int64_t R, dst_t* dst, T* scratch) {
+  if constexpr (std::is_same_v<dst_t, T>) {
+    at::vec::transpose_mxn<T>(src, R, dst, E, static_cast<int>(E), static_cast<int>(nr));
+  } else {
+    at::vec::transpose_mxn<T>(src, R, scratch, E, static_cast<int>(E), static_cast<int>(nr));
+    convert_row(scratch, dst, nr * E);
   }
 }
 
@@ -131,23 +178,92 @@ void cv_squared_grad(const T* v, int64_t n, T scale, T* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = scale * (T(2) * (v[i] - m) / (T(n) * den) - T(2) * m * var / (T(n) * den * den));
 }
 
-// The k+1 largest of row[0..E) in decreasing order, ties to the lower index (strict '>' on insert).
 template <typename T>
-inline void top_k1(const T* row, int64_t E, int64_t K1, T* tv, int64_t* ti) {
-  int64_t cnt = 0;
+T lane_sum(const at::vec::Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](auto a, auto b) { return a + b; }, v);
+}
+
+// 1 in the lanes of real rows, 0 in the padding lanes of the last group of a chunk.
+template <typename T>
+at::vec::Vectorized<T> lane_mask(int64_t valid) {
+  using Vec = at::vec::Vectorized<T>;
+  T m[Vec::size()];
+  for (int64_t i = 0; i < Vec::size(); ++i) m[i] = i < valid ? T(1) : T(0);
+  return Vec::loadu(m);
+}
+
+// The K1 largest of each lane's E values (column e at H + e * R), in decreasing order, ties to the
+// lower expert: an insertion list in registers, expert e entering at every slot where it is
+// strictly greater. `gt` is scratch of K1 vectors; expert ids are kept as values of T (exact).
+template <typename T>
+inline void lane_top_k1(const T* H, int64_t R, int64_t E, int64_t K1, at::vec::Vectorized<T>* tv,
+                        at::vec::Vectorized<T>* ti, at::vec::Vectorized<T>* gt) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec all = Vec(T(0)) == Vec(T(0));
   for (int64_t e = 0; e < E; ++e) {
-    const T v = row[e];
-    if (cnt == K1 && !(v > tv[cnt - 1])) continue;
-    int64_t pos = cnt < K1 ? cnt : K1 - 1;
-    while (pos > 0 && v > tv[pos - 1]) {
-      tv[pos] = tv[pos - 1];
-      ti[pos] = ti[pos - 1];
-      --pos;
+    const Vec v = Vec::loadu(H + e * R);
+    const Vec ve = Vec(static_cast<T>(e));
+    const int64_t filled = std::min(e, K1);
+    for (int64_t j = 0; j < filled; ++j) gt[j] = v > tv[j];
+    if (filled < K1) gt[filled] = all;  // the first empty slot
+    // gt is monotone (the list is sorted): v takes slot j where gt[j] and not gt[j - 1], and the
+    // slots below it shift down by one.
+    for (int64_t j = std::min(filled, K1 - 1); j > 0; --j) {
+      tv[j] = Vec::blendv(tv[j], Vec::blendv(v, tv[j - 1], gt[j - 1]), gt[j]);
+      ti[j] = Vec::blendv(ti[j], Vec::blendv(ve, ti[j - 1], gt[j - 1]), gt[j]);
     }
-    tv[pos] = v;
-    ti[pos] = e;
-    if (cnt < K1) ++cnt;
+    tv[0] = Vec::blendv(tv[0], v, gt[0]);
+    ti[0] = Vec::blendv(ti[0], ve, gt[0]);
   }
+}
+
+// erfc. In float the Chebyshev fit of Numerical Recipes (erfcc, fractional error < 1.2e-7 for
+// every x): a reciprocal, nine multiply-adds and an exp, several times cheaper than Sleef's erfc,
+// which dominated the forward. Double keeps Sleef's erfc (float64 is the accuracy reference).
+template <typename T>
+inline at::vec::Vectorized<T> lane_erfc(const at::vec::Vectorized<T>& x) {
+  using Vec = at::vec::Vectorized<T>;
+  if constexpr (std::is_same_v<T, float>) {
+    const Vec one(1.f);
+    const Vec t = one / at::vec::fmadd(x.abs(), Vec(0.5f), one);
+    Vec p(0.17087277f);
+    for (const float c : {-0.82215223f, 1.48851587f, -1.13520398f, 0.27886807f, -0.18628806f, 0.09678418f,
+                          0.37409196f, 1.00002368f, -1.26551223f})
+      p = at::vec::fmadd(p, t, Vec(c));
+    const Vec y = t * (p - x * x).exp();
+    return Vec::blendv(y, Vec(2.f) - y, x < Vec(0.f));
+  } else {
+    return x.erfc();
+  }
+}
+
+// Whether expert e is among a lane's top k: (h_e, -e) >= (k-th value, -its expert), i.e. the
+// order of the top-k (decreasing value, ties to the lower expert).
+template <typename T>
+inline at::vec::Vectorized<T> lane_selected(const at::vec::Vectorized<T>& h, int64_t e,
+                                            const at::vec::Vectorized<T>& kth,
+                                            const at::vec::Vectorized<T>& kth_index) {
+  using Vec = at::vec::Vectorized<T>;
+  return (h > kth) | ((h == kth) & (Vec(static_cast<T>(e)) <= kth_index));
+}
+
+// The columns of one gating chunk (see to_columns): logits l, and when noisy the noise scale s,
+// the drawn noise eps, the selection logits h = l + eps s (h = l otherwise); false if l or
+// noise_logits has a non-finite value. `sig` (when given, noisy only) gets sigmoid(noise_logits);
+// `scratch` is to_columns' (for dtypes other than acc_t).
+template <typename scalar_t, typename acc_t>
+bool gating_columns(const scalar_t* lp, const scalar_t* nlp, const acc_t* np, int64_t r0, int64_t nr, int64_t E,
+                    int64_t R, acc_t* L, acc_t* S, acc_t* EPS, acc_t* H, acc_t* sig, acc_t* scratch) {
+  const int64_t n = R * E;
+  to_columns(lp + r0 * E, nr, E, R, L, scratch);
+  bool ok = all_finite(L, n);
+  if (nlp == nullptr) return ok;
+  to_columns(nlp + r0 * E, nr, E, R, H, scratch);  // noise_logits, as scratch until h is formed
+  ok = ok && all_finite(H, n);
+  vec_noise_scale(H, S, sig, n);
+  to_columns(np + r0 * E, nr, E, R, EPS, scratch);
+  for (int64_t i = 0; i < n; ++i) H[i] = L[i] + EPS[i] * S[i];
+  return ok;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -158,10 +274,13 @@ void gating_forward_impl(const Tensor& logits, const Tensor* noise, const Tensor
                          bool normalize, Tensor& weights, Tensor& indices, Tensor& counts, Tensor& losses,
                          Tensor& row_lse, Tensor& stats, Tensor& next_index) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
   const int64_t T = logits.size(0), E = logits.size(1);
   const bool noisy = noise != nullptr;
   const int64_t K1 = std::min(k + 1, E);
   const bool has_next = k < E;
+  const bool need_load = noisy && has_next;
   const scalar_t* lp = logits.data_ptr<scalar_t>();
   const acc_t* np = noisy ? noise->data_ptr<acc_t>() : nullptr;
   const scalar_t* nlp = noisy ? noise_logits->data_ptr<scalar_t>() : nullptr;
@@ -170,118 +289,112 @@ void gating_forward_impl(const Tensor& logits, const Tensor* noise, const Tensor
   acc_t* rlp = row_lse.data_ptr<acc_t>();
   int64_t* nxp = next_index.data_ptr<int64_t>();
 
-  const int64_t n_chunks = (T + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t R = rows_per_chunk(E);
+  const int64_t n_chunks = (T + R - 1) / R;
   // Per chunk: [sum p (E), importance (E), load (E), counts (E), sum lse_l^2 (1)].
   const int64_t stride = 4 * E + 1;
   std::vector<acc_t> partial(std::max<int64_t>(n_chunks, 1) * stride, acc_t(0));
   std::vector<char> finite(std::max<int64_t>(n_chunks, 1), 1);
 
-  const int64_t chunk_grain = std::max<int64_t>(1, kMinWork / (kRowsPerChunk * E));
+  const int64_t chunk_grain = std::max<int64_t>(1, kMinWork / (R * E));
   at::parallel_for(0, n_chunks, chunk_grain, [&](int64_t c0, int64_t c1) {
-    const int64_t cap = kRowsPerChunk * E;
-    std::vector<acc_t> lbuf(cap), hbuf(noisy ? cap : 0), sbuf(noisy ? cap : 0), pbuf(cap), qbuf(noisy ? cap : 0);
-    std::vector<acc_t> zbuf(noisy && has_next ? cap : 0);
-    std::vector<acc_t> mx(kRowsPerChunk), mxl(kRowsPerChunk), tv(K1);
-    std::vector<int64_t> tidx(kRowsPerChunk * K1);
-    std::vector<char> sel(E);
+    const int64_t rows = buffer_rows(T, R), cap = rows * E;
+    std::vector<acc_t> L(cap), S(noisy ? cap : 0), EPS(noisy ? cap : 0), Hbuf(noisy ? cap : 0);
+    std::vector<acc_t> scratch(std::is_same_v<scalar_t, acc_t> ? 0 : cap);
+    std::vector<Vec> P(E), psum(E), load(need_load ? E : 0), tv(K1), ti(K1), gt(K1), ek(k);
+    // Per lane of a group: k weights, k experts, lse_h, lse_l, the (k+1)-th expert.
+    std::vector<acc_t> lanes((2 * k + 3) * V), wacc(rows * k);
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t r0 = c * kRowsPerChunk, r1 = std::min(T, r0 + kRowsPerChunk), nr = r1 - r0, n = nr * E;
+      const int64_t r0 = c * R, nr = std::min(T, r0 + R) - r0;
+      const int64_t Rp = (nr + V - 1) / V * V;  // the chunk's columns, padded to whole lanes
       acc_t* part = partial.data() + c * stride;
-      convert_row(lp + r0 * E, lbuf.data(), n);
-      bool ok = all_finite(lbuf.data(), n);
-      const acc_t* h = lbuf.data();
-      if (noisy) {
-        convert_row(nlp + r0 * E, sbuf.data(), n);
-        ok = ok && all_finite(sbuf.data(), n);
-        vec_noise_scale_inplace(sbuf.data(), n);
-        const acc_t* eps = np + r0 * E;
-        for (int64_t i = 0; i < n; ++i) hbuf[i] = lbuf[i] + eps[i] * sbuf[i];
-        h = hbuf.data();
-      }
-      if (!ok) {
+      if (!gating_columns<scalar_t, acc_t>(lp, nlp, np, r0, nr, E, Rp, L.data(), S.data(), EPS.data(), Hbuf.data(),
+                                           nullptr, scratch.data())) {
         finite[c] = 0;
         continue;
       }
-      // Pass 1 per row: max, top-(k+1), shifted logits.
-      for (int64_t r = 0; r < nr; ++r) {
-        const acc_t* hr = h + r * E;
-        int64_t* ti = tidx.data() + r * K1;
-        top_k1(hr, E, K1, tv.data(), ti);
-        const acc_t m = tv[0];
-        mx[r] = m;
-        acc_t* pr = pbuf.data() + r * E;
-        for (int64_t e = 0; e < E; ++e) pr[e] = hr[e] - m;
-        if (noisy) {
-          const acc_t* lr = lbuf.data() + r * E;
-          acc_t ml = lr[0];
-          for (int64_t e = 1; e < E; ++e) ml = std::max(ml, lr[e]);
-          mxl[r] = ml;
-          acc_t* qr = qbuf.data() + r * E;
-          for (int64_t e = 0; e < E; ++e) qr[e] = lr[e] - ml;
-        }
-      }
-      // Pass 2: the chunk's exponentials in one vectorised sweep.
-      vec_exp_inplace(pbuf.data(), n);
-      if (noisy) vec_exp_inplace(qbuf.data(), n);
-      // Pass 3 per row: probabilities, weights, counts and the losses' partial sums.
-      acc_t* psum = part;
-      acc_t* imp = part + E;
-      acc_t* load = part + 2 * E;
-      acc_t* cnt = part + 3 * E;
-      acc_t zsum = 0;
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t row = r0 + r;
-        acc_t* pr = pbuf.data() + r * E;
-        acc_t sum = 0;
-        for (int64_t e = 0; e < E; ++e) sum += pr[e];
-        const acc_t inv = acc_t(1) / sum;
+      const acc_t* H = noisy ? Hbuf.data() : L.data();
+      std::fill(psum.begin(), psum.end(), Vec(acc_t(0)));
+      std::fill(load.begin(), load.end(), Vec(acc_t(0)));
+      Vec zsum(acc_t(0));
+      for (int64_t g = 0; g < nr; g += V) {
+        const int64_t nv = std::min(V, nr - g);
+        const Vec valid = lane_mask<acc_t>(nv);
+        const acc_t* Hg = H + g;
+        const acc_t* Lg = L.data() + g;
+        lane_top_k1(Hg, Rp, E, K1, tv.data(), ti.data(), gt.data());
+        const Vec mx = tv[0];
+        Vec sum(acc_t(0));
         for (int64_t e = 0; e < E; ++e) {
-          pr[e] *= inv;
-          psum[e] += pr[e];
+          P[e] = (Vec::loadu(Hg + e * Rp) - mx).exp();
+          sum = sum + P[e];
         }
-        const acc_t lse_h = mx[r] + std::log(sum);
-        acc_t lse_l = lse_h;
+        const Vec inv = Vec(acc_t(1)) / sum;
+        const Vec pscale = inv * valid;
+        for (int64_t e = 0; e < E; ++e) psum[e] = at::vec::fmadd(P[e], pscale, psum[e]);
+        const Vec lse_h = mx + sum.log();
+        Vec lse_l = lse_h;
         if (noisy) {
-          const acc_t* qr = qbuf.data() + r * E;
-          acc_t sq = 0;
-          for (int64_t e = 0; e < E; ++e) sq += qr[e];
-          lse_l = mxl[r] + std::log(sq);
+          Vec ml = Vec::loadu(Lg);
+          for (int64_t e = 1; e < E; ++e) ml = at::vec::maximum(ml, Vec::loadu(Lg + e * Rp));
+          Vec sq(acc_t(0));
+          for (int64_t e = 0; e < E; ++e) sq = sq + (Vec::loadu(Lg + e * Rp) - ml).exp();
+          lse_l = ml + sq.log();
         }
-        rlp[2 * row] = lse_h;
-        rlp[2 * row + 1] = lse_l;
-        zsum += lse_l * lse_l;
-        const int64_t* ti = tidx.data() + r * K1;
-        acc_t kept = 0;
-        for (int64_t j = 0; j < k; ++j) kept += pr[ti[j]];
-        const acc_t scale = normalize ? acc_t(1) / kept : acc_t(1);
+        zsum = at::vec::fmadd(lse_l * lse_l, valid, zsum);
+        // The kept probabilities from the top-k values themselves: no gather.
+        Vec kept(acc_t(0));
         for (int64_t j = 0; j < k; ++j) {
-          const int64_t e = ti[j];
-          const acc_t w = pr[e] * scale;
-          wp[row * k + j] = static_cast<scalar_t>(w);
-          ip[row * k + j] = e;
-          cnt[e] += acc_t(1);
-          imp[e] += w;
+          ek[j] = (tv[j] - mx).exp();
+          kept = kept + ek[j];
         }
-        nxp[row] = has_next ? ti[k] : -1;
-        if (noisy && has_next) {
-          std::fill(sel.begin(), sel.end(), 0);
-          for (int64_t j = 0; j < k; ++j) sel[ti[j]] = 1;
-          const acc_t* hr = h + r * E;
-          const acc_t thr_in = hr[ti[k]], thr_out = hr[ti[k - 1]];
-          const acc_t* lr = lbuf.data() + r * E;
-          const acc_t* sr = sbuf.data() + r * E;
-          // Phi(z) = erfc(-z / sqrt 2) / 2, the erfc done for the whole chunk below.
-          acc_t* zr = zbuf.data() + r * E;
-          for (int64_t e = 0; e < E; ++e) zr[e] = (sel[e] ? thr_in : thr_out) - lr[e];
-          for (int64_t e = 0; e < E; ++e) zr[e] = zr[e] / sr[e] * acc_t(M_SQRT1_2);
+        const Vec wscale = normalize ? Vec(acc_t(1)) / kept : inv;
+        for (int64_t j = 0; j < k; ++j) {
+          (ek[j] * wscale).store(lanes.data() + j * V);
+          ti[j].store(lanes.data() + (k + j) * V);
+        }
+        lse_h.store(lanes.data() + 2 * k * V);
+        lse_l.store(lanes.data() + (2 * k + 1) * V);
+        if (has_next) ti[k].store(lanes.data() + (2 * k + 2) * V);
+        for (int64_t r = 0; r < nv; ++r) {
+          const int64_t row = r0 + g + r;
+          for (int64_t j = 0; j < k; ++j) {
+            const acc_t w = lanes[j * V + r];
+            wacc[(g + r) * k + j] = w;
+            wp[row * k + j] = static_cast<scalar_t>(w);
+            ip[row * k + j] = static_cast<int64_t>(lanes[(k + j) * V + r]);
+          }
+          rlp[2 * row] = lanes[2 * k * V + r];
+          rlp[2 * row + 1] = lanes[(2 * k + 1) * V + r];
+          nxp[row] = has_next ? static_cast<int64_t>(lanes[(2 * k + 2) * V + r]) : -1;
+        }
+        if (need_load) {
+          // Shazeer's smooth load, Phi((l - thr) / s) = erfc((thr - l) / (s sqrt 2)) / 2, with the
+          // (k+1)-th value as the threshold of the selected experts and the k-th for the others.
+          const Vec kth = tv[k - 1], kth_index = ti[k - 1], next = tv[k];
+          const Vec c = Vec(acc_t(M_SQRT1_2));
+          const Vec half_valid = Vec(acc_t(0.5)) * valid;
+          const acc_t* Sg = S.data() + g;
+          for (int64_t e = 0; e < E; ++e) {
+            const Vec h = Vec::loadu(Hg + e * Rp);
+            const Vec thr = Vec::blendv(kth, next, lane_selected(h, e, kth, kth_index));
+            const Vec z = (thr - Vec::loadu(Lg + e * Rp)) / Vec::loadu(Sg + e * Rp) * c;
+            load[e] = at::vec::fmadd(lane_erfc(z), half_valid, load[e]);
+          }
         }
       }
-      if (noisy && has_next) {
-        vec_erfc_inplace(zbuf.data(), n);
-        for (int64_t r = 0; r < nr; ++r)
-          for (int64_t e = 0; e < E; ++e) load[e] += acc_t(0.5) * zbuf[r * E + e];
+      acc_t* imp = part + E;
+      acc_t* cnt = part + 3 * E;
+      const int64_t* ic = ip + r0 * k;
+      for (int64_t i = 0; i < nr * k; ++i) {
+        cnt[ic[i]] += acc_t(1);
+        imp[ic[i]] += wacc[i];
       }
-      part[4 * E] = zsum;
+      for (int64_t e = 0; e < E; ++e) {
+        part[e] = lane_sum(psum[e]);
+        if (need_load) part[2 * E + e] = lane_sum(load[e]);
+      }
+      part[4 * E] = lane_sum(zsum);
     }
   });
   for (int64_t c = 0; c < n_chunks; ++c)
@@ -315,6 +428,11 @@ void gating_forward_impl(const Tensor& logits, const Tensor* noise, const Tensor
 
 // ---------------------------------------------------------------------------------------------
 // Gating backward
+//
+// Per chunk, in the same columns as the forward: a scalar pass per row over its k experts (the
+// kept probabilities, the gradient reaching them, the thresholds of the load), a lane pass over
+// the experts for the dense terms (softmax, z-loss, load), then per row the sparse corrections at
+// the k selected experts and the two threshold experts, and the columns back to rows.
 
 template <typename scalar_t>
 void gating_backward_impl(const Tensor& grad_weights, const Tensor& grad_losses, const Tensor& logits,
@@ -323,12 +441,16 @@ void gating_backward_impl(const Tensor& grad_weights, const Tensor& grad_losses,
                           const Tensor& next_index, int64_t k, bool normalize, Tensor& grad_logits,
                           Tensor& grad_noise) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
   const int64_t T = logits.size(0), E = logits.size(1);
   if (T == 0) return;
   const bool noisy = noise != nullptr;
   const bool has_next = k < E;
   const acc_t* gl = grad_losses.data_ptr<acc_t>();
   const acc_t g_lb = gl[0], g_imp = gl[1], g_load = gl[2], g_z = gl[3];
+  // With g_load = 0 the load term is exactly 0 (phi / s is finite): skipped.
+  const bool need_load = noisy && has_next && g_load != acc_t(0);
   const scalar_t* lp = logits.data_ptr<scalar_t>();
   const acc_t* np = noisy ? noise->data_ptr<acc_t>() : nullptr;
   const scalar_t* nlp = noisy ? noise_logits->data_ptr<scalar_t>() : nullptr;
@@ -345,111 +467,128 @@ void gating_backward_impl(const Tensor& grad_weights, const Tensor& grad_losses,
   // Per-expert coefficients of the losses (O(E), shared by all rows).
   std::vector<acc_t> c_imp(E), c_load(E, acc_t(0)), dp_lb(E);
   cv_squared_grad(sp + E, E, g_imp, c_imp.data());
-  if (noisy && has_next) cv_squared_grad(sp + 2 * E, E, g_load, c_load.data());
+  if (need_load) cv_squared_grad(sp + 2 * E, E, g_load, c_load.data());
   for (int64_t e = 0; e < E; ++e) dp_lb[e] = g_lb * acc_t(E) * acc_t(cp[e]) / acc_t(T * k) / acc_t(T);
   const acc_t zc = g_z * acc_t(2) / acc_t(T);
-  const bool need_q = noisy && g_z != acc_t(0);
 
-  const int64_t n_chunks = (T + kRowsPerChunk - 1) / kRowsPerChunk;
-  const int64_t chunk_grain = std::max<int64_t>(1, kMinWork / (kRowsPerChunk * E));
+  const int64_t R = rows_per_chunk(E);
+  const int64_t n_chunks = (T + R - 1) / R;
+  const int64_t chunk_grain = std::max<int64_t>(1, kMinWork / (R * E));
   at::parallel_for(0, n_chunks, chunk_grain, [&](int64_t c0, int64_t c1) {
-    const int64_t cap = kRowsPerChunk * E;
-    std::vector<acc_t> lbuf(cap), hbuf(noisy ? cap : 0), sbuf(noisy ? cap : 0), pbuf(cap), qbuf(need_q ? cap : 0);
-    std::vector<acc_t> zbuf(noisy && has_next ? cap : 0), phibuf(noisy && has_next ? cap : 0), sigbuf(noisy ? cap : 0);
-    std::vector<acc_t> dp(E), dl(E), ds(E), G(k);
-    std::vector<char> sel(E);
+    const int64_t rows = buffer_rows(T, R), cap = rows * E;
+    std::vector<acc_t> L(cap), S(noisy ? cap : 0), EPS(noisy ? cap : 0), Hbuf(noisy ? cap : 0);
+    std::vector<acc_t> sig(noisy ? cap : 0), DL(cap), DS(noisy ? cap : 0);
+    std::vector<acc_t> scratch(std::is_same_v<scalar_t, acc_t> ? 0 : cap);
+    // Per row: the k selected experts' p_tj dkept_tj, and the lanes' per-row scalars.
+    std::vector<acc_t> dsel(rows * k), lse_h(rows), lse_l(rows), dot_sel(rows), kth(rows), kth_index(rows),
+        next(rows), a_in(rows), a_out(rows);
+    std::vector<acc_t> G(k);
+    std::vector<Vec> P(E);
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t r0 = c * kRowsPerChunk, r1 = std::min(T, r0 + kRowsPerChunk), nr = r1 - r0, n = nr * E;
-      convert_row(lp + r0 * E, lbuf.data(), n);
-      const acc_t* h = lbuf.data();
-      if (noisy) {
-        convert_row(nlp + r0 * E, sbuf.data(), n);
-        vec_noise_scale_inplace(sbuf.data(), n);
-        const acc_t* eps = np + r0 * E;
-        for (int64_t i = 0; i < n; ++i) hbuf[i] = lbuf[i] + eps[i] * sbuf[i];
-        h = hbuf.data();
+      const int64_t r0 = c * R, nr = std::min(T, r0 + R) - r0;
+      const int64_t Rp = (nr + V - 1) / V * V;
+      gating_columns<scalar_t, acc_t>(lp, nlp, np, r0, nr, E, Rp, L.data(), S.data(), EPS.data(), Hbuf.data(),
+                                      sig.data(), scratch.data());
+      const acc_t* H = noisy ? Hbuf.data() : L.data();
+      // Rows: kept probabilities p_tj = exp(h_tj - lse_h) (one vectorised exp for the chunk).
+      for (int64_t r = 0; r < Rp; ++r) {
+        const bool real = r < nr;
+        lse_h[r] = real ? rlp[2 * (r0 + r)] : acc_t(0);
+        lse_l[r] = real ? rlp[2 * (r0 + r) + 1] : acc_t(0);
+        dot_sel[r] = kth[r] = kth_index[r] = next[r] = acc_t(0);
       }
-      for (int64_t r = 0; r < nr; ++r) {
-        const acc_t lse = rlp[2 * (r0 + r)];
-        for (int64_t e = 0; e < E; ++e) pbuf[r * E + e] = h[r * E + e] - lse;
-        if (need_q) {
-          const acc_t lse_l = rlp[2 * (r0 + r) + 1];
-          for (int64_t e = 0; e < E; ++e) qbuf[r * E + e] = lbuf[r * E + e] - lse_l;
-        }
-      }
-      vec_exp_inplace(pbuf.data(), n);
-      if (need_q) vec_exp_inplace(qbuf.data(), n);
-      if (noisy) {
-        convert_row(nlp + r0 * E, sigbuf.data(), n);
-        vec_sigmoid_inplace(sigbuf.data(), n);
-      }
-      if (noisy && has_next) {
-        // z = (l - thr) / s of the smooth load, and its density, for the whole chunk.
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t* ti = ip + (r0 + r) * k;
-          std::fill(sel.begin(), sel.end(), 0);
-          for (int64_t j = 0; j < k; ++j) sel[ti[j]] = 1;
-          const acc_t* hr = h + r * E;
-          const acc_t thr_in = hr[nxp[r0 + r]], thr_out = hr[ti[k - 1]];
-          for (int64_t e = 0; e < E; ++e)
-            zbuf[r * E + e] = (lbuf[r * E + e] - (sel[e] ? thr_in : thr_out)) / sbuf[r * E + e];
-        }
-        std::copy(zbuf.begin(), zbuf.begin() + n, phibuf.begin());
-        vec_normal_pdf_inplace(phibuf.data(), n);
-      }
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t j = 0; j < k; ++j) dsel[r * k + j] = H[ip[(r0 + r) * k + j] * Rp + r] - lse_h[r];
+      vec_exp_inplace(dsel.data(), nr * k);
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t row = r0 + r;
-        const acc_t* pr = pbuf.data() + r * E;
-        const acc_t* qr = need_q ? qbuf.data() + r * E : pr;
         const int64_t* ti = ip + row * k;
-        for (int64_t e = 0; e < E; ++e) dp[e] = dp_lb[e];
+        acc_t* ps = dsel.data() + r * k;
         acc_t gw_dot = 0, kept = 0;
         for (int64_t j = 0; j < k; ++j) {
           G[j] = acc_t(gwp[row * k + j]) + c_imp[ti[j]];
           gw_dot += G[j] * acc_t(wp[row * k + j]);
-          kept += pr[ti[j]];
+          kept += ps[j];
         }
-        if (normalize) {
-          const acc_t inv = acc_t(1) / kept;
-          for (int64_t j = 0; j < k; ++j) dp[ti[j]] += (G[j] - gw_dot) * inv;
-        } else {
-          for (int64_t j = 0; j < k; ++j) dp[ti[j]] += G[j];
-        }
+        const acc_t inv = acc_t(1) / kept;
         acc_t dot = 0;
-        for (int64_t e = 0; e < E; ++e) dot += pr[e] * dp[e];
-        const acc_t zrow = zc * rlp[2 * row + 1];
+        for (int64_t j = 0; j < k; ++j) {
+          ps[j] *= normalize ? (G[j] - gw_dot) * inv : G[j];  // p_tj dp_tj, the selected part
+          dot += ps[j];
+        }
+        dot_sel[r] = dot;
+        if (need_load) {
+          kth[r] = H[ti[k - 1] * Rp + r];
+          kth_index[r] = static_cast<acc_t>(ti[k - 1]);
+          next[r] = H[nxp[row] * Rp + r];
+        }
+      }
+      // Lanes: the dense terms of dl and ds.
+      for (int64_t g = 0; g < nr; g += V) {
+        const acc_t* Hg = H + g;
+        const acc_t* Lg = L.data() + g;
+        const Vec lse = Vec::loadu(lse_h.data() + g);
+        Vec dot = Vec::loadu(dot_sel.data() + g);
         for (int64_t e = 0; e < E; ++e) {
-          const acc_t dh = pr[e] * (dp[e] - dot);
-          dl[e] = dh + zrow * qr[e];
-          ds[e] = dh;  // times eps below (noisy only)
+          P[e] = (Vec::loadu(Hg + e * Rp) - lse).exp();
+          dot = at::vec::fmadd(P[e], Vec(dp_lb[e]), dot);
         }
-        if (noisy) {
-          const acc_t* er = np + row * E;
-          const acc_t* sr = sbuf.data() + r * E;
-          for (int64_t e = 0; e < E; ++e) ds[e] *= er[e];
-          if (has_next) {
-            std::fill(sel.begin(), sel.end(), 0);
-            for (int64_t j = 0; j < k; ++j) sel[ti[j]] = 1;
-            const int64_t i_in = nxp[row], i_out = ti[k - 1];
-            acc_t a_in = 0, a_out = 0;
-            const acc_t* zr = zbuf.data() + r * E;
-            const acc_t* phr = phibuf.data() + r * E;
-            for (int64_t e = 0; e < E; ++e) {
-              const acc_t z = zr[e];
-              const acc_t a = c_load[e] * phr[e] / sr[e];
-              dl[e] += a;
-              ds[e] -= a * z;
-              (sel[e] ? a_in : a_out) += a;
-            }
-            dl[i_in] -= a_in;
-            ds[i_in] -= a_in * er[i_in];
-            dl[i_out] -= a_out;
-            ds[i_out] -= a_out * er[i_out];
+        const Vec ll = Vec::loadu(lse_l.data() + g);
+        const Vec zl = Vec(zc) * ll;
+        const Vec kv = Vec::loadu(kth.data() + g), kiv = Vec::loadu(kth_index.data() + g);
+        const Vec next_v = Vec::loadu(next.data() + g);
+        Vec ain(acc_t(0)), aout(acc_t(0));
+        for (int64_t e = 0; e < E; ++e) {
+          const Vec dh = P[e] * (Vec(dp_lb[e]) - dot);
+          Vec dl = dh;
+          if (zc != acc_t(0)) {
+            // z-loss: softmax of the clean logits (p itself without noise).
+            const Vec q = noisy ? (Vec::loadu(Lg + e * Rp) - ll).exp() : P[e];
+            dl = at::vec::fmadd(zl, q, dl);
           }
-          const acc_t* sig = sigbuf.data() + r * E;
-          for (int64_t e = 0; e < E; ++e) dnp[row * E + e] = static_cast<scalar_t>(ds[e] * sig[e]);
+          if (noisy) {
+            Vec ds = dh * Vec::loadu(EPS.data() + g + e * Rp);
+            if (need_load) {
+              const Vec h = Vec::loadu(Hg + e * Rp);
+              const Vec sel = lane_selected(h, e, kv, kiv);
+              const Vec s = Vec::loadu(S.data() + g + e * Rp);
+              const Vec z = (Vec::loadu(Lg + e * Rp) - Vec::blendv(kv, next_v, sel)) / s;
+              const Vec a = Vec(c_load[e] * acc_t(0.3989422804014327)) * (Vec(acc_t(-0.5)) * z * z).exp() / s;
+              dl = dl + a;
+              ds = ds - a * z;
+              ain = ain + Vec::blendv(Vec(acc_t(0)), a, sel);
+              aout = aout + Vec::blendv(a, Vec(acc_t(0)), sel);
+            }
+            ds.store(DS.data() + g + e * Rp);
+          }
+          dl.store(DL.data() + g + e * Rp);
         }
-        for (int64_t e = 0; e < E; ++e) dlp[row * E + e] = static_cast<scalar_t>(dl[e]);
+        if (need_load) {
+          ain.store(a_in.data() + g);
+          aout.store(a_out.data() + g);
+        }
+      }
+      // Rows: the sparse terms, at the selected experts and at the thresholds' experts.
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t row = r0 + r;
+        const int64_t* ti = ip + row * k;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t pos = ti[j] * Rp + r;
+          DL[pos] += dsel[r * k + j];
+          if (noisy) DS[pos] += dsel[r * k + j] * EPS[pos];
+        }
+        if (need_load) {
+          const int64_t at_in = nxp[row] * Rp + r, at_out = ti[k - 1] * Rp + r;
+          DL[at_in] -= a_in[r];
+          DS[at_in] -= a_in[r] * EPS[at_in];
+          DL[at_out] -= a_out[r];
+          DS[at_out] -= a_out[r] * EPS[at_out];
+        }
+      }
+      to_rows(DL.data(), nr, E, Rp, dlp + r0 * E, scratch.data());
+      if (noisy) {
+        for (int64_t i = 0; i < Rp * E; ++i) DS[i] *= sig[i];
+        to_rows(DS.data(), nr, E, Rp, dnp + r0 * E, scratch.data());
       }
     }
   });

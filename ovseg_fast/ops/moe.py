@@ -8,6 +8,7 @@ Triton kernels (``kernels/moe.py``) or the reference, and the :class:`MixtureOfE
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
-from ovseg_fast.backends import KernelSupport, dispatch, register_op
+from ovseg_fast.backends import KernelSupport, backend_report, dispatch, register_op, requested_backend
 from ovseg_fast.ops._checks import check_int, check_same_device, check_shape, check_tensor
 from ovseg_fast.ops.moe_reference import (
     combine_inverse_reference,
@@ -71,6 +72,82 @@ _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 def _triton():
     return importlib.import_module("ovseg_fast.kernels.moe")
+
+
+_PLAIN_TENSORS = (Tensor, nn.Parameter)
+_CPU = torch.device("cpu")
+
+
+@functools.cache
+def _cpu_kernel_runs(op: str, dtype: torch.dtype) -> bool:
+    """Whether the C++ backend can run ``op`` on CPU tensors of ``dtype`` (fixed for the process:
+    it depends on the loaded extension only)."""
+    return backend_report(op, _CPU, dtype)["cpu"] is None
+
+
+def _direct_cpu(op: str, *tensors: Optional[Tensor]) -> bool:
+    """Whether to call the C++ kernels directly instead of through the registered ``torch.library`` op.
+
+    In plain eager mode on CPU with the C++ backend selected, the registered op's Python layers
+    (custom-op dispatch, its autograd wrapper, the backend choice) only forward to the same kernels,
+    yet at RPN sizes (T = 16) they cost several times the kernels. Under ``torch.compile``, a
+    dispatch or function mode (e.g. ``FlopCounterMode``), a functorch transform or a tensor
+    subclass, the registered op runs, so that these see it. The backend test is
+    ``select_backend(...) == "cpu"`` with its static part cached.
+    """
+    if torch.compiler.is_compiling():  # first: Dynamo folds it, and traces nothing after it
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return False
+    like = tensors[0]
+    if (
+        not like.is_cpu
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return False
+    return requested_backend() in (None, "cpu") and _cpu_kernel_runs(op, like.dtype)
+
+
+def _direct_function(name: str, kernel: str, setup_context, backward) -> type[torch.autograd.Function]:
+    """An ``autograd.Function`` with a registered op's autograd (``setup_context``, ``backward``)
+    around a direct call of its C++ kernel ``torch.ops.ovseg_fast.<kernel>``.
+
+    ``forward`` takes ``ctx`` and calls ``setup_context`` itself: with a separate ``setup_context``
+    every ``apply`` binds the arguments through ``inspect.signature``, as costly as the kernel at
+    RPN sizes.
+    """
+
+    def forward(ctx, *args):
+        output = getattr(torch.ops.ovseg_fast, kernel).default(*args)
+        setup_context(ctx, args, output)
+        return output
+
+    return type(
+        name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+    )
+
+
+def _run(op: str, registered, function: type[torch.autograd.Function], kernel: str, args: tuple, inputs: tuple):
+    """``registered(*args)``, or its C++ kernel ``kernel`` called directly when :func:`_direct_cpu`
+    allows (through ``function``, the op's autograd, when one of the tensors ``inputs`` needs a
+    gradient)."""
+    if not _direct_cpu(op, *inputs):
+        return registered(*args)
+    if torch.is_grad_enabled():
+        for t in inputs:
+            if t is not None and t.requires_grad:
+                return function.apply(*args)
+    return getattr(torch.ops.ovseg_fast, kernel).default(*args)
+
+
+def _run_backward(op: str, registered, kernel: str, args: tuple, like: Tensor):
+    """``registered(*args)`` (a backward op), or its C++ kernel directly (see :func:`_direct_cpu`)."""
+    if _direct_cpu(op, like):
+        return getattr(torch.ops.ovseg_fast, kernel).default(*args)
+    return registered(*args)
 
 
 class GatingOutput(NamedTuple):
@@ -202,7 +279,7 @@ def _gating_backward(ctx, grad_weights, _gi, _gc, grad_losses, _gr, _gs, _gn):
         grad_weights = torch.zeros_like(weights)
     if grad_losses is None:
         grad_losses = logits.new_zeros((4,), dtype=ct)
-    dl, dn = _gating_backward_op(
+    args = (
         grad_weights.contiguous(),
         grad_losses.contiguous(),
         logits,
@@ -216,10 +293,14 @@ def _gating_backward(ctx, grad_weights, _gi, _gc, grad_losses, _gr, _gs, _gn):
         next_index,
         *ctx.hyper,
     )
+    dl, dn = _run_backward("topk_gating", _gating_backward_op, "topk_gating_cpu_backward", args, logits)
     return dl, None, (dn if noise is not None else None), None, None
 
 
 _gating_op.register_autograd(_gating_backward, setup_context=_gating_setup_context)
+_GatingFunction = _direct_function(
+    "_GatingFunction", "topk_gating_cpu_forward", _gating_setup_context, _gating_backward
+)
 
 
 def topk_gating_flops(tokens: int, experts: int, k: int, *, noisy: bool = False, backward: bool = False) -> int:
@@ -321,12 +402,16 @@ def topk_gating(
     noise = None
     if noise_logits is not None and training:
         noise = torch.randn((t, e), generator=generator, device=logits.device, dtype=compute_dtype(logits.dtype))
+        noise_logits = noise_logits.contiguous()
     else:
         noise_logits = None
-    weights, indices, counts, losses, _, _, _ = _gating_op(
-        logits.contiguous(), noise, None if noise_logits is None else noise_logits.contiguous(), k, normalize
+    logits = logits.contiguous()
+    args = (logits, noise, noise_logits, k, normalize)
+    weights, indices, counts, losses, _, _, _ = _run(
+        "topk_gating", _gating_op, _GatingFunction, "topk_gating_cpu_forward", args, args[:3]
     )
-    return GatingOutput(weights, indices, counts, losses[0], losses[1], losses[2], losses[3])
+    # One unbind (one autograd node) rather than four selects.
+    return GatingOutput(weights, indices, counts, *losses.unbind())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,10 +487,18 @@ def _dispatch_setup_context(ctx, inputs, output):
 
 def _dispatch_backward(ctx, grad_sorted, _go, _gorder, _ginv):
     (inverse,) = ctx.saved_tensors
-    return _dispatch_backward_op(grad_sorted.contiguous(), inverse, *ctx.shape), None, None
+    args = (grad_sorted.contiguous(), inverse, *ctx.shape)
+    return (
+        _run_backward("moe_dispatch", _dispatch_backward_op, "moe_dispatch_cpu_backward", args, grad_sorted),
+        None,
+        None,
+    )
 
 
 _dispatch_op.register_autograd(_dispatch_backward, setup_context=_dispatch_setup_context)
+_DispatchFunction = _direct_function(
+    "_DispatchFunction", "moe_dispatch_cpu_forward", _dispatch_setup_context, _dispatch_backward
+)
 
 
 @register_flop_formula(torch.ops.ovseg_fast.moe_dispatch)
@@ -461,10 +554,18 @@ def moe_dispatch(x: Tensor, indices: Tensor, num_experts: int) -> tuple[Tensor, 
         )
     num_experts = check_int("num_experts", num_experts, minimum=1)
     check_same_device("x", x, indices=indices)
-    feat = x.shape[1:]
-    x2 = x.reshape(x.shape[0], math.prod(feat)).contiguous()
-    x_sorted, offsets, order, _ = _dispatch_op(x2, indices.to(torch.int64).contiguous(), num_experts)
-    return x_sorted.reshape(x_sorted.shape[0], *feat), offsets, order
+    # The no-op conversions and reshapes are skipped: at RPN sizes each costs a few % of the call.
+    two_d = x.dim() == 2
+    x2 = (x if two_d else x.reshape(x.shape[0], math.prod(x.shape[1:]))).contiguous()
+    if indices.dtype != torch.int64:
+        indices = indices.to(torch.int64)
+    args = (x2, indices.contiguous(), num_experts)
+    x_sorted, offsets, order, _ = _run(
+        "moe_dispatch", _dispatch_op, _DispatchFunction, "moe_dispatch_cpu_forward", args, args[:2]
+    )
+    if not two_d:
+        x_sorted = x_sorted.reshape(x_sorted.shape[0], *x.shape[1:])
+    return x_sorted, offsets, order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,11 +648,15 @@ def _combine_setup_context(ctx, inputs, output):
 
 def _combine_backward(ctx, grad_out, _ginv):
     y_sorted, weights, order, inverse = ctx.saved_tensors
-    gy, gw = _combine_backward_op(grad_out.contiguous(), y_sorted, weights, order, inverse)
+    args = (grad_out.contiguous(), y_sorted, weights, order, inverse)
+    gy, gw = _run_backward("moe_combine", _combine_backward_op, "moe_combine_cpu_backward", args, y_sorted)
     return gy, gw, None
 
 
 _combine_op.register_autograd(_combine_backward, setup_context=_combine_setup_context)
+_CombineFunction = _direct_function(
+    "_CombineFunction", "moe_combine_cpu_forward", _combine_setup_context, _combine_backward
+)
 
 
 def moe_combine_flops(tokens: int, k: int, dim: int, *, backward: bool = False) -> int:
@@ -605,11 +710,16 @@ def moe_combine(y_sorted: Tensor, weights: Tensor, order: Tensor, T: int) -> Ten
             f"y_sorted must have T * k = {n} rows (weights is {tuple(weights.shape)}), got {tuple(y_sorted.shape)}"
         )
     check_same_device("y_sorted", y_sorted, weights=weights, order=order)
-    feat = y_sorted.shape[1:]
-    y2 = (y_sorted if y_sorted.dim() == 2 else y_sorted.reshape(n, math.prod(feat))).contiguous()
-    w = weights.to(compute_dtype(y_sorted.dtype)).contiguous()
-    out, _ = _combine_op(y2, w, order.to(torch.int64).contiguous())
-    return out.reshape(T, *feat)
+    two_d = y_sorted.dim() == 2
+    y2 = (y_sorted if two_d else y_sorted.reshape(n, math.prod(y_sorted.shape[1:]))).contiguous()
+    ct = compute_dtype(y_sorted.dtype)
+    if weights.dtype != ct:
+        weights = weights.to(ct)
+    if order.dtype != torch.int64:
+        order = order.to(torch.int64)
+    args = (y2, weights.contiguous(), order.contiguous())
+    out, _ = _run("moe_combine", _combine_op, _CombineFunction, "moe_combine_cpu_forward", args, args)
+    return out if two_d else out.reshape(T, *y_sorted.shape[1:])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,9 +3,12 @@ registrations, the module and the inputs."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ovseg_fast.ops import use_backend
@@ -645,6 +648,33 @@ def test_flop_counter():
     counts = fc.get_flop_counts()["Global"]
     assert counts[torch.ops.ovseg_fast.moe_combine] == moe_combine_flops(10, 2, 6)
     assert counts[torch.ops.ovseg_fast.moe_combine_backward] == moe_combine_flops(10, 2, 6, backward=True)
+
+
+class _PassThroughMode(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_fast_path_matches_the_registered_ops():
+    """Plain eager CPU calls go straight to the C++ kernels (``moe._direct_cpu``); under a dispatch
+    mode the registered ops run. Same values and gradients either way."""
+    require_backend("topk_gating", "cpu")
+    logits, _, noise_logits = make(24, 6, seed=31, noisy=True)
+    x, idx, w = _dispatch_inputs(24, 6, 2, 5)
+    runs = []
+    for mode in (contextlib.nullcontext, _PassThroughMode):
+        leaves = [t.clone().requires_grad_(True) for t in (logits, noise_logits, x, w)]
+        with mode():
+            g = topk_gating(
+                leaves[0], 2, noise_logits=leaves[1], training=True, generator=torch.Generator().manual_seed(2)
+            )
+            xs, _, order = moe_dispatch(leaves[2], idx, 6)
+            y = moe_combine(xs * 2, leaves[3], order, 24)
+            total = (g.weights * 3).sum() + sum(getattr(g, n) for n in LOSSES) + (y * y).sum()
+            total.backward()
+        runs.append([g.weights, g.indices, *(getattr(g, n) for n in LOSSES), y, *(t.grad for t in leaves)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------
