@@ -3,21 +3,30 @@
 // ovseg_fast/ops/dense_crf_reference.py; this is the CPU kernel behind ovseg_fast.ops.dense_crf.
 //
 // Design, per image of N pixels and C classes (C padded to CP, a multiple of 8, so every row of
-// class values is a whole number of SIMD vectors; padded lanes stay exactly 0):
+// class values is a whole number of 8-float vectors; padded lanes stay exactly 0):
 //  * Lattices are built once per image: the elevation/rounding/rank/barycentric maths per pixel runs
 //    in parallel, in float32 with the reference implementation's operation order (FP contraction
 //    off, so the AVX2/AVX512 copies build the very same lattice as pydensecrf); vertices go into an
-//    open-addressing hash table (sequential, with a one-entry cache per simplex vertex because
-//    neighbouring pixels mostly share vertices), then blur neighbours are looked up in parallel.
-//  * The normalisation n_i = 1/sqrt(K1_i) and the compatibility weight are folded into per-entry
-//    splat and slice weights, so an iteration is: reduce the splat buffers, blur every lattice
-//    (Jacobi along each axis, parallel over vertices), then ONE pass over pixels that slices both
-//    kernels' messages, adds the unary, takes the softmax (vectorised exp) and immediately splats the
-//    new Q_i into the next iteration's buffers. Q is never written to memory between iterations.
+//    open-addressing hash table (sequential, chunk by chunk after each parallel embedding, with a
+//    one-entry cache per simplex corner because neighbouring pixels mostly share vertices), then
+//    blur neighbours are looked up in parallel.
+//  * Layouts: vertex values (M+1, CP) and the unary (N, CP) class-contiguous in 64-byte aligned
+//    buffers, so a row is CP/8 aligned 32-byte vectors that never straddle cache lines; per pixel
+//    (N, d+1) int32 vertex ids and float splat weights.
+//  * The normalisation n_i = 1/sqrt(K1_i) is folded into the splat weights and alpha * compat into
+//    one scale per kernel, so an iteration is: reduce the splat buffers and blur (Jacobi along each
+//    axis) each lattice, the two lattices as two parallel tasks; then ONE pass over pixels that
+//    slices both kernels' messages, adds the unary, takes the softmax (vectorised exp, shuffle-tree
+//    max/sum) and splats the new Q_i into the next iteration's buffers. Q never goes to memory
+//    between iterations. The pass runs in blocks of kBlock pixels (slice + softmax of the block,
+//    then its splats) so the out-of-order core overlaps independent pixels' gathers and softmaxes
+//    instead of serialising on each pixel's slice -> softmax -> splat chain.
 //  * Splatting is a scatter, so each pixel chunk (one per thread) owns private vertex buffers
 //    (vertex counts are small, M << N) that the next iteration sums: no atomics, Q read once.
 //  * Threads: over the batch when it has at least as many images as threads (each image then runs
-//    serially: nested at::parallel_for calls run inline), otherwise within each image.
+//    serially: nested at::parallel_for calls run inline), otherwise within each image. Few parallel
+//    regions per iteration (blur tasks, pixel pass): on a shared machine each one waits for the
+//    slowest thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -42,6 +51,7 @@ constexpr float kNormEps = 1e-20f;
 // vertices they run on one thread, because a parallel region per blur axis (9 per iteration) costs
 // more in synchronisation than it saves, badly so on a loaded machine.
 constexpr int64_t kVertexGrain = 1 << 16;
+constexpr int kBlock = 16;
 
 
 // ---------------------------------------------------------------------------------------------
@@ -107,6 +117,27 @@ class VertexTable {
   std::vector<int32_t> keys_;
 };
 
+// Large per-call arrays come from ATen's CPU allocator: 64-byte aligned (rows of CP floats never
+// straddle cache lines in 32-byte accesses), and backed by huge pages when PyTorch is set to use them
+// (THP_MEM_ALLOC_ENABLE=1), which keeps first-touch page faults of the ~50 MB per image small.
+// Uninitialised unless zero() is called.
+template <class T>
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(int64_t size)
+      : t_(at::empty({size}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value))), p_(t_.data_ptr<T>()) {}
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+  T& operator[](int64_t i) { return p_[i]; }
+  const T& operator[](int64_t i) const { return p_[i]; }
+  void zero() { t_.zero_(); }
+
+ private:
+  at::Tensor t_;
+  T* p_ = nullptr;
+};
+
 // ---------------------------------------------------------------------------------------------
 // Lattice construction
 // ---------------------------------------------------------------------------------------------
@@ -114,8 +145,8 @@ struct Lattice {
   int d = 0;
   int64_t n = 0;
   int64_t m = 0;                 // vertices; row m of every value buffer is the absent neighbour (0)
-  std::vector<int32_t> offset;   // (n, d+1) vertex of each simplex corner
-  std::vector<float> weight;     // (n, d+1) barycentric weights
+  Buffer<int32_t> offset;        // (n, d+1) vertex of each simplex corner
+  Buffer<float> weight;          // (n, d+1) barycentric weights (times norm_i once normalised)
   std::vector<int32_t> nb;       // (d+1, m, 2) previous / next vertex along each axis
 };
 
@@ -181,12 +212,12 @@ inline void embed_point(const float* f, const float* scale, int32_t* keys, float
       keys[r * D + i] = static_cast<int32_t>(rem0[i]) + r - (rank[i] > D - r ? DP1 : 0);
 }
 
-// Features of pixel p: (x/sxy, y/sxy[, r/srgb, g/srgb, b/srgb]), computed as float32 divisions.
+// Features of pixel p = (y, x): (x/sxy, y/sxy[, r/srgb, g/srgb, b/srgb]), as float32 divisions.
 template <int D>
-inline void pixel_features(int64_t p, int64_t width, int64_t npix, float sxy, float srgb, const uint8_t* rgb,
+inline void pixel_features(int64_t p, int64_t x, int64_t y, int64_t npix, float sxy, float srgb, const uint8_t* rgb,
                            float* f) {
-  f[0] = static_cast<float>(p % width) / sxy;
-  f[1] = static_cast<float>(p / width) / sxy;
+  f[0] = static_cast<float>(x) / sxy;
+  f[1] = static_cast<float>(y) / sxy;
   if constexpr (D == 5) {
     for (int c = 0; c < 3; ++c) f[2 + c] = static_cast<float>(rgb[c * npix + p]) / srgb;
   }
@@ -201,36 +232,44 @@ std::unique_ptr<Lattice> build_lattice(int64_t height, int64_t width, float sxy,
   auto lat = std::make_unique<Lattice>();
   lat->d = D;
   lat->n = n;
-  lat->offset.resize(n * DP1);
-  lat->weight.resize(n * DP1);
-  std::unique_ptr<int32_t[]> keys(new int32_t[n * DP1 * D]);  // every entry is written below
+  lat->offset = Buffer<int32_t>(n * DP1);
+  lat->weight = Buffer<float>(n * DP1);
   float scale[D];
   elevation_scale<D>(scale);
 
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    float f[D];
-    for (int64_t p = begin; p < end; ++p) {
-      pixel_features<D>(p, width, n, sxy, srgb, rgb, f);
-      embed_point<D>(f, scale, keys.get() + p * DP1 * D, lat->weight.data() + p * DP1);
-    }
-  });
-
-  // Vertex ids do not influence the result (every sum below runs in pixel or axis order), so a
-  // plain sequential insertion is enough; the previous pixel's corner r is usually the same vertex.
+  // The embedding runs in parallel, the insertion sequentially, chunk by chunk, so the keys of only
+  // one chunk are ever stored (all n * (d+1) keys would be 30 MB for a 512x512 bilateral lattice).
+  // Vertex ids do not influence the result (every sum below runs in pixel or axis order), and the
+  // previous pixel's corner r is usually the same vertex, which saves most hash lookups.
+  constexpr int64_t kChunk = 1 << 16;
+  std::vector<int32_t> keys(kChunk * DP1 * D);
   VertexTable table(D, std::max<int64_t>(n / 4, 64));
+  int32_t prev_key[DP1][D];
   int32_t prev_id[DP1];
-  const int32_t* prev_key[DP1] = {};
-  for (int64_t p = 0; p < n; ++p) {
-    for (int r = 0; r < DP1; ++r) {
-      const int32_t* k = keys.get() + (p * DP1 + r) * D;
-      int32_t id;
-      if (prev_key[r] != nullptr && std::memcmp(prev_key[r], k, sizeof(int32_t) * D) == 0)
-        id = prev_id[r];
-      else
-        id = table.insert(k);
-      prev_key[r] = k;
-      prev_id[r] = id;
-      lat->offset[p * DP1 + r] = id;
+  std::fill(prev_id, prev_id + DP1, -1);
+  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
+    const int64_t c1 = std::min(n, c0 + kChunk);
+    at::parallel_for(c0, c1, 2048, [&](int64_t begin, int64_t end) {
+      float f[D];
+      int64_t y = begin / width, x = begin - y * width;
+      for (int64_t p = begin; p < end; ++p) {
+        pixel_features<D>(p, x, y, n, sxy, srgb, rgb, f);
+        if (++x == width) {
+          x = 0;
+          ++y;
+        }
+        embed_point<D>(f, scale, keys.data() + (p - c0) * DP1 * D, lat->weight.data() + p * DP1);
+      }
+    });
+    for (int64_t p = c0; p < c1; ++p) {
+      for (int r = 0; r < DP1; ++r) {
+        const int32_t* k = keys.data() + ((p - c0) * DP1 + r) * D;
+        if (prev_id[r] < 0 || std::memcmp(prev_key[r], k, sizeof(int32_t) * D) != 0) {
+          prev_id[r] = table.insert(k);
+          std::memcpy(prev_key[r], k, sizeof(int32_t) * D);
+        }
+        lat->offset[p * DP1 + r] = prev_id[r];
+      }
     }
   }
   const int64_t m = table.size();
@@ -262,24 +301,17 @@ std::unique_ptr<Lattice> build_lattice(int64_t height, int64_t width, float sxy,
 // Mean-field inference
 // ---------------------------------------------------------------------------------------------
 
-// Rows of class values are handled as 16- and 8-float vectors (GCC/Clang vector extensions: native
-// registers in the AVX512 copy, split into ymm/xmm halves in the AVX2/DEFAULT ones). The hot loops
-// need horizontal max/sum and exp, which the compiler does not vectorise on its own without
-// -ffast-math. The helpers are internal (inlined), so the note that passing 32/64-byte vectors
-// without AVX changes the ABI does not apply.
+// Rows of class values are handled as 8-float vectors (GCC/Clang vector extensions: ymm registers in
+// the AVX2/AVX512 copies, xmm pairs in the DEFAULT one). The hot loops need horizontal max/sum and
+// exp, which the compiler does not vectorise on its own without -ffast-math. The helpers are internal
+// (inlined), so the note that passing 32-byte vectors without AVX changes the ABI does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v8f_mem __attribute__((vector_size(32), aligned(4), may_alias));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef float v16f_mem __attribute__((vector_size(64), aligned(4), may_alias));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
 inline v8f load8(const float* p) { return *reinterpret_cast<const v8f_mem*>(p); }
 inline void store8(float* p, v8f v) { *reinterpret_cast<v8f_mem*>(p) = v; }
-inline v16f load16(const float* p) { return *reinterpret_cast<const v16f_mem*>(p); }
-inline void store16(float* p, v16f v) { *reinterpret_cast<v16f_mem*>(p) = v; }
 
 // exp for x <= 0 (max-subtracted logits): Cody-Waite reduction by ln 2 and a degree-6 polynomial
 // (Cephes' expf coefficients), ~1 ulp; below -87 it returns ~1e-38 (the caller masks padded lanes).
@@ -300,62 +332,64 @@ inline V exp_nonpositive(V x) {
   y = y * x + 5.0000001201e-1f;
   y = y * z + x + 1.0f;
   const VI e = (t + 127) << 23;
-  return y * reinterpret_cast<const V&>(e);
+  return y * __builtin_bit_cast(V, e);
 }
 
-template <class V>
-inline float hmax(V v) {
-  float m = v[0];
-  for (int i = 1; i < static_cast<int>(sizeof(V) / sizeof(float)); ++i) m = std::max(m, v[i]);
-  return m;
+// Horizontal max / sum as log-depth shuffle trees whose result fills every lane: the softmax sits
+// on each pixel's dependency chain (slice -> max -> exp -> sum -> splat), and lane-by-lane scalar
+// reductions made that chain, not the arithmetic, bound the pixel pass.
+inline v8f vmax(v8f a, v8f b) { return a > b ? a : b; }
+inline v8f allmax(v8f x) {
+  x = vmax(x, __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3));
+  x = vmax(x, __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5));
+  return vmax(x, __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6));
 }
-template <class V>
-inline float hsum(V v) {
-  float s = 0.0f;
-  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(float)); ++i) s += v[i];
-  return s;
+inline v8f allsum(v8f x) {
+  x += __builtin_shufflevector(x, x, 4, 5, 6, 7, 0, 1, 2, 3);
+  x += __builtin_shufflevector(x, x, 2, 3, 0, 1, 6, 7, 4, 5);
+  return x + __builtin_shufflevector(x, x, 1, 0, 3, 2, 5, 4, 7, 6);
 }
 
-// One pixel's row of CP class values in registers: CP/16 16-float vectors (zmm in the AVX512 copy)
-// and an 8-float tail when CP is not a multiple of 16 (C=21: one zmm + one ymm instead of 3 ymm).
+// One pixel's row of CP class values in registers, as CP/8 8-float vectors (ymm; pairs of xmm in the
+// DEFAULT copy). Not 16-float vectors even in the AVX512 copy: rows are CP floats apart, so for C=21
+// (CP=24) every other row would start mid-cache-line and half the 64-byte accesses would straddle two
+// lines, while 32-byte accesses never do (the buffers are 64-byte aligned).
 template <int CP>
 struct Row {
-  static constexpr int kN16 = CP / 16;
-  static constexpr bool kTail = CP % 16 != 0;
-  v16f a[kN16 > 0 ? kN16 : 1];
-  v8f b;
+  static constexpr int kN = CP / 8;
+  v8f a[kN];
   explicit Row(int /*cp*/) {}
+  void zero() {
+    for (int k = 0; k < kN; ++k) a[k] = v8f{};
+  }
   void load(const float* p) {
-    for (int k = 0; k < kN16; ++k) a[k] = load16(p + 16 * k);
-    if (kTail) b = load8(p + 16 * kN16);
+    for (int k = 0; k < kN; ++k) a[k] = load8(p + 8 * k);
+  }
+  void store(float* p) const {
+    for (int k = 0; k < kN; ++k) store8(p + 8 * k, a[k]);
+  }
+  void add(float w, const Row& o) {  // row += w * o
+    for (int k = 0; k < kN; ++k) a[k] += w * o.a[k];
   }
   void fma(float w, const float* p) {  // row += w * p
-    for (int k = 0; k < kN16; ++k) a[k] += w * load16(p + 16 * k);
-    if (kTail) b += w * load8(p + 16 * kN16);
+    for (int k = 0; k < kN; ++k) a[k] += w * load8(p + 8 * k);
   }
   void scatter(float* p, float w) const {  // p += w * row
-    for (int k = 0; k < kN16; ++k) store16(p + 16 * k, load16(p + 16 * k) + w * a[k]);
-    if (kTail) store8(p + 16 * kN16, load8(p + 16 * kN16) + w * b);
+    for (int k = 0; k < kN; ++k) store8(p + 8 * k, load8(p + 8 * k) + w * a[k]);
   }
   // softmax over the lanes, padded lanes (mask 0) set to exactly 0.
   void softmax(const float* mask) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int k = 0; k < kN16; ++k) m = std::max(m, hmax(a[k]));
-    if (kTail) m = std::max(m, hmax(b));
-    float sum = 0.0f;
-    for (int k = 0; k < kN16; ++k) {
-      a[k] = exp_nonpositive<v16f, v16i>(a[k] - m) * load16(mask + 16 * k);
-      sum += hsum(a[k]);
+    v8f m = a[0];
+    for (int k = 1; k < kN; ++k) m = vmax(m, a[k]);
+    m = allmax(m);
+    v8f s = v8f{};
+    for (int k = 0; k < kN; ++k) {
+      a[k] = exp_nonpositive<v8f, v8i>(a[k] - m) * load8(mask + 8 * k);
+      s += a[k];
     }
-    if (kTail) {
-      b = exp_nonpositive<v8f, v8i>(b - m) * load8(mask + 16 * kN16);
-      sum += hsum(b);
-    }
-    const float inv = 1.0f / sum;
-    for (int k = 0; k < kN16; ++k) a[k] *= inv;
-    if (kTail) b *= inv;
+    const v8f inv = 1.0f / allsum(s);
+    for (int k = 0; k < kN; ++k) a[k] *= inv;
   }
-  float operator[](int l) const { return l < 16 * kN16 ? a[l / 16][l % 16] : b[l - 16 * kN16]; }
 };
 
 // Any number of classes (a multiple of 8 known at run time only): 8-float vectors in memory.
@@ -364,8 +398,17 @@ struct Row<0> {
   int nv;
   std::vector<v8f> a;
   explicit Row(int cp) : nv(cp / 8), a(nv) {}
+  void zero() {
+    for (int k = 0; k < nv; ++k) a[k] = v8f{};
+  }
   void load(const float* p) {
     for (int k = 0; k < nv; ++k) a[k] = load8(p + 8 * k);
+  }
+  void store(float* p) const {
+    for (int k = 0; k < nv; ++k) store8(p + 8 * k, a[k]);
+  }
+  void add(float w, const Row& o) {
+    for (int k = 0; k < nv; ++k) a[k] += w * o.a[k];
   }
   void fma(float w, const float* p) {
     for (int k = 0; k < nv; ++k) a[k] += w * load8(p + 8 * k);
@@ -374,29 +417,44 @@ struct Row<0> {
     for (int k = 0; k < nv; ++k) store8(p + 8 * k, load8(p + 8 * k) + w * a[k]);
   }
   void softmax(const float* mask) {
-    float m = -std::numeric_limits<float>::infinity();
-    for (int k = 0; k < nv; ++k) m = std::max(m, hmax(a[k]));
-    float sum = 0.0f;
+    v8f m = a[0];
+    for (int k = 1; k < nv; ++k) m = vmax(m, a[k]);
+    m = allmax(m);
+    v8f s = v8f{};
     for (int k = 0; k < nv; ++k) {
       a[k] = exp_nonpositive<v8f, v8i>(a[k] - m) * load8(mask + 8 * k);
-      sum += hsum(a[k]);
+      s += a[k];
     }
-    const float inv = 1.0f / sum;
+    const v8f inv = 1.0f / allsum(s);
     for (int k = 0; k < nv; ++k) a[k] *= inv;
   }
-  float operator[](int l) const { return a[l / 8][l % 8]; }
 };
 
 struct Pairwise {
   const Lattice* lat;
-  std::vector<float> splat_w;  // (n, d+1) barycentric * norm_i
-  std::vector<float> slice_w;  // (n, d+1) barycentric * alpha * norm_i * compat
-  std::vector<float> val, tmp;  // (m+1, cp) blurred values (row m: zero)
-  std::vector<float> priv;      // (chunks, m+1, cp) splat buffers of the pixel chunks
+  float slice_scale;      // alpha * compat: a slice is this times the splat weights' sum
+  Buffer<float> val, tmp;  // (m+1, cp) blurred values (row m: zero)
+  Buffer<float> priv;      // (chunks, m+1, cp) splat buffers of the pixel chunks
 };
 
-// n_i = 1 / sqrt(K 1)_i, by filtering a constant 1 through the lattice (scalar values).
-void lattice_norm(const Lattice& lat, std::vector<float>& norm) {
+// Both lattices have a fixed simplex size (3 or 6 corners), so the corner loops unroll.
+template <int CP, int DP1>
+inline void slice(Row<CP>& msg, const Pairwise& pw, int64_t p, int cp) {
+  const int32_t* off = pw.lat->offset.data() + p * DP1;
+  const float* w = pw.lat->weight.data() + p * DP1;
+  msg.zero();
+  for (int r = 0; r < DP1; ++r) msg.fma(w[r], pw.val.data() + static_cast<int64_t>(off[r]) * cp);
+}
+template <int CP, int DP1>
+inline void splat(const Row<CP>& row, const Pairwise& pw, float* buf, int64_t p, int cp) {
+  const int32_t* off = pw.lat->offset.data() + p * DP1;
+  const float* w = pw.lat->weight.data() + p * DP1;
+  for (int r = 0; r < DP1; ++r) row.scatter(buf + static_cast<int64_t>(off[r]) * cp, w[r]);
+}
+
+// n_i = 1 / sqrt(K 1)_i, by filtering a constant 1 through the lattice (scalar values), folded into
+// the barycentric weights, which are then the splat weights: w_ir n_i.
+void normalise_weights(Lattice& lat) {
   const int dp1 = lat.d + 1;
   const int64_t n = lat.n, m = lat.m;
   std::vector<float> a(m + 1, 0.0f), b(m + 1, 0.0f);
@@ -409,12 +467,14 @@ void lattice_norm(const Lattice& lat, std::vector<float>& norm) {
     std::swap(a, b);
   }
   const float alpha = 1.0f / (1.0f + std::pow(2.0f, -static_cast<float>(lat.d)));
-  norm.resize(n);
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
+      float* w = lat.weight.data() + p * dp1;
+      const int32_t* off = lat.offset.data() + p * dp1;
       float s = 0.0f;
-      for (int r = 0; r < dp1; ++r) s += lat.weight[p * dp1 + r] * alpha * a[lat.offset[p * dp1 + r]];
-      norm[p] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s) + 1e-20));
+      for (int r = 0; r < dp1; ++r) s += w[r] * alpha * a[off[r]];
+      const float norm = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s) + kNormEps));
+      for (int r = 0; r < dp1; ++r) w[r] *= norm;
     }
   });
 }
@@ -437,47 +497,53 @@ void crf_image(const ImageArgs& args, int cp_rt) {
   const int64_t c = args.c, n = args.h * args.w;
   const int chunks = args.chunks;
 
-  std::vector<std::unique_ptr<Lattice>> lattices;
+  // Each lattice (build, normalisation, buffers) is one task, the two running concurrently: their
+  // inner parallel loops then run inline, so the whole set-up is one parallel region instead of a
+  // dozen, each of which would wait for the slowest thread (costly when other processes share the
+  // cores).
+  std::vector<int> dims;
   std::vector<float> compats;
   if (args.gaussian_compat != 0.0f) {
-    lattices.push_back(build_lattice<2>(args.h, args.w, args.gaussian_sxy, 1.0f, nullptr));
+    dims.push_back(2);
     compats.push_back(args.gaussian_compat);
   }
   if (args.bilateral_compat != 0.0f) {
-    lattices.push_back(build_lattice<5>(args.h, args.w, args.bilateral_sxy, args.bilateral_srgb, args.rgb));
+    dims.push_back(5);
     compats.push_back(args.bilateral_compat);
   }
-  std::vector<Pairwise> kernels(lattices.size());
-  for (size_t k = 0; k < lattices.size(); ++k) {
-    Pairwise& pw = kernels[k];
-    const Lattice& lat = *lattices[k];
-    pw.lat = &lat;
-    std::vector<float> norm;
-    lattice_norm(lat, norm);
-    const int dp1 = lat.d + 1;
-    const float alpha = 1.0f / (1.0f + std::pow(2.0f, -static_cast<float>(lat.d)));
-    pw.splat_w.resize(n * dp1);
-    pw.slice_w.resize(n * dp1);
-    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p)
-        for (int r = 0; r < dp1; ++r) {
-          const float wgt = lat.weight[p * dp1 + r];
-          pw.splat_w[p * dp1 + r] = wgt * norm[p];
-          pw.slice_w[p * dp1 + r] = wgt * alpha * norm[p] * compats[k];
-        }
-    });
-    pw.val.assign((lat.m + 1) * cp, 0.0f);
-    pw.tmp.assign((lat.m + 1) * cp, 0.0f);
-    pw.priv.assign(static_cast<size_t>(chunks) * (lat.m + 1) * cp, 0.0f);
-  }
+  std::vector<std::unique_ptr<Lattice>> lattices(dims.size());
+  std::vector<Pairwise> kernels(dims.size());
+  at::parallel_for(0, static_cast<int64_t>(dims.size()), 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      lattices[k] = dims[k] == 2
+                        ? build_lattice<2>(args.h, args.w, args.gaussian_sxy, 1.0f, nullptr)
+                        : build_lattice<5>(args.h, args.w, args.bilateral_sxy, args.bilateral_srgb, args.rgb);
+      Pairwise& pw = kernels[k];
+      Lattice& lat = *lattices[k];
+      pw.lat = &lat;
+      normalise_weights(lat);
+      pw.slice_scale = compats[k] / (1.0f + std::pow(2.0f, -static_cast<float>(lat.d)));
+      pw.val = Buffer<float>((lat.m + 1) * cp);
+      pw.tmp = Buffer<float>((lat.m + 1) * cp);
+      pw.priv = Buffer<float>(chunks * (lat.m + 1) * cp);
+      pw.val.zero();
+      pw.tmp.zero();
+      pw.priv.zero();
+    }
+  });
 
   // -U = log(clip(P)), pixel-major, padded lanes -inf so they get probability exactly 0.
-  std::vector<float> logp(n * cp);
-  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      float* row = logp.data() + p * cp;
-      for (int64_t l = 0; l < c; ++l) row[l] = args.logp[l * n + p];
-      for (int l = c; l < cp; ++l) row[l] = -std::numeric_limits<float>::infinity();
+  // The class planes are n floats apart (a multiple of the L1 set stride for power-of-two images), so
+  // visiting all C planes per pixel would thrash L1: transpose (and write the output back) in runs
+  // of kBlock pixels per plane instead.
+  Buffer<float> logp(n * cp);
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 256, [&](int64_t b0, int64_t b1) {
+    for (int64_t p0 = b0 * kBlock; p0 < std::min(n, b1 * kBlock); p0 += kBlock) {
+      const int64_t p1 = std::min(n, p0 + kBlock);
+      for (int64_t l = 0; l < c; ++l)
+        for (int64_t p = p0; p < p1; ++p) logp[p * cp + l] = args.logp[l * n + p];
+      for (int64_t p = p0; p < p1; ++p)
+        for (int l = c; l < cp; ++l) logp[p * cp + l] = -std::numeric_limits<float>::infinity();
     }
   });
   std::vector<float> lane_mask(cp);
@@ -486,30 +552,43 @@ void crf_image(const ImageArgs& args, int cp_rt) {
   // One pass over the pixels: messages (if any) + unary, softmax, then splat or write out.
   auto pixel_pass = [&](bool messages, bool last) {
     at::parallel_for(0, chunks, 1, [&](int64_t t0, int64_t t1) {
+      Buffer<float> blk_store(kBlock * cp);
+      float* blk = blk_store.data();
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t begin = n * t / chunks, end = n * (t + 1) / chunks;
-        Row<CP> row(cp);
+        Row<CP> row(cp), msg(cp);
         const float* mask = lane_mask.data();
-        for (int64_t p = begin; p < end; ++p) {
-          row.load(logp.data() + p * cp);
-          if (messages) {
-            for (const Pairwise& pw : kernels) {
-              const int dp1 = pw.lat->d + 1;
-              const int32_t* off = pw.lat->offset.data() + p * dp1;
-              const float* wr = pw.slice_w.data() + p * dp1;
-              for (int r = 0; r < dp1; ++r) row.fma(wr[r], pw.val.data() + static_cast<int64_t>(off[r]) * cp);
+        for (int64_t p0 = begin; p0 < end; p0 += kBlock) {
+          const int nb = static_cast<int>(std::min<int64_t>(kBlock, end - p0));
+          for (int i = 0; i < nb; ++i) {
+            const int64_t p = p0 + i;
+            row.load(logp.data() + p * cp);
+            if (messages) {
+              for (const Pairwise& pw : kernels) {
+                if (pw.lat->d == 2)
+                  slice<CP, 3>(msg, pw, p, cp);
+                else
+                  slice<CP, 6>(msg, pw, p, cp);
+                row.add(pw.slice_scale, msg);
+              }
             }
+            row.softmax(mask);
+            row.store(blk + i * cp);
           }
-          row.softmax(mask);
           if (last) {
-            for (int64_t l = 0; l < c; ++l) args.out[l * n + p] = row[static_cast<int>(l)];
-          } else {
+            for (int64_t l = 0; l < c; ++l)
+              for (int i = 0; i < nb; ++i) args.out[l * n + p0 + i] = blk[i * cp + l];
+            continue;
+          }
+          for (int i = 0; i < nb; ++i) {
+            const int64_t p = p0 + i;
+            row.load(blk + i * cp);
             for (Pairwise& pw : kernels) {
-              const int dp1 = pw.lat->d + 1;
-              const int32_t* off = pw.lat->offset.data() + p * dp1;
-              const float* ws = pw.splat_w.data() + p * dp1;
               float* buf = pw.priv.data() + t * (pw.lat->m + 1) * cp;
-              for (int r = 0; r < dp1; ++r) row.scatter(buf + static_cast<int64_t>(off[r]) * cp, ws[r]);
+              if (pw.lat->d == 2)
+                splat<CP, 3>(row, pw, buf, p, cp);
+              else
+                splat<CP, 6>(row, pw, buf, p, cp);
             }
           }
         }
@@ -523,7 +602,7 @@ void crf_image(const ImageArgs& args, int cp_rt) {
     const int64_t stride = (m + 1) * cp;
     if (chunks == 1) {  // the only splat buffer becomes the values; the old values are the next buffer
       std::swap(pw.val, pw.priv);
-      std::fill(pw.priv.begin(), pw.priv.begin() + m * cp, 0.0f);
+      std::fill(pw.priv.data(), pw.priv.data() + m * cp, 0.0f);
     } else {
       at::parallel_for(0, m, kVertexGrain, [&](int64_t begin, int64_t end) {
         for (int64_t v = begin; v < end; ++v) {
@@ -562,7 +641,11 @@ void crf_image(const ImageArgs& args, int cp_rt) {
 
   pixel_pass(false, args.n_iters == 0);
   for (int64_t it = 1; it <= args.n_iters; ++it) {
-    for (Pairwise& pw : kernels) reduce_and_blur(pw);
+    // The two lattices' blurs are independent and cost about the same (Gaussian: 3 axes of ~1.5x as
+    // many vertices as the bilateral lattice's 6 axes), so they run as two tasks.
+    at::parallel_for(0, static_cast<int64_t>(kernels.size()), 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) reduce_and_blur(kernels[k]);
+    });
     pixel_pass(true, it == args.n_iters);
   }
 }
