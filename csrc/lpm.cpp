@@ -20,7 +20,25 @@
 //   projection, no affine output). Without LayerNorm the projection is re-associated when that is
 //   cheaper ((e V) x^T: C-sized instead of N-sized), and its backward is entirely C-sized.
 //   The backward recomputes, per chunk, d p = G^T (e * gamma), runs the LayerNorm backward in place
-//   and feeds d x = d y V and d V += d y^T x straight from the chunk.
+//   and feeds d x = d y V and d V += d y^T x straight from the chunk, with Z = G xhat taken from the
+//   same chunk. d x is written channel-first ((B, D, N) storage), the layout of the (B, N, D) view of
+//   a (B, D, H, W) map, so autograd hands it to the map without a transposing copy.
+//   When C is small, d V skips the N-sized d y^T x: with d y_n = rstd_n (u_n - m1_n - m2_n xhat_n),
+//   u_n = (e * gamma)^T g_n and xhat_n = rstd_n (Vc x_n + v0c) (Vc, v0c as below),
+//       d V = (e * gamma)^T [(G * rstd) x] - 1 (sum_n rstd m1 x_n)^T - Vc S - v0c s^T,
+//   S = sum_n w_n x_n x_n^T, s = sum_n w_n x_n, w_n = rstd_n^2 m2_n: a C-sized GEMM plus the symmetric
+//   S, of which only the lower block triangle is computed (about D^2 / 2 multiply-adds per pixel).
+// * lpm_logits in inference with LayerNorm, when cheaper (always at RPN's sizes): the LayerNorm folded
+//   into the weights, which removes the N-sized projection GEMM. With Vc = V minus its mean over the
+//   output features and v0c likewise, y - mean(y) = Vc x + v0c exactly, so
+//       logits = rstd * (A x + a0) + scale e . beta,   A = scale (e * gamma) Vc (C x D, per image),
+//   a C-sized GEMM, and rstd needs only |Vc x + v0c|. That is |R [x; 1]| with R the triangular factor
+//   of the QR of [Vc | v0c]: a triangular product, K-split in column blocks so each GEMM skips the
+//   zero part of R (about D^2 / 2 instead of D * D_out multiply-adds per pixel for D_out = D). The
+//   centring happens on the weights, before any product, so a large mean of y costs no accuracy.
+//   The QR runs on one thread while the other builds the C-sized numerators.
+// Work is handed out to the threads one task at a time (parallel_tasks): on a machine shared with
+// other jobs a static split makes every region wait for its slowest thread.
 //
 // Accumulation dtype: float32 (bfloat16 / float16 inputs are converted once), float64 for float64.
 #include <ATen/ATen.h>
@@ -30,10 +48,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <numeric>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "cpu_dispatch.h"
 
@@ -92,9 +113,10 @@ inline T ln_forward_row(T* y, int64_t n, const T* bias, double eps) {
   return rstd;
 }
 
-// One row of the LayerNorm backward, in place: u <- rstd * (u - mean(u) - xhat * mean(u * xhat)).
+// One row of the LayerNorm backward, in place: u <- rstd * (u - mean(u) - xhat * mean(u * xhat));
+// the two means are stored to *mean_u and *mean_ux when given.
 template <typename T>
-inline void ln_backward_row(T* u, const T* xhat, int64_t n, T rstd) {
+inline void ln_backward_row(T* u, const T* xhat, int64_t n, T rstd, T* mean_u = nullptr, T* mean_ux = nullptr) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int64_t W = Vec::size();
   Vec a1(T(0)), a2(T(0));
@@ -108,6 +130,8 @@ inline void ln_backward_row(T* u, const T* xhat, int64_t n, T rstd) {
   for (; k < n; ++k) { t1 += u[k]; t2 += u[k] * xhat[k]; }
   const T m1 = (hsum(a1) + t1) / T(n);
   const T m2 = (hsum(a2) + t2) / T(n);
+  if (mean_u) *mean_u = m1;
+  if (mean_ux) *mean_ux = m2;
   const Vec vm1(m1), vm2(m2), vr(rstd);
   for (k = 0; k + W <= n; k += W) {
     Vec r = (Vec::loadu(u + k) - vm1 - Vec::loadu(xhat + k) * vm2) * vr;
@@ -158,6 +182,37 @@ at::Tensor as_compute(const at::Tensor& t, at::ScalarType ct) {
 int64_t chunk_rows(int64_t n, int64_t d_out) {
   int64_t r = std::max<int64_t>(64, (int64_t(1) << 18) / std::max<int64_t>(d_out, 1));
   return std::min<int64_t>(std::max<int64_t>(n, 1), r);
+}
+
+// Threads of a parallel_tasks region over n tasks.
+int64_t task_slots(int64_t n) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+}
+
+// Runs fn(slot, claim) once per intra-op thread: claim() hands out the tasks [0, n) one at a time (-1
+// when none is left) and slot < task_slots(n) names the thread, for its scratch and partial sums. The
+// hand-out is dynamic rather than a static share per thread: on a shared machine a thread that loses
+// its core then does fewer tasks instead of holding up the join.
+template <typename F>
+void parallel_tasks(int64_t n, const F& fn) {
+  std::atomic<int64_t> next{0};
+  auto claim = [&]() -> int64_t {
+    const int64_t t = next++;
+    return t < n ? t : -1;
+  };
+  at::parallel_for(0, task_slots(n), 1, [&](int64_t slot, int64_t) {
+    // ATen ops on worker threads: the caller's below-autograd dispatch state is thread-local.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    fn(slot, claim);
+  });
+}
+
+// Runs fn with ATen's intra-op parallelism off (as inside a parallel region): for the small tensor ops
+// around the heavy regions, which do not pay for a fork/join of their own (on a shared machine each
+// join can wait a scheduler time slice for a descheduled thread).
+template <typename F>
+void serial(const F& fn) {
+  at::parallel_for(0, 1, 1, [&](int64_t, int64_t) { fn(); });
 }
 
 }  // namespace
@@ -408,6 +463,175 @@ inline bool reassociate(int64_t C, int64_t N, int64_t D, int64_t Do) {
   return C * Do * D + C * N * D < N * D * Do + C * N * Do;
 }
 
+// Column block of the triangular product z = R x' of the folded LayerNorm (see the top comment).
+constexpr int64_t kTriBlock = 64;
+
+// Multiply-adds per pixel of z = R[:, :D] x with R (K, D + 1) upper trapezoidal, K-split in blocks of
+// kTriBlock columns: block [k, k + kw) meets rows [0, min(k + kw, K)) only.
+inline int64_t triangular_fmas(int64_t D, int64_t K) {
+  int64_t s = 0;
+  for (int64_t k = 0; k < D; k += kTriBlock) {
+    const int64_t kw = std::min(kTriBlock, D - k);
+    s += kw * std::min(k + kw, K);
+  }
+  return s;
+}
+
+// Multiply-adds of the Householder QR of an (m, n) matrix (half of LAPACK's geqrf FLOP count).
+inline int64_t qr_fmas(int64_t m, int64_t n) {
+  return m >= n ? m * n * n - n * n * n / 3 : n * m * m - m * m * m / 3;
+}
+
+// Multiply-adds per pixel of the lower block triangle of the symmetric S = X^T diag(w) X (D x D) in
+// column blocks of kTriBlock: block [j, j + jw) takes rows [j, D).
+inline int64_t gram_fmas(int64_t D) {
+  int64_t s = 0;
+  for (int64_t j = 0; j < D; j += kTriBlock) s += std::min(kTriBlock, D - j) * (D - j);
+  return s;
+}
+
+// Backward with LayerNorm: d V through the Gram form (see the top comment) when it costs less than
+// d y^T x. Mirrored by lpm_logits_flops in Python.
+inline bool gram_weight_grad(int64_t B, int64_t C, int64_t N, int64_t D, int64_t Do) {
+  return B * N * (C * D + gram_fmas(D)) + Do * D * D + B * C * Do * D < B * N * D * Do;
+}
+
+// Inference with LayerNorm: the folded form (K-split triangular product, C-sized logits GEMM, one QR)
+// against the plain one (projection, then logits). The QR is weighted 4x: LAPACK's panel
+// factorisation runs far below GEMM rate at these sizes. Mirrored by lpm_logits_flops in Python.
+inline bool fold_layer_norm(int64_t B, int64_t C, int64_t N, int64_t D, int64_t Do) {
+  const int64_t K = std::min(Do, D + 1);
+  const int64_t folded = B * C * Do * D + B * C * N * D + B * N * triangular_fmas(D, K) + 4 * qr_fmas(Do, D + 1);
+  return folded < B * N * D * Do + B * C * N * Do;
+}
+
+// Inference logits with the LayerNorm folded into the weights (B, C, N); x (B, N, D) any strides, e
+// (B, C, Do), bias and beta possibly undefined, all in the compute dtype.
+at::Tensor folded_logits(const at::Tensor& x, const at::Tensor& e_in, const at::Tensor& w_in, const at::Tensor& bias,
+                         const at::Tensor& gamma_in, const at::Tensor& beta, double eps, double scale) {
+  const int64_t B = x.size(0), N = x.size(1), D = x.size(2), C = e_in.size(1), Do = w_in.size(0);
+  auto opts = x.options();
+  const at::Tensor e = e_in.contiguous(), w = w_in.contiguous(), gamma = gamma_in.contiguous();
+  const at::Tensor bc = bias.defined() ? bias.contiguous() : bias, betac = beta.defined() ? beta.contiguous() : beta;
+  // [Vc | v0c]: the weights and bias with their mean over the output features removed, so that
+  // y - mean(y) = Vc x + v0c exactly (no cancellation however large the mean of y).
+  at::Tensor aug = at::empty({Do, D + 1}, opts);
+  at::Tensor logits = at::empty({B, C, N}, opts);
+  at::Tensor a0 = at::empty({B, C}, opts), cb = at::empty({B, C}, opts);
+  at::Tensor r;  // (K, D + 1) upper trapezoidal, K = min(Do, D + 1): |Vc x + v0c| = |R [x; 1]|
+  const int64_t R = chunk_rows(N, Do);
+  const int64_t chunks = (N + R - 1) / R;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lpm_folded_logits", [&] {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    constexpr int64_t W = Vec::size();
+    const scalar_t* pw = w.data_ptr<scalar_t>();
+    const scalar_t* pb = bc.defined() ? bc.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pg = gamma.data_ptr<scalar_t>();
+    const scalar_t* pbeta = betac.defined() ? betac.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pe = e.data_ptr<scalar_t>();
+    scalar_t* paug = aug.data_ptr<scalar_t>();
+    scalar_t* pa0 = a0.data_ptr<scalar_t>();
+    scalar_t* pcb = cb.data_ptr<scalar_t>();
+    scalar_t* pl = logits.data_ptr<scalar_t>();
+    // Serial: (Do, D) elementwise work is not worth a fork/join of its own.
+    std::vector<scalar_t> colmean(D, scalar_t(0));
+    for (int64_t o = 0; o < Do; ++o) add_row<scalar_t>(colmean.data(), pw + o * D, D);
+    for (auto& m : colmean) m /= scalar_t(Do);
+    // In double: a rounding error of the mean would shift every centred entry alike, i.e. un-centre y.
+    scalar_t bmean = 0;
+    if (pb) bmean = static_cast<scalar_t>(std::accumulate(pb, pb + Do, 0.0) / static_cast<double>(Do));
+    for (int64_t o = 0; o < Do; ++o) {
+      scalar_t* row = paug + o * (D + 1);
+      int64_t k = 0;
+      for (; k + W <= D; k += W) (Vec::loadu(pw + o * D + k) - Vec::loadu(colmean.data() + k)).store(row + k);
+      for (; k < D; ++k) row[k] = pw[o * D + k] - colmean[k];
+      row[D] = pb ? pb[o] - bmean : scalar_t(0);
+    }
+    const at::Tensor vc = aug.narrow(1, 0, D), v0c = aug.select(1, D);
+    // Phase 1, scheduled dynamically: the QR (LAPACK's many panel steps run single-threaded, without
+    // a fork/join per step) alongside the C-sized numerators, written raw into the logits:
+    // logits_b = A_b x_b^T with A_b = scale (e_b * gamma) Vc, a0_b = scale (e_b * gamma) v0c and
+    // cb_b = scale e_b beta.
+    parallel_tasks(B + 1, [&](int64_t, const auto& claim) {
+      at::Tensor ep = at::empty({C, Do}, opts), a = at::empty({C, D}, opts);
+      scalar_t* pep = ep.data_ptr<scalar_t>();
+      for (int64_t task; (task = claim()) >= 0;) {
+        if (task == 0) {
+          r = std::get<1>(at::linalg_qr(aug, "r"));
+          continue;
+        }
+        const int64_t b = task - 1;
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* erow = pe + (b * C + c) * Do;
+          scalar_t* row = pep + c * Do;
+          mul_row<scalar_t>(row, erow, pg, Do);
+          Vec acc1(scalar_t(0));
+          int64_t k = 0;
+          scalar_t t0 = 0, t1 = 0;
+          for (; k + W <= Do; k += W) {
+            const Vec v = Vec::loadu(row + k) * Vec(scalar_t(scale));
+            v.store(row + k);
+            if (pbeta) acc1 = at::vec::fmadd(Vec::loadu(erow + k), Vec::loadu(pbeta + k), acc1);
+          }
+          for (; k < Do; ++k) {
+            row[k] *= scalar_t(scale);
+            if (pbeta) t1 += erow[k] * pbeta[k];
+          }
+          for (int64_t o = 0; o < Do; ++o) t0 += row[o] * paug[o * (D + 1) + D];  // v0c: a strided column
+          pa0[b * C + c] = t0;
+          pcb[b * C + c] = scalar_t(scale) * (hsum(acc1) + t1);
+        }
+        at::mm_out(a, ep, vc);
+        at::Tensor lb = logits[b];
+        at::mm_out(lb, a, x[b].t());
+      }
+    });
+    const at::Tensor r_bias = r.select(1, D).contiguous();
+    const int64_t K = r.size(0);
+    const scalar_t* prb = r_bias.data_ptr<scalar_t>();
+    // Phase 2, per image and chunk of pixels: z = R [x; 1] by K-split blocks (block [k, k + kw) of
+    // x's features meets only R's first k + kw rows), its squared norm gives rstd, and the chunk's
+    // logits columns are finished in place: (raw + a0) * rstd + cb.
+    parallel_tasks(B * chunks, [&](int64_t, const auto& claim) {
+      at::Tensor z = at::empty({R, K}, opts);
+      std::vector<scalar_t> rs(R);
+      scalar_t* pz = z.data_ptr<scalar_t>();
+      for (int64_t task; (task = claim()) >= 0;) {
+        const int64_t b = task / chunks, n0 = (task % chunks) * R, rows = std::min(R, N - n0);
+        const at::Tensor xb = x[b].narrow(0, n0, rows);
+        for (int64_t i = 0; i < rows; ++i) std::copy(prb, prb + K, pz + i * K);
+        for (int64_t k = 0; k < D; k += kTriBlock) {
+          const int64_t kw = std::min(kTriBlock, D - k), re = std::min(k + kw, K);
+          z.narrow(0, 0, rows).narrow(1, 0, re).addmm_(xb.narrow(1, k, kw), r.narrow(0, 0, re).narrow(1, k, kw).t());
+        }
+        for (int64_t i = 0; i < rows; ++i) {
+          const scalar_t* zi = pz + i * K;
+          Vec acc(scalar_t(0));
+          int64_t k = 0;
+          scalar_t tail = 0;
+          for (; k + W <= K; k += W) {
+            const Vec v = Vec::loadu(zi + k);
+            acc = at::vec::fmadd(v, v, acc);
+          }
+          for (; k < K; ++k) tail += zi[k] * zi[k];
+          rs[i] = scalar_t(1) / std::sqrt((hsum(acc) + tail) / scalar_t(Do) + scalar_t(eps));
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          scalar_t* row = pl + (b * C + c) * N + n0;
+          const scalar_t s0 = pa0[b * C + c], s1 = pcb[b * C + c];
+          const Vec va0(s0), vcb(s1);
+          int64_t i = 0;
+          for (; i + W <= rows; i += W) {
+            at::vec::fmadd(Vec::loadu(row + i) + va0, Vec::loadu(rs.data() + i), vcb).store(row + i);
+          }
+          for (; i < rows; ++i) row[i] = (row[i] + s0) * rs[i] + s1;
+        }
+      }
+    });
+  });
+  return logits;
+}
+
 LpmTensor3 logits_forward_kernel(const at::Tensor& pixels_in, const at::Tensor& emb_in, const at::Tensor& weight_in,
                                  const std::optional<at::Tensor>& bias_in, const std::optional<at::Tensor>& nw_in,
                                  const std::optional<at::Tensor>& nb_in, double eps, double scale, bool save) {
@@ -432,8 +656,13 @@ LpmTensor3 logits_forward_kernel(const at::Tensor& pixels_in, const at::Tensor& 
     }
     return {logits.to(dt), empty(), empty()};
   }
-  // gamma and beta move to the class side: logits = (scale e * gamma) xhat^T + scale e . beta.
   const at::Tensor gamma = as_compute(*nw_in, ct);
+  if (!save && fold_layer_norm(B, C, N, D, Do)) {
+    return {folded_logits(x, e, w, bias, gamma, nb_in.has_value() ? as_compute(*nb_in, ct) : at::Tensor(), eps, scale)
+                .to(dt),
+            empty(), empty()};
+  }
+  // gamma and beta move to the class side: logits = (scale e * gamma) xhat^T + scale e . beta.
   const at::Tensor ep = (e * gamma).mul_(scale);
   const at::Tensor cb = nb_in.has_value() ? at::matmul(e, as_compute(*nb_in, ct)).mul_(scale) : at::zeros({B, C}, opts);
   at::Tensor xhat = save ? at::empty({B, N, Do}, opts) : empty();
@@ -445,11 +674,9 @@ LpmTensor3 logits_forward_kernel(const at::Tensor& pixels_in, const at::Tensor& 
   // while its chunk stays in that core's L2.
   AT_DISPATCH_FLOATING_TYPES(ct, "lpm_logits_forward", [&] {
     const scalar_t* pb = bias_in.has_value() ? bias.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
-      // ATen ops on worker threads: the caller's below-autograd dispatch state is thread-local.
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
+    parallel_tasks(B * chunks, [&](int64_t, const auto& claim) {
       at::Tensor scratch = save ? at::Tensor() : at::empty({R, Do}, opts);
-      for (int64_t task = t0; task < t1; ++task) {
+      for (int64_t task; (task = claim()) >= 0;) {
         const int64_t b = task / chunks, n0 = (task % chunks) * R, r = std::min(R, N - n0);
         at::Tensor chunk = save ? xhat[b].narrow(0, n0, r) : scratch.narrow(0, 0, r);
         at::mm_out(chunk, x[b].narrow(0, n0, r), wt);
@@ -477,12 +704,16 @@ LpmTensor6 logits_backward_kernel(const at::Tensor& grad_in, const at::Tensor& p
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2), C = e.size(1), Do = w.size(0);
   auto opts = x.options().dtype(ct);
   auto empty = [&]() { return at::empty({0}, pixels_in.options()); };  // outputs may not alias
-  const at::Tensor g = as_compute(grad_in, ct).mul(scale);  // (B, C, N), scale folded in once
-  const at::Tensor rows = g.sum(2);                             // (B, C)
+  at::Tensor g, rows;
+  serial([&] {
+    g = as_compute(grad_in, ct).mul(scale);  // (B, C, N), scale folded in once
+    rows = g.sum(2);                          // (B, C)
+  });
   if (!nw_in.has_value()) {
     const at::Tensor a = at::mm(e.reshape({B * C, Do}), w).view({B, C, D});
     const at::Tensor m = at::bmm(g, x);  // (B, C, D)
-    at::Tensor g_x = at::bmm(g.transpose(1, 2), a);
+    at::Tensor g_x = at::empty({B, D, N}, opts).transpose(1, 2);  // channel-first, see below
+    at::bmm_out(g_x, g.transpose(1, 2), a);
     at::Tensor g_e = at::mm(m.reshape({B * C, D}), w.t()).view({B, C, Do});
     at::Tensor g_b = empty();
     if (bias_in.has_value()) {
@@ -494,52 +725,153 @@ LpmTensor6 logits_backward_kernel(const at::Tensor& grad_in, const at::Tensor& p
   }
   const at::Tensor gamma = as_compute(*nw_in, ct);
   const at::Tensor xhat = xhat_in.contiguous(), rstd = rstd_in.contiguous();
-  const at::Tensor z = at::bmm(g, xhat);  // (B, C, Do)
-  at::Tensor g_e = z * gamma;
-  at::Tensor g_beta = empty();
-  if (nb_in.has_value()) {
-    g_e.add_(rows.unsqueeze(2) * as_compute(*nb_in, ct));
-    g_beta = at::mv(e.reshape({B * C, Do}).t(), rows.reshape({B * C})).to(dt);
-  }
-  at::Tensor g_gamma = (e * z).sum({0, 1}).to(dt);
-  const at::Tensor ep = e * gamma;
-  at::Tensor g_x = at::empty({B, N, D}, opts);
+  at::Tensor ep;
+  serial([&] { ep = e * gamma; });
+  // d x stored channel-first, (B, D, N): the layout of the (B, N, D) view of a (B, D, H, W) map, which
+  // autograd then hands to the map as it is, without a transposing copy. Fixed by the shape alone (the
+  // fake kernel's contract), whatever the strides of the pixels.
+  at::Tensor g_x = at::empty({B, D, N}, opts).transpose(1, 2);
   const int64_t R = chunk_rows(N, Do);
   const int64_t chunks = (N + R - 1) / R;
-  // d V and d v0 are sums over all tasks: one partial per thread, reduced once at the end.
-  const int64_t P = std::min<int64_t>(at::get_num_threads(), B * chunks);
-  at::Tensor g_w_part = at::zeros({P, Do, D}, opts);
-  at::Tensor g_b_part = at::zeros({P, Do}, opts);
+  // Z = G xhat (B, C, Do), per chunk while the chunk of xhat is in cache for the LayerNorm backward.
+  at::Tensor z_part = at::empty({B, chunks, C, Do}, opts);
+  // d V and d v0 are sums over all tasks: one partial per thread, reduced once at the end. In the Gram
+  // form the partials are S (D x D, lower block triangle), s = sum_n w_n x_n and t = sum_n q_n x_n, and
+  // per image and chunk T1 = (G * rstd) x.
+  const int64_t P = task_slots(B * chunks);
+  const bool gram = gram_weight_grad(B, C, N, D, Do);
+  at::Tensor g_w_part, g_b_part, s_part;
+  serial([&] {
+    g_w_part = at::zeros({P, gram ? D : Do, D}, opts);
+    g_b_part = at::zeros({P, Do}, opts);
+    if (gram) s_part = at::zeros({P, 2, D}, opts);
+  });
+  at::Tensor t1_part = gram ? at::empty({B, chunks, C, D}, opts) : at::Tensor();
   const bool has_bias = bias_in.has_value();
   AT_DISPATCH_FLOATING_TYPES(ct, "lpm_logits_backward", [&] {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    constexpr int64_t W = Vec::size();
     const scalar_t* px = xhat.data_ptr<scalar_t>();
     const scalar_t* pr = rstd.data_ptr<scalar_t>();
-    at::parallel_for(0, B * chunks, 1, [&](int64_t t0, int64_t t1) {
-      // ATen ops on worker threads: the caller's below-autograd dispatch state is thread-local.
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const int64_t tid = std::min<int64_t>(at::get_thread_num(), P - 1);
+    const scalar_t* pxin = x.data_ptr<scalar_t>();
+    const int64_t xs0 = x.stride(0), xs1 = x.stride(1), xs2 = x.stride(2);
+    parallel_tasks(B * chunks, [&](int64_t slot, const auto& claim) {
       at::Tensor u = at::empty({R, Do}, opts);
-      at::Tensor gw = g_w_part[tid];
-      scalar_t* pgb = g_b_part.data_ptr<scalar_t>() + tid * Do;
-      for (int64_t task = t0; task < t1; ++task) {
+      at::Tensor gw = g_w_part[slot];
+      scalar_t* pgb = g_b_part.data_ptr<scalar_t>() + slot * Do;
+      // Gram form: per row n of the chunk w_n = rstd^2 mean(u xhat), q_n = rstd mean(u); x w as (D, rows).
+      at::Tensor xw = gram ? at::empty({D, R}, opts) : at::Tensor();
+      at::Tensor gs = gram ? at::empty({C, R}, opts) : at::Tensor();
+      std::vector<scalar_t> wq(gram ? 2 * R : 0);
+      for (int64_t task; (task = claim()) >= 0;) {
         const int64_t b = task / chunks, n0 = (task % chunks) * R, r = std::min(R, N - n0);
         at::Tensor ub = u.narrow(0, 0, r);
-        at::mm_out(ub, g[b].narrow(1, n0, r).t(), ep[b]);  // d p * gamma for the chunk's pixels
+        const at::Tensor gc = g[b].narrow(1, n0, r);
+        const at::Tensor xc = x[b].narrow(0, n0, r);
+        at::Tensor zc = z_part[b][task % chunks];
+        at::mm_out(zc, gc, xhat[b].narrow(0, n0, r));
+        at::mm_out(ub, gc.t(), ep[b]);  // d p * gamma for the chunk's pixels
         scalar_t* pu = ub.data_ptr<scalar_t>();
         const scalar_t* pxh = px + (b * N + n0) * Do;
         const scalar_t* prs = pr + b * N + n0;
+        scalar_t* pw = wq.data();
+        scalar_t* pq = pw + R;
         for (int64_t i = 0; i < r; ++i) {
-          ln_backward_row<scalar_t>(pu + i * Do, pxh + i * Do, Do, prs[i]);
+          ln_backward_row<scalar_t>(pu + i * Do, pxh + i * Do, Do, prs[i], gram ? pq + i : nullptr,
+                                    gram ? pw + i : nullptr);
           if (has_bias) add_row<scalar_t>(pgb, pu + i * Do, Do);
         }
         at::Tensor gxb = g_x[b].narrow(0, n0, r);
         at::mm_out(gxb, ub, w);
-        gw.addmm_(ub.t(), x[b].narrow(0, n0, r));
+        if (!gram) {
+          gw.addmm_(ub.t(), xc);
+          continue;
+        }
+        for (int64_t i = 0; i < r; ++i) {
+          pq[i] *= prs[i];
+          pw[i] *= prs[i] * prs[i];
+        }
+        // x w (D, rows) and the sums s += x^T w, t += x^T q, one feature at a time.
+        scalar_t* pxw = xw.data_ptr<scalar_t>();
+        scalar_t* ps = s_part.data_ptr<scalar_t>() + slot * 2 * D;
+        const scalar_t* xb = pxin + b * xs0 + n0 * xs1;
+        for (int64_t d = 0; d < D; ++d) {
+          const scalar_t* xd = xb + d * xs2;
+          scalar_t* dst = pxw + d * R;
+          scalar_t sw = 0, sq = 0;
+          int64_t i = 0;
+          if (xs1 == 1) {
+            Vec aw(scalar_t(0)), aq(scalar_t(0));
+            for (; i + W <= r; i += W) {
+              const Vec v = Vec::loadu(xd + i);
+              const Vec vw = v * Vec::loadu(pw + i);
+              vw.store(dst + i);
+              aw = aw + vw;
+              aq = at::vec::fmadd(v, Vec::loadu(pq + i), aq);
+            }
+            sw = hsum(aw);
+            sq = hsum(aq);
+          }
+          for (; i < r; ++i) {
+            const scalar_t v = xd[i * xs1];
+            dst[i] = v * pw[i];
+            sw += dst[i];
+            sq += v * pq[i];
+          }
+          ps[d] += sw;
+          ps[D + d] += sq;
+        }
+        // S += (x w)^T x on the lower block triangle: column block [j, j + jw) from rows [j, D).
+        const at::Tensor xwc = xw.narrow(1, 0, r);
+        for (int64_t j = 0; j < D; j += kTriBlock) {
+          const int64_t jw = std::min(kTriBlock, D - j);
+          gw.narrow(0, j, D - j).narrow(1, j, jw).addmm_(xwc.narrow(0, j, D - j), xc.narrow(1, j, jw));
+        }
+        // T1 = (G * rstd) x for the chunk.
+        at::Tensor gsc = gs.narrow(1, 0, r);
+        gsc.copy_(gc).mul_(rstd[b].narrow(0, n0, r));
+        at::Tensor t1c = t1_part[b][task % chunks];
+        at::mm_out(t1c, gsc, xc);
       }
     });
   });
-  at::Tensor g_w = P == 1 ? g_w_part[0] : g_w_part.sum(0);
-  at::Tensor g_b = has_bias ? (P == 1 ? g_b_part[0] : g_b_part.sum(0)) : at::Tensor();
+  at::Tensor g_e, g_gamma, g_beta = empty(), g_w, g_b, sm, sums, t1, vc, v0c;
+  serial([&] {
+    const at::Tensor z = chunks == 1 ? z_part.select(1, 0) : z_part.sum(1);
+    g_e = z * gamma;
+    if (nb_in.has_value()) {
+      g_e.add_(rows.unsqueeze(2) * as_compute(*nb_in, ct));
+      g_beta = at::mv(e.reshape({B * C, Do}).t(), rows.reshape({B * C})).to(dt);
+    }
+    g_gamma = (e * z).sum({0, 1}).to(dt);
+    g_w = P == 1 ? g_w_part[0] : g_w_part.sum(0);
+    if (has_bias) g_b = P == 1 ? g_b_part[0] : g_b_part.sum(0);
+    if (gram) {
+      sm = g_w.tril().add_(g_w.tril(-1).t());  // S mirrored from its lower block triangle
+      sums = P == 1 ? s_part[0] : s_part.sum(0);
+      t1 = (chunks == 1 ? t1_part.select(1, 0) : t1_part.sum(1)).reshape({B * C, D});
+      vc = w - w.mean(0, true);
+      if (has_bias) {
+        const at::Tensor b0 = as_compute(*bias_in, ct);
+        v0c = b0 - b0.mean();
+      }
+    }
+  });
+  if (gram) {
+    // d V = (e * gamma)^T T1 - 1 t^T - Vc S - v0c s^T, by blocks of rows in one parallel region.
+    g_w = at::empty({Do, D}, opts);
+    const at::Tensor ept = ep.reshape({B * C, Do}).t();
+    const int64_t blocks = (Do + kTriBlock - 1) / kTriBlock;
+    parallel_tasks(blocks, [&](int64_t, const auto& claim) {
+      for (int64_t task; (task = claim()) >= 0;) {
+        const int64_t o0 = task * kTriBlock, ow = std::min(kTriBlock, Do - o0);
+        at::Tensor dst = g_w.narrow(0, o0, ow);
+        at::mm_out(dst, ept.narrow(0, o0, ow), t1);
+        dst.addmm_(vc.narrow(0, o0, ow), sm, 1, -1).sub_(sums[1].unsqueeze(0));
+        if (has_bias) dst.sub_(at::outer(v0c.narrow(0, o0, ow), sums[0]));
+      }
+    });
+  }
   return {g_x.to(dt), g_e.to(dt), g_w.to(dt), g_b.defined() ? g_b.to(dt) : empty(), g_gamma, g_beta};
 }
 

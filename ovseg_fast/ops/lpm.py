@@ -12,6 +12,8 @@ Choices the issue left open (documented API):
 * ``norm_bias`` without ``norm_weight`` is an error (the LayerNorm is switched on by ``norm_weight``).
 * ``LinearProjectionModule(..., norm=True)``: both branches end in a LayerNorm (RPN's design); the
   training-free mode has no parameters and returns ``logit_scale * cos(pixel, class)``.
+* The gradient of ``lpm_logits``' pixels (B, N, D) is stored channel-first, (B, D, N), by every
+  backend: for the module's (B, D, H, W) maps autograd passes it on without a transposing copy.
 """
 
 from __future__ import annotations
@@ -271,16 +273,29 @@ def _logits_backward_op(
     """Gradients ``(pixels, class_emb, weight, bias, norm_weight, norm_bias)``, empty for absent ones."""
     args = (grad_logits, pixels, class_emb, weight, bias, norm_weight, norm_bias, xhat, rstd, scale)
     if pixels.numel() == 0 or class_emb.numel() == 0 or weight.numel() == 0:
-        return lpm_logits_backward_reference(*args)
+        return _in_pixels_layout(pixels, lpm_logits_backward_reference(*args))
     return dispatch(
         "lpm",
         pixels,
         {
-            "reference": lambda: lpm_logits_backward_reference(*args),
+            "reference": lambda: _in_pixels_layout(pixels, lpm_logits_backward_reference(*args)),
             "cpu": lambda: tuple(torch.ops.ovseg_fast.lpm_logits_cpu_backward(*args)),
-            "triton": lambda: _triton().logits_backward(*args),
+            "triton": lambda: _in_pixels_layout(pixels, _triton().logits_backward(*args)),
         },
     )
+
+
+def _channel_first(pixels: Tensor) -> Tensor:
+    """An empty (B, N, D) tensor stored as (B, D, N): the layout of the pixels' gradient. It is that of the
+    (B, N, D) view of a channel-first map (B, D, H, W), which autograd then hands to the map as it is,
+    without a transposing copy. Fixed by the shape alone, so compiled graphs can rely on it."""
+    b, n, d = pixels.shape
+    return pixels.new_empty((b, d, n)).transpose(1, 2)
+
+
+def _in_pixels_layout(pixels: Tensor, grads: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """The backends' gradients with the pixels' one laid out as the C++ kernel writes it (``_channel_first``)."""
+    return (_channel_first(pixels).copy_(grads[0]), *grads[1:])
 
 
 @_logits_backward_op.register_fake
@@ -288,7 +303,7 @@ def _logits_backward_fake(grad_logits, pixels, class_emb, weight, bias, norm_wei
     d_out = weight.shape[0]
     empty = lambda: pixels.new_empty((0,))
     return (
-        torch.empty_like(pixels, memory_format=torch.contiguous_format),
+        _channel_first(pixels),
         torch.empty_like(class_emb, memory_format=torch.contiguous_format),
         torch.empty_like(weight, memory_format=torch.contiguous_format),
         pixels.new_empty((d_out,)) if bias is not None else empty(),
@@ -337,20 +352,80 @@ def _reassociate(classes: int, pixels: int, dim: int, out_dim: int) -> bool:
     return classes * out_dim * dim + classes * pixels * dim < pixels * dim * out_dim + classes * pixels * out_dim
 
 
+_TRI_BLOCK = 64  # csrc/lpm.cpp's kTriBlock
+
+
+def _triangular_fmas(dim: int, rows: int) -> int:
+    """Multiply-adds per pixel of ``R[:, :D] x`` (R upper trapezoidal, ``rows`` rows), K-split in blocks of
+    ``_TRI_BLOCK`` features: the block ``[k, k + kw)`` meets R's first ``min(k + kw, rows)`` rows only."""
+    return sum(min(_TRI_BLOCK, dim - k) * min(k + _TRI_BLOCK, dim, rows) for k in range(0, dim, _TRI_BLOCK))
+
+
+def _qr_fmas(m: int, n: int) -> int:
+    """Multiply-adds of the Householder QR of an (m, n) matrix (half of LAPACK's geqrf FLOP count)."""
+    return m * n * n - n**3 // 3 if m >= n else n * m * m - m**3 // 3
+
+
+def _folded_fmas(batch: int, classes: int, pixels: int, dim: int, out_dim: int) -> tuple[int, int]:
+    """Multiply-adds of the folded LayerNorm logits (inference): ``A = (e * gamma) Vc`` (B C D_out D),
+    ``A x^T`` (B C N D), ``R [x; 1]`` (B N x the triangular count) and the QR of ``[Vc | v0c]``."""
+    b, c, n, d, o = batch, classes, pixels, dim, out_dim
+    qr = _qr_fmas(o, d + 1)
+    return b * c * o * d + b * c * n * d + b * n * _triangular_fmas(d, min(o, d + 1)), qr
+
+
+def _fold_layer_norm(batch: int, classes: int, pixels: int, dim: int, out_dim: int) -> bool:
+    """The C++ kernel's choice for inference with LayerNorm (csrc/lpm.cpp's fold_layer_norm): the folded
+    form when it costs less than projection + logits, its QR weighted 4x (LAPACK runs it far below GEMM rate)."""
+    gemms, qr = _folded_fmas(batch, classes, pixels, dim, out_dim)
+    b, c, n, d, o = batch, classes, pixels, dim, out_dim
+    return gemms + 4 * qr < b * n * d * o + b * c * n * o
+
+
+def _gram_fmas(dim: int) -> int:
+    """Multiply-adds per pixel of the lower block triangle of ``S = x^T diag(w) x`` (D x D), in column
+    blocks of ``_TRI_BLOCK``: block ``[j, j + jw)`` takes rows ``[j, D)``."""
+    return sum(min(_TRI_BLOCK, dim - j) * (dim - j) for j in range(0, dim, _TRI_BLOCK))
+
+
+def _gram_weight_grad(batch: int, classes: int, pixels: int, dim: int, out_dim: int) -> bool:
+    """The C++ kernel's choice (csrc/lpm.cpp's gram_weight_grad) of the Gram form of ``d V`` with LayerNorm."""
+    b, c, n, d, o = batch, classes, pixels, dim, out_dim
+    return b * n * (c * d + _gram_fmas(d)) + o * d * d + b * c * o * d < b * n * d * o
+
+
 def lpm_logits_flops(
-    batch: int, classes: int, pixels: int, dim: int, out_dim: int, *, norm: bool = True, backward: bool = False
+    batch: int,
+    classes: int,
+    pixels: int,
+    dim: int,
+    out_dim: int,
+    *,
+    norm: bool = True,
+    backward: bool = False,
+    save: bool = True,
 ) -> int:
-    """GEMM FLOPs of the fused kernels (2 per multiply-add); LayerNorm and biases are not counted.
+    """FLOPs of the fused C++ kernels (2 per multiply-add): GEMMs and the QR; LayerNorm and biases are not
+    counted.
 
     With LayerNorm: forward ``B N D D_out`` (projection) + ``B C N D_out`` (logits); backward
-    ``2 B C N D_out`` (``G xhat`` and ``G^T e``) + ``2 B N D D_out`` (``d x``, ``d V``). Without it the
-    forward takes the cheaper association and the backward is C-sized:
-    ``B C (D_out D + N D + N D + D D_out + D_out D)``.
+    ``2 B C N D_out`` (``G xhat`` and ``G^T e``) + ``B N D D_out`` (``d x``) + ``d V``: ``B N D D_out``
+    as ``d y^T x``, or, when cheaper, the Gram form ``(e * gamma)^T (G * rstd) x - Vc S - ...`` with the
+    symmetric ``S = x^T diag(w) x`` (about ``B N D^2 / 2``) + ``B C N D + D_out D^2 + B C D_out D``. An inference
+    forward (``save=False``) runs the folded form when it is cheaper (see ``csrc/lpm.cpp``):
+    ``B C D_out D + B C N D`` + the triangular product ``R [x; 1]`` (about ``B N D^2 / 2`` for
+    ``D_out = D``) + the QR of the centred weights. Without LayerNorm the forward takes the cheaper
+    association and the backward is C-sized: ``B C (D_out D + N D + N D + D D_out + D_out D)``.
     """
     b, c, n, d, o = batch, classes, pixels, dim, out_dim
     if norm:
         fwd = b * n * d * o + b * c * n * o
-        bwd = 2 * b * c * n * o + 2 * b * n * d * o
+        if not save and _fold_layer_norm(b, c, n, d, o):
+            fwd = sum(_folded_fmas(b, c, n, d, o))
+        weight_grad = b * n * d * o
+        if _gram_weight_grad(b, c, n, d, o):
+            weight_grad = b * n * (c * d + _gram_fmas(d)) + o * d * d + b * c * o * d
+        bwd = 2 * b * c * n * o + b * n * d * o + weight_grad
     else:
         fwd = b * (c * o * d + c * n * d) if _reassociate(c, n, d, o) else b * (n * d * o + c * n * o)
         bwd = b * c * (o * d + n * d + n * d + d * o + o * d)
@@ -360,7 +435,8 @@ def lpm_logits_flops(
 @register_flop_formula(torch.ops.ovseg_fast.lpm_logits)
 def _logits_flop_formula(pixels_shape, emb_shape, weight_shape, bias, norm_weight, *args, out_shape=None, **kw) -> int:
     b, n, d = pixels_shape
-    return lpm_logits_flops(b, emb_shape[1], n, d, weight_shape[0], norm=norm_weight is not None)
+    save = args[3]  # (norm_bias, eps, scale, save)
+    return lpm_logits_flops(b, emb_shape[1], n, d, weight_shape[0], norm=norm_weight is not None, save=save)
 
 
 @register_flop_formula(torch.ops.ovseg_fast.lpm_logits_backward)
@@ -494,11 +570,17 @@ def lpm_logits(
     Returns:
         logits (B, C, N) in the inputs' dtype.
 
-    The projected pixels never exist as an (B, N, D_out) tensor in inference: per chunk of pixels
-    the projection GEMM, the LayerNorm (in place) and the logits GEMM run back to back (gamma and
-    beta are folded into the class side). With gradients enabled the normalised projection and the
-    inverse std are saved (one (B, N, D_out) tensor, nothing else). Without LayerNorm the product
-    is re-associated as ``(e V) x^T`` when C is small against N (fewer FLOPs).
+    The projected pixels never exist as an (B, N, D_out) tensor in inference. With LayerNorm the
+    C++ kernel folds it into the weights when that is cheaper (at RPN's sizes it is): with ``Vc``,
+    ``v0c`` the weight and bias centred over the output features, ``logits = rstd * (A x + a0) +
+    scale e . beta`` with the C-sized ``A = scale (e * gamma) Vc``, and ``rstd`` from ``|R [x; 1]|``,
+    ``R`` the triangular QR factor of ``[Vc | v0c]``: about half the multiply-adds of the projection.
+    Otherwise, per chunk of pixels, the projection GEMM, the LayerNorm (in place) and the logits GEMM
+    run back to back (gamma and beta folded into the class side). With gradients enabled the
+    normalised projection and the inverse std are saved (one (B, N, D_out) tensor, nothing else).
+    Without LayerNorm the product is re-associated as ``(e V) x^T`` when C is small against N.
+    The gradient of ``pixels`` is stored channel-first ((B, D, N) storage, the layout of a
+    ``(B, D, H, W)`` map's view), whatever the strides of ``pixels``.
     """
     check_tensor("pixels", pixels, ndim=(3,))
     check_tensor("class_emb", class_emb, ndim=(2, 3))

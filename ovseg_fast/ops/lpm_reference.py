@@ -29,7 +29,8 @@ the backward recomputes the Hadamard product ``t * c`` where it needs it.
 logits (B, C, N) in the input dtype; with LayerNorm and ``save=True`` the normalised pixel
 projections ``xhat`` (B, N, D_out) and ``rstd`` (B, N) in the compute dtype (empty otherwise: an
 inference call saves nothing). Without LayerNorm nothing is saved: every gradient then factors
-through C-sized products (see ``lpm_logits_backward_reference``).
+through C-sized products (see ``lpm_logits_backward_reference``). The registered backward returns the
+pixels' gradient stored channel-first, (B, D, N) (``ovseg_fast.ops.lpm`` lays the reference's out so).
 """
 
 from __future__ import annotations

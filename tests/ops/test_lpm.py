@@ -17,6 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ovseg_fast.ops import use_backend
 from ovseg_fast.ops.lpm import (
     LinearProjectionModule,
+    _fold_layer_norm,
+    _gram_weight_grad,
     hadamard_concat_linear,
     hadamard_concat_linear_flops,
     lpm_logits,
@@ -234,6 +236,63 @@ def test_cpu_logits_several_chunks_and_reassociation():
         out, grads, _ = _run_logits("cpu", [t.float() if t is not None else None for t in inputs64], g.float())
         _assert_all_close([out], [out64], 1e-4, 1e-5, "logits")
         _assert_all_close(grads, grads64, 1e-4, 1e-4, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", ["bias_beta", "no_bias_beta"])
+def test_cpu_folded_inference_logits(dtype, affine):
+    """Inference with LayerNorm at shapes where the C++ kernel folds the LayerNorm into the weights (QR of
+    the centred weights, K-split triangular product, C-sized logits GEMM): equal to the spec, also for a
+    large mean of the projection (the centring happens on the weights, before any product), D not a
+    multiple of the triangular block, D_out < D and D_out > D + 1, channel-first pixels."""
+    require_backend("lpm", "cpu", dtype)
+    for b, n, c, d, d_out, mean in ((2, 1500, 3, 130, 128, 0.0), (2, 1500, 4, 256, 192, 1e3), (2, 900, 5, 96, 300, 30)):
+        assert _fold_layer_norm(b, c, n, d, d_out)
+        px, e, w, bias, nw, nb = logits_inputs(b, n, c, d, d_out, seed=3)
+        px = px.transpose(1, 2).contiguous().transpose(1, 2)  # the (B, N, D) view of a (B, D, N) map
+        bias = bias + mean if affine == "bias_beta" else None
+        nb = nb if affine == "bias_beta" else None
+        args = [t.to(dtype) if t is not None else None for t in (px, e, w, bias, nw, nb)]
+        # the exact result of the dtype-rounded inputs: only the computation's error is compared
+        x64, e64, w64, b64, nw64, nb64 = [t.double() if t is not None else None for t in args]
+        exp = lpm_logits_spec(x64, e64, w64, b64, norm_weight=nw64, norm_bias=nb64)
+        with torch.no_grad(), use_backend("cpu"):
+            got = lpm_logits(args[0], args[1], args[2], args[3], norm_weight=args[4], norm_bias=args[5])
+        tol = 1e-11 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(got.double(), exp, rtol=tol, atol=tol)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            lpm_logits(*args[:4], norm_weight=args[4], norm_bias=args[5])
+        assert counter.get_total_flops() == lpm_logits_flops(b, c, n, d, d_out, save=False)
+        assert counter.get_total_flops() < lpm_logits_flops(b, c, n, d, d_out)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_cpu_gram_weight_gradient(bias):
+    """Shapes where the C++ backward takes d V through the Gram form ((e * gamma)^T (G * rstd) x - Vc S -
+    ...): exact in float64 (D not a multiple of the Gram block, channel-first pixels), close in float32."""
+    require_backend("lpm", "cpu", torch.float64)
+    b, n, c, d, d_out = 2, 200, 2, 70, 96
+    assert _gram_weight_grad(b, c, n, d, d_out)
+    px, e, w, bias_t, nw, nb = logits_inputs(b, n, c, d, d_out, seed=5)
+    px = px.transpose(1, 2).contiguous().transpose(1, 2)
+    inputs = [px, e, w, bias_t if bias else None, nw, nb]
+    out64, grads64, g = _run_logits("spec", inputs)
+    out, grads, _ = _run_logits("cpu", inputs, g)
+    _assert_all_close([out, *grads], [out64, *grads64], 1e-10, 1e-11, "float64")
+    out, grads, _ = _run_logits("cpu", [t.float() if t is not None else None for t in inputs], g.float())
+    _assert_all_close([out, *grads], [out64, *grads64], 1e-4, 1e-4, "float32")
+
+
+def test_pixels_gradient_is_channel_first():
+    """d pixels comes stored as (B, D, N): the gradient of a (B, D, H, W) map's (B, N, D) view needs no copy."""
+    for backend in ("reference", "cpu"):
+        require_backend("lpm", backend)
+        px, e, w, bias, nw, nb = [t.float() for t in logits_inputs(2, 12, 3, 8, 10)]
+        with use_backend(backend):
+            g_x, *_ = LOGITS_BWD(
+                torch.randn(2, 3, 12), px, e, w, bias, nw, nb, torch.randn(2, 12, 10), torch.rand(2, 12), 0.5
+            )
+        assert g_x.shape == (2, 12, 8) and g_x.transpose(1, 2).is_contiguous()
 
 
 def test_cpu_kernel_float64_is_exact_and_gradchecks():
