@@ -6,11 +6,15 @@
 // attends to the valid keys of the windows indices[b, g, p, :]. Forward returns out (contiguous,
 // dtype of q) and lse (float32; float64 for float64 inputs), backward recomputes the softmax from lse.
 //
-// Design. A "lane tile" holds one window's tokens as the SIMD lanes (token-transposed: tile[d][lane]).
-// Every product is then a broadcast GEMM: C[r][lanes] = sum_k X(r, k) * Y[k][lanes], where X is read
-// straight from the input tensor through its strides (one scalar broadcast per FMA row) and Y is the
-// small lane tile in L1. So K and V are never copied, gathered or transposed: the kernels read the
-// selected windows in place through the index.
+// Design. Two layouts, chosen per problem by the window size M = wh * ww against the vector width L
+// (key_lanes_forward/backward): every product below is a broadcast GEMM, C[r][lanes] += X(r, k) *
+// Y[k][lanes], one scalar of X broadcast per FMA row against a row of lane vectors; the layouts
+// differ in what the lanes are. Neither ever builds a gathered copy of K/V: the selected windows are read through the
+// index, from the input in place or from a per-head packing of it (the size of one head's K or V).
+//
+// Lane tile (forward: windows of more than L/2 tokens, LDVC's 4x4 = 16; backward: more than L). One
+// window's tokens are the lanes (token-transposed, tile[d][lane], in L1) and X is read straight from
+// the input through its strides.
 //   forward, parallel over (b, head, query window): the query window is the lane tile (scale folded
 //     in); S^T = K_sel . Q^T over the concatenated keys of the top-k windows, kept in cache (topk*wh*ww
 //     rows x lanes), one max/exp/sum over it per lane, O^T = V_sel^T . P^T, then out = O / l and
@@ -22,8 +26,25 @@
 //     window) lists the query windows whose queries are streamed in, so dK and dV are accumulated by
 //     exactly one thread each: no locks, no atomics, no scatter.
 //   Delta = rowsum(dO * O) is computed once before both passes.
-// Accumulation is in float32 (float64 for float64). Padded lanes are zero in the tiles, and in pass 2
-// masked out of P, so they never touch a result.
+// Padded lanes are zero in the tiles, and in pass 2 masked out of P, so they never touch a result.
+//
+// Key lanes (forward: windows of at most L/2 tokens, BiFormer's 2x2 = 4 would fill a quarter of an
+// AVX-512 lane tile; backward: at most L, LDVC's included). The lanes are keys, or head_dim, never a
+// window's few tokens. A task packs each (b, head) it reaches once, window-major (KeyLaneLayout):
+// K^T (and V^T) per window for the key lanes, and Q, K, V, dO as rows padded to Dp (head_dim
+// rounded up to L). Per query window, Selection::gather
+// copies the selected windows' K^T blocks into an L1 buffer of D x n_keys (BiFormer: 32 x 64 floats,
+// a GEMM micro-kernel's packing buffer, rebuilt per query window), so S = (scale Q) . K_sel^T has the
+// n keys as lanes; a row softmax over them (padding keys -inf) and O = P . V_sel with head_dim as
+// lanes, V's rows read through the index.
+//   backward, parallel over (b, head), one pass over its query windows: S and dP = dO . V_sel^T as in
+//     the forward, P = exp(S - lse), dS = P (dP - Delta), dQ = scale dS . K_sel (head_dim lanes), and
+//     dV_j += P^T dO, dK_j += dS^T (scale Q) into the head's dK/dV rows, picked through the index.
+//     The task owns its head's dK and dV, so this too needs no locks, atomics or inverse index, and
+//     S and dP are computed once instead of once per pass. Taken unless there are so few heads that
+//     one task per head would idle more threads than the lane tile idles lanes
+//     (key_lane_backward_pays).
+// Accumulation is in float32 (float64 for float64).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -34,6 +55,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -61,6 +83,8 @@ struct Geometry {
 struct Strides {  // element strides of a (B, Hh, H, W, D) tensor
   int64_t b, h, y, x, d;
   explicit Strides(const at::Tensor& t) : b(t.stride(0)), h(t.stride(1)), y(t.stride(2)), x(t.stride(3)), d(t.stride(4)) {}
+  Strides(int64_t b_, int64_t h_, int64_t y_, int64_t x_, int64_t d_) : b(b_), h(h_), y(y_), x(x_), d(d_) {}
+  static Strides plane(const Geometry& g) { return {0, 0, g.W, 1, 0}; }  // offsets = token index y * W + x
 };
 
 // Tokens of window p in row-major order: their offsets in a tensor of strides s (relative to the
@@ -77,11 +101,6 @@ inline int64_t window_tokens(const Geometry& g, int64_t p, const Strides& s, int
     }
   }
   return n;
-}
-
-inline int64_t window_count(const Geometry& g, int64_t p) {
-  const int64_t y0 = (p / g.nw) * g.wh, x0 = (p % g.nw) * g.ww;
-  return std::max<int64_t>(0, std::min(y0 + g.wh, g.H) - y0) * std::max<int64_t>(0, std::min(x0 + g.ww, g.W) - x0);
 }
 
 // C[r][0 .. NV*VS) (+)= sum_k x[roff[r] + koff[k]] * Y[k][0 .. NV*VS), for R rows at once: R x NV
@@ -193,9 +212,391 @@ constexpr int64_t max_lanes() {
   return 2 * VecT<A>::size();
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Key-lane layout, for windows of fewer tokens than a vector (see the design comment at the top).
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kKeyLaneVecs = 4;  // 4 x 4 accumulators + 4 B vectors + a broadcast of the 32 zmm registers
+#else
+constexpr int kKeyLaneVecs = 2;  // 4 x 2 accumulators + 2 B vectors + a broadcast of the 16 registers
+#endif
+constexpr int kKeyLaneRows = 4;
+
+// C(r)[0 .. NV*VS) (+)= sum_k a[r * ars + k * aks] * B(k)[0 .. NV*VS), for R rows: a's entries are
+// broadcast, B's rows (brow) and C's rows (c[r]) are lane vectors anywhere in memory, which is how one
+// micro-kernel serves products against the packed selection, against V/K rows picked through the
+// index, and the dK/dV scatter into rows picked through it. C's rows come as pointers computed
+// before the loop: a call to look one up after it would spill every accumulator (all vector
+// registers are caller-saved).
+template <int R, int NV, typename A, typename BRow>
+inline void lane_block(int64_t K, const A* a, int64_t ars, int64_t aks, const BRow& brow, A* const* c,
+                       bool accumulate) {
+  using Vec = VecT<A>;
+  constexpr int VS = Vec::size();
+  Vec acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? Vec::loadu(c[r] + v * VS) : Vec(A(0));
+  }
+  for (int64_t kk = 0; kk < K; ++kk) {
+    const A* bk = brow(kk);
+    const A* ak = a + kk * aks;
+    Vec bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(bk + v * VS);
+    for (int r = 0; r < R; ++r) {
+      const Vec xv(ak[r * ars]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(xv, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < NV; ++v) acc[r][v].store(c[r] + v * VS);
+  }
+}
+
+template <int R, int NV, typename A, typename BRow>
+inline void lane_block_tail(int rows, int nvec, int64_t K, const A* a, int64_t ars, int64_t aks, const BRow& brow,
+                            A* const* c, bool accumulate) {
+  if constexpr (R > 1) {
+    if (rows < R) return lane_block_tail<R - 1, NV>(rows, nvec, K, a, ars, aks, brow, c, accumulate);
+  }
+  if constexpr (NV > 1) {
+    if (nvec < NV) return lane_block_tail<R, NV - 1>(rows, nvec, K, a, ars, aks, brow, c, accumulate);
+  }
+  lane_block<R, NV>(K, a, ars, aks, brow, c, accumulate);
+}
+
+// All `rows` rows and `nvec` lane vectors: C(r) (+)= sum_k a[r * ars + k * aks] * B(k).
+template <typename A, typename BRow, typename CRow>
+void lane_gemm(int64_t rows, int64_t nvec, int64_t K, const A* a, int64_t ars, int64_t aks, const BRow& brow,
+               const CRow& crow, bool accumulate) {
+  constexpr int VS = VecT<A>::size();
+  for (int64_t v0 = 0; v0 < nvec; v0 += kKeyLaneVecs) {
+    const int nv = static_cast<int>(std::min<int64_t>(kKeyLaneVecs, nvec - v0));
+    const auto b = [&](int64_t kk) { return brow(kk) + v0 * VS; };
+    for (int64_t r0 = 0; r0 < rows; r0 += kKeyLaneRows) {
+      const int rb = static_cast<int>(std::min<int64_t>(kKeyLaneRows, rows - r0));
+      A* c[kKeyLaneRows];
+      for (int r = 0; r < rb; ++r) c[r] = crow(r0 + r) + v0 * VS;
+      lane_block_tail<kKeyLaneRows, kKeyLaneVecs>(rb, nv, K, a + r0 * ars, ars, aks, b, c, accumulate);
+    }
+  }
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Which layout a problem gets. The lane tile wastes 1 - M / L of every vector when a window holds
+// M < L tokens, L the vector width (BiFormer's 2x2 windows: 3/4 of an AVX-512 vector); the key lanes
+// fill every vector whatever the window size but pack the selection per query window and each head
+// they visit. Measured (AVX-512 and AVX2, fp32): the key-lane forward wins once the lane tile is at
+// most half full and ties at a full one, where the lane tile is kept, as it reads K/V in place with
+// no per-thread head packing (LDVC's forward memory budget); the key-lane backward, one pass instead
+// of two, wins up to a full vector (LDVC: 27% faster).
+template <typename A>
+bool key_lanes_forward(const Geometry& g) {
+  return 2 * g.wh * g.ww <= VecT<A>::size();
+}
+
+template <typename A>
+bool key_lanes_backward(const Geometry& g) {
+  return g.wh * g.ww <= VecT<A>::size();
+}
+
+// Window-major slots: token t of window c (window_tokens' order) sits in slot c * M + t. Per
+// (batch, head), the key-lane kernels pack rows[slot * Dp + d] (rows of Dp, zero beyond D: Q and dO
+// as broadcast operands, K and V as B rows read through the index) and lanes[(c * D + d) * M + t]
+// (each window's keys transposed, D x M: the blocks Selection::gather builds key vectors from). A
+// task packs a whole head when it reaches it, walking the tensor in its own token order, so each
+// head streams in once, prefetched, instead of a window at a time in routing order, and every later
+// access hits L1/L2.
+struct KeyLaneLayout {
+  int64_t M, D, Dp, slots, lanes_size;
+  std::vector<int64_t> count, plane;  // tokens of every window; token (y * W + x) of every slot, -1 past them
+
+  KeyLaneLayout(const Geometry& g, int64_t vs)
+      : M(g.wh * g.ww),
+        D(g.D),
+        Dp(round_up(g.D, vs)),
+        slots(g.P * g.wh * g.ww),
+        lanes_size(g.P * g.wh * g.ww * g.D + vs),  // + vs: Selection::gather reads a chunk past the last block
+        count(g.P),
+        plane(g.P * g.wh * g.ww, -1) {
+    for (int64_t c = 0; c < g.P; ++c) count[c] = window_tokens(g, c, Strides::plane(g), plane.data() + c * M, nullptr);
+  }
+
+  template <typename T, typename A>
+  void pack(const Geometry& g, const T* base, const Strides& s, A alpha, A* lanes, A* rows) const {
+    for (int64_t y = 0; y < g.H; ++y) {
+      const int64_t wy = y / g.wh, ty = y - wy * g.wh;
+      for (int64_t x = 0; x < g.W; ++x) {
+        const int64_t wx = x / g.ww, tx = x - wx * g.ww;
+        const int64_t c = wy * g.nw + wx, t = ty * std::min(g.ww, g.W - wx * g.ww) + tx;  // window_tokens' order
+        const T* src = base + y * s.y + x * s.x;
+        A* lane = lanes == nullptr ? nullptr : lanes + c * D * M + t;
+        A* row = rows == nullptr ? nullptr : rows + (c * M + t) * Dp;
+        for (int64_t d = 0; d < D; ++d) {
+          const A val = alpha * static_cast<A>(src[d * s.d]);
+          if (lane != nullptr) lane[d * M] = val;
+          if (row != nullptr) row[d] = val;
+        }
+      }
+    }
+  }
+};
+
+// The selection of one query window: its windows, their token counts, and the slot of every key.
+struct Selection {
+  std::vector<int64_t> win, cnt, slot;
+  int64_t n = 0;
+
+  explicit Selection(const Geometry& g) : win(g.topk), cnt(g.topk), slot(g.topk * g.wh * g.ww) {}
+
+  void build(const Geometry& g, const KeyLaneLayout& kl, const int64_t* sel, const char* fn) {
+    const int64_t M = kl.M;
+    int64_t* out = slot.data();  // locals: stores through slot must not make n and M reload every key
+    int64_t total = 0;
+    for (int64_t t = 0; t < g.topk; ++t) {
+      const int64_t c = sel[t];
+      TORCH_CHECK(c >= 0 && c < g.P, fn, ": index ", c, " out of range [0, ", g.P, ")");
+      const int64_t nc = kl.count[c];
+      win[t] = c;
+      cnt[t] = nc;
+      for (int64_t u = 0; u < nc; ++u) out[total + u] = c * M + u;
+      total += nc;
+    }
+    n = total;
+  }
+
+  // dst[d * lds + j] = key j's entry d, from the packed lanes blocks. Each (window, d) is one
+  // fixed-size copy of C >= M entries (a single load and store, where a loop over the window's
+  // tokens would be M scalar ones); the next window's copy overwrites the C - cnt extra entries, so
+  // rows of dst need C spare lanes.
+  template <int C, typename A>
+  void gather_chunks(const A* lanes, int64_t D, int64_t M, A* dst, int64_t lds) const {
+    int64_t pos = 0;
+    for (size_t t = 0; t < win.size(); ++t) {
+      const A* src = lanes + win[t] * D * M;
+      for (int64_t d = 0; d < D; ++d) std::memcpy(dst + d * lds + pos, src + d * M, C * sizeof(A));
+      pos += cnt[t];
+    }
+  }
+
+  template <typename A>
+  void gather(const A* lanes, int64_t D, int64_t M, A* dst, int64_t lds) const {
+    // key_lanes_* keep M <= VS <= 16, so the chunk (a power of two) never exceeds the spare VS lanes
+    if (M == 1) return gather_chunks<1>(lanes, D, M, dst, lds);
+    if (M == 2) return gather_chunks<2>(lanes, D, M, dst, lds);
+    if (M <= 4) return gather_chunks<4>(lanes, D, M, dst, lds);
+    if (M <= 8) return gather_chunks<8>(lanes, D, M, dst, lds);
+    TORCH_CHECK(M <= 16, "routed_attention: key-lane window of ", M, " tokens");
+    gather_chunks<16>(lanes, D, M, dst, lds);
+  }
+};
+
+// Rows of s (m x np; keys n .. np are padding, set to -inf here) to exp(s - max) in place, with each
+// row's max and sum. Phase by phase over all rows rather than row by row: the rows' dependency
+// chains (reductions, exp) are independent and interleave instead of serializing.
+template <typename A>
+void softmax_rows(A* s, int64_t m, int64_t n, int64_t np, A* rmax, A* rsum) {
+  using Vec = VecT<A>;
+  constexpr int VS = Vec::size();
+  const auto vmax = [](Vec& x, Vec& y) { return at::vec::maximum(x, y); };
+  const auto vadd = [](Vec& x, Vec& y) { return x + y; };
+  for (int64_t i = 0; i < m; ++i) {
+    A* si = s + i * np;
+    std::fill(si + n, si + np, -std::numeric_limits<A>::infinity());
+    Vec mx = Vec::loadu(si);
+    for (int64_t j = VS; j < np; j += VS) mx = at::vec::maximum(mx, Vec::loadu(si + j));
+    rmax[i] = at::vec::vec_reduce_all<A>(vmax, mx);
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    A* si = s + i * np;
+    const Vec mv(rmax[i]);
+    Vec sum(A(0));
+    for (int64_t j = 0; j < np; j += VS) {
+      const Vec e = vexp(Vec::loadu(si + j) - mv);
+      e.store(si + j);
+      sum = sum + e;
+    }
+    rsum[i] = at::vec::vec_reduce_all<A>(vadd, sum);
+  }
+}
+
+// Asks for the output rows of a coming window ahead of time, for writing: a window's rows are short
+// runs scattered over the plane, which the hardware prefetchers do not follow, and without this every
+// store of a result waits for its line's read-for-ownership.
+template <typename T>
+inline void prefetch_rows(T* base, const int64_t* plane, int64_t m, int64_t D) {
+  for (int64_t i = 0; i < m; ++i) {
+    const char* row = reinterpret_cast<const char*>(base + plane[i] * D);
+    for (int64_t byte = 0; byte < D * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(row + byte, 1);
+  }
+}
+
+template <typename T, typename A>
+void forward_key_lanes(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const int64_t* idx, double scale_d, T* out, A* lse) {
+  using Vec = VecT<A>;
+  constexpr int VS = Vec::size();
+  const Strides sq(q), sk(k), sv(v);
+  const T* qd = q.data_ptr<T>();
+  const T* kd = k.data_ptr<T>();
+  const T* vd = v.data_ptr<T>();
+  const A scale = static_cast<A>(scale_d);
+  const int64_t M = g.wh * g.ww, D = g.D, HW = g.H * g.W;
+  const int64_t np_max = round_up(g.topk * M, VS), lds = np_max + VS;
+  at::parallel_for(0, g.B * g.Hh * g.P, grain_for(M * g.topk * M * D), [&](int64_t begin, int64_t end) {
+    const KeyLaneLayout kl(g, VS);
+    const int64_t Dp = kl.Dp;
+    std::vector<A> kt(kl.lanes_size), vr(kl.slots * Dp), qr(kl.slots * Dp), ksel(D * lds), s(M * np_max);
+    std::vector<A> ot(M * Dp), rmax(M), linv(M);
+    Selection sel(g);
+    int64_t packed = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item % g.P, bh = item / g.P, b = bh / g.Hh, h = bh % g.Hh;
+      const int64_t m = kl.count[p];
+      if (m == 0) continue;
+      if (bh != packed) {
+        packed = bh;
+        kl.pack(g, kd + b * sk.b + h * sk.h, sk, A(1), kt.data(), static_cast<A*>(nullptr));
+        kl.pack(g, vd + b * sv.b + h * sv.h, sv, A(1), static_cast<A*>(nullptr), vr.data());
+        kl.pack(g, qd + b * sq.b + h * sq.h, sq, scale, static_cast<A*>(nullptr), qr.data());
+      }
+      sel.build(g, kl, idx + ((b * g.G + (g.G == 1 ? 0 : h)) * g.P + p) * g.topk, "routed_attention_cpu_forward");
+      const int64_t n = sel.n;
+      const int64_t* qplane = kl.plane.data() + p * M;
+      T* ob = out + bh * HW * D;
+      A* lb = lse + bh * HW;
+      if (n == 0) {  // only reachable with invalid (empty-window) indices: nothing to attend to
+        for (int64_t i = 0; i < m; ++i) {
+          std::fill(ob + qplane[i] * D, ob + qplane[i] * D + D, T(0));
+          lb[qplane[i]] = -std::numeric_limits<A>::infinity();
+        }
+        continue;
+      }
+      if (p + 2 < g.P) prefetch_rows(ob, kl.plane.data() + (p + 2) * M, kl.count[p + 2], D);
+      sel.gather(kt.data(), D, M, ksel.data(), lds);
+      const int64_t np = round_up(n, VS);
+      // S[i][keys] = (scale q_i) . K^T, the selected keys as lanes
+      lane_gemm(m, np / VS, D, qr.data() + p * M * Dp, Dp, 1, [&](int64_t d) { return ksel.data() + d * lds; },
+                [&](int64_t i) { return s.data() + i * np; }, false);
+      softmax_rows(s.data(), m, n, np, rmax.data(), linv.data());
+      for (int64_t i = 0; i < m; ++i) {
+        lb[qplane[i]] = rmax[i] + std::log(linv[i]);
+        linv[i] = A(1) / linv[i];
+      }
+      // O[i][d] = sum_j P[i][j] v_j[d], V rows picked through the index
+      lane_gemm(m, Dp / VS, n, s.data(), np, 1, [&](int64_t j) { return vr.data() + sel.slot[j] * Dp; },
+                [&](int64_t i) { return ot.data() + i * Dp; }, false);
+      for (int64_t i = 0; i < m; ++i) {
+        T* row = ob + qplane[i] * D;
+        const A f = linv[i];
+        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(f * ot[i * Dp + d]);
+      }
+    }
+  });
+}
+
+// One task per (batch, head): it owns every dK and dV row of that head, so it accumulates them in
+// place (dK_j += dS^T Q, dV_j += P^T dO, rows picked through the index) in one pass over the query
+// windows that also yields dQ: no inverse index, no second recomputation of S and dP, no locks.
+template <typename T, typename A>
+void backward_key_lanes(const Geometry& g, const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const T* out, const A* lse, const int64_t* idx, double scale_d, T* dq,
+                        T* dk, T* dv) {
+  using Vec = VecT<A>;
+  constexpr int VS = Vec::size();
+  const Strides sg(go), sq(q), sk(k), sv(v);
+  const T* gd = go.data_ptr<T>();
+  const T* qd = q.data_ptr<T>();
+  const T* kd = k.data_ptr<T>();
+  const T* vd = v.data_ptr<T>();
+  const A scale = static_cast<A>(scale_d);
+  const int64_t M = g.wh * g.ww, D = g.D, HW = g.H * g.W;
+  const int64_t np_max = round_up(g.topk * M, VS), lds = np_max + VS;
+  at::parallel_for(0, g.B * g.Hh, grain_for(g.P * 5 * M * g.topk * M * D), [&](int64_t begin, int64_t end) {
+    const KeyLaneLayout kl(g, VS);
+    const int64_t Dp = kl.Dp, rows = kl.slots * Dp;
+    std::vector<A> kt(kl.lanes_size), vt(kl.lanes_size), kr(rows), qr(rows), gr(rows), dkr(rows), dvr(rows);
+    std::vector<A> ksel(D * lds), vsel(D * lds), s(M * np_max), dp(M * np_max), acc(M * Dp);
+    std::vector<A> lsew(kl.slots), delw(kl.slots);
+    Selection sel(g);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / g.Hh, h = bh % g.Hh;
+      kl.pack(g, kd + b * sk.b + h * sk.h, sk, A(1), kt.data(), kr.data());
+      kl.pack(g, vd + b * sv.b + h * sv.h, sv, A(1), vt.data(), static_cast<A*>(nullptr));
+      kl.pack(g, qd + b * sq.b + h * sq.h, sq, scale, static_cast<A*>(nullptr), qr.data());
+      kl.pack(g, gd + b * sg.b + h * sg.h, sg, A(1), static_cast<A*>(nullptr), gr.data());
+      const T* obh = out + bh * HW * D;
+      const A* lb = lse + bh * HW;
+      for (int64_t j = 0; j < kl.slots; ++j) {  // lse and Delta = dO . O of every query, by slot
+        if (kl.plane[j] < 0) continue;
+        const T* orow = obh + kl.plane[j] * D;
+        A delta = 0;
+        for (int64_t d = 0; d < D; ++d) delta += gr[j * Dp + d] * static_cast<A>(orow[d]);
+        lsew[j] = lb[kl.plane[j]];
+        delw[j] = delta;
+      }
+      std::fill(dkr.begin(), dkr.end(), A(0));
+      std::fill(dvr.begin(), dvr.end(), A(0));
+      T* dqb = dq + bh * HW * D;
+      for (int64_t p = 0; p < g.P; ++p) {
+        const int64_t m = kl.count[p];
+        if (m == 0) continue;
+        const int64_t* qplane = kl.plane.data() + p * M;
+        sel.build(g, kl, idx + ((b * g.G + (g.G == 1 ? 0 : h)) * g.P + p) * g.topk, "routed_attention_cpu_backward");
+        const int64_t n = sel.n;
+        if (n == 0) {
+          for (int64_t i = 0; i < m; ++i) std::fill(dqb + qplane[i] * D, dqb + qplane[i] * D + D, T(0));
+          continue;
+        }
+        sel.gather(kt.data(), D, M, ksel.data(), lds);
+        sel.gather(vt.data(), D, M, vsel.data(), lds);
+        const A* qt = qr.data() + p * M * Dp;
+        const A* gt = gr.data() + p * M * Dp;
+        const int64_t np = round_up(n, VS), nvd = Dp / VS;
+        const auto s_row = [&](int64_t i) { return s.data() + i * np; };
+        const auto dp_row = [&](int64_t i) { return dp.data() + i * np; };
+        lane_gemm(m, np / VS, D, qt, Dp, 1, [&](int64_t d) { return ksel.data() + d * lds; }, s_row, false);
+        lane_gemm(m, np / VS, D, gt, Dp, 1, [&](int64_t d) { return vsel.data() + d * lds; }, dp_row, false);
+        // P = exp(S - lse), dS = P (dP - Delta); lanes past n are never read below.
+        for (int64_t i = 0; i < m; ++i) {
+          const Vec lv(lsew[p * M + i]), dl(delw[p * M + i]);
+          for (int64_t j = 0; j < np; j += VS) {
+            const Vec pr = vexp(Vec::loadu(s_row(i) + j) - lv);
+            pr.store(s_row(i) + j);
+            (pr * (Vec::loadu(dp_row(i) + j) - dl)).store(dp_row(i) + j);
+          }
+        }
+        // dQ[i][d] = scale sum_j dS[i][j] k_j[d]
+        lane_gemm(m, nvd, n, dp.data(), np, 1, [&](int64_t j) { return kr.data() + sel.slot[j] * Dp; },
+                  [&](int64_t i) { return acc.data() + i * Dp; }, false);
+        for (int64_t i = 0; i < m; ++i) {
+          T* row = dqb + qplane[i] * D;
+          for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(scale * acc[i * Dp + d]);
+        }
+        // dV_j += sum_i P[i][j] dO_i;  dK_j += sum_i dS[i][j] (scale q_i)
+        lane_gemm(n, nvd, m, s.data(), 1, np, [&](int64_t i) { return gt + i * Dp; },
+                  [&](int64_t j) { return dvr.data() + sel.slot[j] * Dp; }, true);
+        lane_gemm(n, nvd, m, dp.data(), 1, np, [&](int64_t i) { return qt + i * Dp; },
+                  [&](int64_t j) { return dkr.data() + sel.slot[j] * Dp; }, true);
+      }
+      // Every token of the head gets its dK and dV, zero for windows no query window selected.
+      T* dkb = dk + bh * HW * D;
+      T* dvb = dv + bh * HW * D;
+      for (int64_t j = 0; j < kl.slots; ++j) {
+        if (kl.plane[j] < 0) continue;
+        for (int64_t d = 0; d < D; ++d) {
+          dkb[kl.plane[j] * D + d] = static_cast<T>(dkr[j * Dp + d]);
+          dvb[kl.plane[j] * D + d] = static_cast<T>(dvr[j * Dp + d]);
+        }
+      }
+    }
+  });
+}
+
 template <typename T, typename A>
 void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const int64_t* idx, double scale_d, T* out, A* lse) {
+  if (key_lanes_forward<A>(g)) return forward_key_lanes<T, A>(g, q, k, v, idx, scale_d, out, lse);
   using Vec = VecT<A>;
   constexpr int VS = Vec::size();
   constexpr int64_t LMAX = max_lanes<A>();
@@ -273,12 +674,25 @@ void forward_impl(const Geometry& g, const at::Tensor& q, const at::Tensor& k, c
   });
 }
 
+// The key-lane backward has one task per (batch, head), the lane tile one per (batch, head, window):
+// take the key lanes unless their share of busy threads falls below the lane tile's share of busy
+// lanes (few heads on many cores).
+template <typename A>
+bool key_lane_backward_pays(const Geometry& g) {
+  const int64_t threads = at::get_num_threads(), items = g.B * g.Hh;
+  const int64_t rounds = (items + threads - 1) / threads;
+  return items * VecT<A>::size() >= g.wh * g.ww * rounds * threads;
+}
+
 // Delta[b, h, token] = sum_d dO * O, and the inverse index: for (b, g, key window c), the query
 // windows that selected c are inv_list[inv_start[c] .. inv_start[c + 1]) (histogram + prefix sum).
 template <typename T, typename A>
 void backward_impl(const Geometry& g, const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const T* out, const A* lse, const int64_t* idx, double scale_d, T* dq,
                    T* dk, T* dv) {
+  if (key_lanes_backward<A>(g) && key_lane_backward_pays<A>(g)) {
+    return backward_key_lanes<T, A>(g, go, q, k, v, out, lse, idx, scale_d, dq, dk, dv);
+  }
   using Vec = VecT<A>;
   constexpr int VS = Vec::size();
   constexpr int64_t LMAX = max_lanes<A>();

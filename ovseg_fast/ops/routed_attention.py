@@ -52,24 +52,31 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _check_index_values(indices: Tensor, h: int, w: int, nh: int, nw: int) -> None:
-    """Given indices must be in range, distinct per row, and name non-empty windows (run time)."""
+    """Given indices must be in range, distinct per row, and name non-empty windows (run time).
+
+    Runs on every call with given indices, so it keeps to a few tensor ops (their dispatch, not their
+    arithmetic, is the cost at BiFormer's sizes) and locates a bad entry only once it has failed.
+    """
     p = nh * nw
     if indices.numel() == 0:
         return
-    low, high = int(indices.min()), int(indices.max())
+    low, high = (int(t) for t in torch.aminmax(indices))
     if low < 0 or high >= p:
         raise ValueError(
             f"routed_attention: indices must be window ids in [0, {p}) (nh * nw), got values in [{low}, {high}]"
         )
     ordered = indices.sort(dim=-1).values
-    dup = (ordered[..., 1:] == ordered[..., :-1]).any(-1)
+    dup = ordered[..., 1:] == ordered[..., :-1]
     if bool(dup.any()):
-        where = tuple(int(i) for i in dup.nonzero()[0])
+        where = tuple(int(i) for i in dup.any(-1).nonzero()[0])
         raise ValueError(
             f"routed_attention: indices{list(where)} repeats a window; each row must hold distinct windows"
         )
+    windows = nonempty_windows(h, w, nh, nw)
+    if len(windows) == p:  # H and W fill every window row and column: no window is pure padding
+        return
     nonempty = torch.zeros(p, dtype=torch.bool, device=indices.device)
-    nonempty[nonempty_windows(h, w, nh, nw)] = True
+    nonempty[windows] = True
     bad = ~nonempty[indices]
     if bool(bad.any()):
         where = tuple(int(i) for i in bad.nonzero()[0])

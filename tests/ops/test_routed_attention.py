@@ -67,8 +67,23 @@ CASES = [
     ((1, 1, 14, 14, 8), 2, 2, "per_head"),  # 7x7 = 49-token windows: more than one lane tile per window
     ((2, 2, 16, 16, 32), 4, 5, "shared"),  # LDVC-like 4x4 windows
     ((1, 2, 6, 6, 32), 3, 9, "shared"),  # BiFormer-like 2x2 windows, topk = all
+    # Windows smaller than a vector (the C++ key-lane layout): clipped 2x2 windows with head_dim 12
+    # (padded to the vector width), 1x2 windows, and 1x1 windows with topk = all.
+    ((2, 3, 7, 5, 12), (4, 3), 5, "per_head"),
+    ((1, 2, 4, 8, 4), 4, 6, "shared"),
+    ((1, 3, 6, 6, 8), 6, 36, "shared"),
 ]
-CASE_IDS = ["8x8", "odd9x7-perhead", "emptywin5x5", "bigwin14x14", "ldvc-like", "biformer-like-all"]
+CASE_IDS = [
+    "8x8",
+    "odd9x7-perhead",
+    "emptywin5x5",
+    "bigwin14x14",
+    "ldvc-like",
+    "biformer-like-all",
+    "smallwin7x5-perhead",
+    "win1x2",
+    "win1x1-all",
+]
 TRITON_CASES = [0, 1, 2]
 
 
@@ -524,7 +539,9 @@ def test_every_cpu_capability_copy(capability):
         from ovseg_fast.ops import use_backend
         from ovseg_fast.ops.routed_attention import routed_attention
         torch.manual_seed(0)
-        for shape, nwin, topk in (((1, 2, 9, 7, 20), (4, 3), 4), ((1, 1, 14, 14, 8), 2, 2)):
+        # lane tile (3x3 and 7x7 windows) and, for every vector width, key lanes (2x2 windows)
+        cases = (((1, 2, 9, 7, 20), (4, 3), 4), ((1, 1, 14, 14, 8), 2, 2), ((1, 2, 7, 5, 12), (4, 3), 4))
+        for shape, nwin, topk in cases:
             for dtype in (torch.float32, torch.float64, torch.bfloat16):
                 t = [torch.randn(shape).to(dtype).requires_grad_(True) for _ in range(3)]
                 g = torch.randn(shape).to(dtype)
