@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 import os
+import statistics
 import time
 from typing import Callable, Optional
 
@@ -35,7 +37,10 @@ __all__ = ["PROVIDER_ORDER", "compiled", "peak_memory_bytes", "record", "setup_t
 PROVIDER_ORDER = ("ovseg_fast", "reference", "reference_compiled")
 _TARGET_SECONDS = float(os.environ.get("OVSEG_BENCH_SECONDS", "0.6"))
 _MAX_ROUNDS = int(os.environ.get("OVSEG_BENCH_MAX_ROUNDS", "50"))
-_MIN_ROUNDS = 3
+_MIN_ROUNDS = 5
+_MIN_ROUND_SECONDS = 1e-3
+_WARMUP_SECONDS = 0.5
+_MAX_WARMUP_CALLS = 1000
 
 
 def setup_threads() -> int:
@@ -125,15 +130,36 @@ def record(
     flops: Optional[int] = None,
     warmup: int = 2,
 ) -> None:
-    """Times ``fn`` with pytest-benchmark (rounds sized to ~0.6 s) and records what the table needs."""
-    for _ in range(warmup):  # the first calls compile (torch.compile) or fill caches
+    """Times ``fn`` with pytest-benchmark (rounds sized to ~0.6 s) and records what the table needs.
+
+    A call shorter than ``_MIN_ROUND_SECONDS`` is repeated within each round (as pytest-benchmark's
+    own calibration does): timed one call at a time, a call of tens of microseconds also measures
+    the timer and the cold caches the harness leaves between rounds, the same for every provider,
+    which squeezes their ratios towards 1. ``warmup`` is the least number of untimed calls first
+    (0: none, for references that take seconds).
+    """
+    # The first calls compile (torch.compile) or fill caches, and in a fresh process the first
+    # large allocations are slow to fault in (on this VM a 100 MB output can take 3-7x its steady
+    # time for the first second): warm-up lasts at least _WARMUP_SECONDS as well as ``warmup`` calls.
+    deadline = time.perf_counter() + _WARMUP_SECONDS
+    times: list[float] = []
+    while len(times) < max(warmup, 1) or (warmup and len(times) < _MAX_WARMUP_CALLS and time.perf_counter() < deadline):
+        start = time.perf_counter()
         fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-6)
-    rounds = int(min(_MAX_ROUNDS, max(_MIN_ROUNDS, _TARGET_SECONDS / once)))
+        times.append(time.perf_counter() - start)
+    # One call's time sizes the rounds: the median of the last few, as one slow call would cut the
+    # rounds to the minimum and leave the median to a handful of samples.
+    once = max(statistics.median(times[-5:]), 1e-6)
+    iterations = max(1, math.ceil(_MIN_ROUND_SECONDS / once))
+    rounds = int(min(_MAX_ROUNDS, max(_MIN_ROUNDS, _TARGET_SECONDS / (once * iterations))))
     benchmark.group = f"{op} | {case} | {mode}"
     benchmark.extra_info.update(
         op=op, case=case, mode=mode, provider=provider, flops=flops, peak_memory=peak_memory_bytes(fn)
     )
-    benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+
+    def call() -> None:
+        # pytest-benchmark would keep each round's result alive through the next call, so that call's
+        # outputs could never reuse the memory just freed (on this VM, fresh memory is slow to fault in)
+        fn()
+
+    benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=0)
