@@ -477,6 +477,24 @@ def test_dispatch_matches_argsort_and_combine_matches_index_add(backend, case):
     torch.testing.assert_close(y, index_add_combine(xs_ref * 3, w, order_ref, t), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_dispatch_and_combine_stream_their_outputs_exactly(dtype):
+    """Outputs beyond the C++ kernel's streaming threshold (16 MiB) take non-temporal stores; rows of
+    4400 bytes start at every alignment, so each store width and the plain copy are exercised."""
+    require_backend("moe_dispatch", "cpu", dtype)
+    t, e, k, d = 4096 if dtype == torch.float32 else 8192, 8, 2, 1100
+    x, idx, w = _dispatch_inputs(t, e, k, d, seed=3)
+    x = x.to(dtype)
+    with use_backend("cpu"):
+        xs, off, order = moe_dispatch(x, idx, e)
+        y = moe_combine(xs, w, order, t)
+    xs_ref, off_ref, order_ref = argsort_dispatch(x, idx, e)
+    assert torch.equal(order, order_ref) and torch.equal(off, off_ref)
+    assert torch.equal(xs, xs_ref)
+    expected = index_add_combine(xs_ref.float(), w, order_ref, t).to(dtype)
+    torch.testing.assert_close(y, expected, **({} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}))
+
+
 @pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
 def test_dispatch_then_combine_with_identity_experts_gives_k_x(backend):
     require_backend("moe_dispatch", backend)
