@@ -143,6 +143,29 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def format_markdown(rows: list[dict[str, Any]]) -> str:
+    """The ratio table as Markdown, one line per op, case and mode: ovseg-fast's median time and peak
+    memory, then its speed-up over every other provider (``x`` = times faster)."""
+    out = [
+        "| op | case | mode | ovseg-fast ms | speed-up over | peak MiB (ovseg-fast / eager reference) |",
+        "| --- | --- | --- | ---: | --- | --- |",
+    ]
+
+    def mib(row: Optional[dict[str, Any]]) -> str:
+        peak = row and row["peak_memory_bytes"]
+        return "-" if peak is None else f"{peak / 2**20:.1f}"
+
+    for (op, case, mode), group in _groups(rows).items():
+        ours = next((r for r in group if r["provider"] == "ovseg_fast"), None)
+        if ours is None:
+            continue
+        ref = next((r for r in group if r["provider"] == "reference"), None)
+        others = sorted((r for r in group if r is not ours and r.get("speedup")), key=lambda r: r["provider"])
+        speedups = ", ".join(f"{r['provider']} {r['speedup']:.2f}x" for r in others) or "-"
+        out.append(f"| {op} | {case} | {mode} | {ours['median_s'] * 1e3:.3g} | {speedups} | {mib(ours)} / {mib(ref)} |")
+    return "\n".join(out)
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -211,6 +234,22 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(path: Path) -> int:
+    try:
+        data = json.loads(path.read_text())
+        rows, machine, versions = data["results"], data["machine"], data["versions"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise SystemExit(f"ovseg-fast report: {path} is not a bench result ({type(exc).__name__}: {exc})") from None
+    add_speedups(rows)
+    print(format_markdown(rows))
+    print(
+        f"\n{machine['model']}, {machine['threads']} threads, kernels {machine['kernel_capability']}, torch "
+        f"{versions['torch']}, torch huge pages {'on' if machine.get('torch_huge_pages') else 'off'}; "
+        f"{data.get('date', '?')}, commit {data.get('commit') or '?'}."
+    )
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ovseg-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -222,11 +261,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench.add_argument("--json", help="save results, machine, versions and commit as JSON")
     bench.add_argument("--plot", help="save a PNG bar chart of the speed-ups")
     bench.add_argument("-k", help="pytest -k expression to select cases")
+    report = sub.add_parser("report", help="print a saved bench JSON as a Markdown table")
+    report.add_argument("json", help="a file written by `ovseg-fast bench --json`")
     args = parser.parse_args(argv)
     if args.command == "info":
         from ovseg_fast.info import main as info_main
 
         return info_main()
+    if args.command == "report":
+        return _report(Path(args.json))
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
     return _bench(args)
 

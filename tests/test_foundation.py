@@ -15,7 +15,7 @@ import torch
 import ovseg_fast
 from ovseg_fast import _extension
 from ovseg_fast.backends import BACKENDS, BackendError, backend_report, registered_ops, select_backend, use_backend
-from ovseg_fast.cli import add_speedups, benchmark_files, format_table, plot
+from ovseg_fast.cli import add_speedups, benchmark_files, format_markdown, format_table, plot
 
 
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
@@ -151,6 +151,8 @@ def test_bench_table_and_plot(tmp_path):
     assert [r["speedup"] for r in rows] == pytest.approx([1.0, 10.0, 50.0])
     table = format_table(rows)
     assert "sinkhorn | c | fwd" in table and "10.00x" in table and "50.00x" in table
+    line = format_markdown(rows).splitlines()[2]
+    assert line == "| sinkhorn | c | fwd | 1 | pot 50.00x, reference 10.00x | 1.0 / 1.0 |"
     plot(rows, tmp_path / "speedups.png")
     assert (tmp_path / "speedups.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="no benchmark for nope"):
@@ -181,3 +183,8 @@ def test_bench_command_end_to_end(tmp_path):
     assert data["machine"]["model"] and data["machine"]["threads"] >= 1
     assert data["versions"]["torch"] == torch.__version__
     assert {r["provider"] for r in data["results"]} == {"ovseg_fast", "reference", "pot"}
+    report = subprocess.run(
+        [sys.executable, "-m", "ovseg_fast.cli", "report", str(out_json)], capture_output=True, text=True, timeout=120
+    )
+    assert report.returncode == 0, report.stderr
+    assert "| sinkhorn | many-small B=256 N=64 K=64 | fwd |" in report.stdout
