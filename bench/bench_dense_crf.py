@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from ovseg_fast.bench._common import record, setup_threads
+from ovseg_fast.bench._crf_inputs import class_map, photo, pydensecrf_marginals
 from ovseg_fast.ops.dense_crf import dense_crf, dense_crf_flops
 from ovseg_fast.ops.dense_crf_reference import dense_crf_reference
 
@@ -34,55 +35,15 @@ PROVIDERS = ("ovseg_fast", "pydensecrf2", "reference")
 setup_threads()
 
 
-def photo(name: str, height: int, width: int) -> np.ndarray:
-    import skimage.data as skdata  # a bench dependency (the [bench] extra)
-    img = getattr(skdata, name)()[:height, :width, :3]
-    assert img.shape[:2] == (height, width), f"{name} is smaller than {height}x{width}"
-    return np.ascontiguousarray(img)
-
-
-def class_map(img: np.ndarray, n_classes: int = N_CLASSES, stride: int = 8, seed: int = 0) -> np.ndarray:
-    """(C, H, W) float32 softmax of a noisy, upsampled coarse segmentation of ``img``."""
-    gen = torch.Generator().manual_seed(seed)
-    h, w, _ = img.shape
-    small = torch.from_numpy(img[::stride, ::stride]).float()
-    hs, ws, _ = small.shape
-    yy, xx = torch.meshgrid(torch.arange(hs), torch.arange(ws), indexing="ij")
-    feats = torch.cat([small.reshape(-1, 3) / 255.0, torch.stack([yy, xx], -1).reshape(-1, 2) / max(hs, ws)], 1)
-    centers = feats[torch.randperm(feats.shape[0], generator=gen)[:n_classes]]
-    for _ in range(8):
-        labels = torch.cdist(feats, centers).argmin(1)
-        for k in range(centers.shape[0]):
-            sel = labels == k
-            if sel.any():
-                centers[k] = feats[sel].mean(0)
-    onehot = torch.nn.functional.one_hot(labels.view(hs, ws), n_classes).permute(2, 0, 1).float()
-    logits = 4.0 * onehot + 1.5 * torch.randn(onehot.shape, generator=gen)
-    logits = torch.nn.functional.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    return torch.softmax(logits, 0).numpy().astype(np.float32)
+# pydensecrf2's labels per case, computed once and compared with every provider's.
+_PYDENSECRF_LABELS: dict[str, np.ndarray] = {}
 
 
 def _pydensecrf(probs: np.ndarray, imgs: list[np.ndarray]):
-    import pydensecrf.densecrf as dcrf  # pydensecrf2, a bench dependency (the [bench] extra)
-    from pydensecrf.utils import unary_from_softmax
-
     def run():
-        out = []
-        for p, img in zip(probs, imgs):
-            c, h, w = p.shape
-            d = dcrf.DenseCRF2D(w, h, c)
-            d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(p)))
-            d.addPairwiseGaussian(sxy=PARAMS["gaussian_sxy"], compat=PARAMS["gaussian_compat"])
-            d.addPairwiseBilateral(
-                sxy=PARAMS["bilateral_sxy"], srgb=PARAMS["bilateral_srgb"], rgbim=img, compat=PARAMS["bilateral_compat"]
-            )
-            out.append(np.array(d.inference(N_ITERS), dtype=np.float32).reshape(c, h, w))
-        return np.stack(out)
+        return np.stack([pydensecrf_marginals(p, img, N_ITERS, PARAMS) for p, img in zip(probs, imgs)])
 
     return run
-
-
-_PYDENSECRF_LABELS: dict[str, np.ndarray] = {}
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -91,7 +52,7 @@ def test_dense_crf(benchmark, case, provider):
     names, h, w = CASES[case]
     if provider == "reference" and len(names) > 1:
         pytest.skip("the reference runs on the single-image case only (tens of seconds per image)")
-    imgs = [photo(n, h, w) for n in names]
+    imgs = [photo(n, height=h, width=w) for n in names]
     probs = np.stack([class_map(img, seed=i) for i, img in enumerate(imgs)])
     t_probs = torch.from_numpy(probs)
     t_imgs = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)  # the usual HWC numpy layout, as a view

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ovseg_fast.bench._crf_inputs import class_map, photo, pydensecrf_marginals
 from ovseg_fast.ops import use_backend
 from ovseg_fast.ops.dense_crf import DenseCRF, dense_crf, dense_crf_flops, gaussian_blur
 from ovseg_fast.ops.dense_crf_reference import (
@@ -35,50 +36,6 @@ PARAMS = {
     ),
     "wide": dict(gaussian_sxy=5.0, gaussian_compat=1.5, bilateral_sxy=30.0, bilateral_srgb=20.0, bilateral_compat=4.0),
 }
-
-
-def photo(name: str, top: int = 0, left: int = 0, height: int | None = None, width: int | None = None) -> np.ndarray:
-    """A crop of one of scikit-image's bundled sample photos (H, W, 3) uint8 (no download)."""
-    import skimage.data as skdata  # a test dependency (the [test] extra): its photos ship in the wheel
-    img = getattr(skdata, name)()
-    h = img.shape[0] - top if height is None else height
-    w = img.shape[1] - left if width is None else width
-    return np.ascontiguousarray(img[top : top + h, left : left + w, :3])
-
-
-def class_map(img: np.ndarray, n_classes: int = 21, stride: int = 8, seed: int = 0) -> np.ndarray:
-    """Realistic class probabilities: a coarse segmentation (k-means of stride-8 pixels on colour and
-    position, as a CNN's low-resolution output), one-hot, noisy, bilinearly upsampled, softmax."""
-    gen = torch.Generator().manual_seed(seed)
-    h, w, _ = img.shape
-    small = torch.from_numpy(img[::stride, ::stride]).float()
-    hs, ws, _ = small.shape
-    yy, xx = torch.meshgrid(torch.arange(hs), torch.arange(ws), indexing="ij")
-    feats = torch.cat([small.reshape(-1, 3) / 255.0, torch.stack([yy, xx], -1).reshape(-1, 2) / max(hs, ws)], 1)
-    centers = feats[torch.randperm(feats.shape[0], generator=gen)[:n_classes]]
-    for _ in range(8):
-        labels = torch.cdist(feats, centers).argmin(1)
-        for k in range(centers.shape[0]):
-            sel = labels == k
-            if sel.any():
-                centers[k] = feats[sel].mean(0)
-    onehot = torch.nn.functional.one_hot(labels.view(hs, ws), n_classes).permute(2, 0, 1).float()
-    logits = 4.0 * onehot + 1.5 * torch.randn(onehot.shape, generator=gen)
-    logits = torch.nn.functional.interpolate(logits[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-    return torch.softmax(logits, 0).numpy().astype(np.float32)
-
-
-def pydensecrf_marginals(probs: np.ndarray, img: np.ndarray, n_iters: int, p: dict) -> np.ndarray:
-    """pydensecrf2's DenseCRF2D on (C, H, W) probs and an (H, W, 3) image: the peer the op follows."""
-    import pydensecrf.densecrf as dcrf  # pydensecrf2, a test dependency (the [test] extra)
-    from pydensecrf.utils import unary_from_softmax
-
-    c, h, w = probs.shape
-    d = dcrf.DenseCRF2D(w, h, c)
-    d.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
-    d.addPairwiseGaussian(sxy=p["gaussian_sxy"], compat=p["gaussian_compat"])
-    d.addPairwiseBilateral(sxy=p["bilateral_sxy"], srgb=p["bilateral_srgb"], rgbim=img, compat=p["bilateral_compat"])
-    return np.array(d.inference(n_iters), dtype=np.float32).reshape(c, h, w)
 
 
 def as_inputs(probs: np.ndarray, img: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
