@@ -3,11 +3,6 @@ C++ kernel vs reference, scipy blur, registration, inputs."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 import torch
@@ -25,7 +20,7 @@ from ovseg_fast.ops.dense_crf_reference import (
     gaussian_features,
     lattice_filter,
 )
-from tests.helpers import require_backend
+from tests.helpers import CPU_CAPABILITIES, require_backend, run_under_capability
 
 OP = torch.ops.ovseg_fast.dense_crf
 DEFAULTS = dict(gaussian_sxy=3.0, gaussian_compat=3.0, bilateral_sxy=80.0, bilateral_srgb=13.0, bilateral_compat=10.0)
@@ -267,16 +262,13 @@ def test_flop_counter():
     assert dense_crf_flops(1, 1, 1, 1, 0) == 5
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
 def test_every_cpu_capability_copy(capability):
-    require_backend("dense_crf", "cpu")
-    import ovseg_fast._C as ext
-
-    if capability.upper() not in ext.compiled_capabilities():
-        pytest.skip(f"{capability} copy is not compiled on this architecture")
-    code = textwrap.dedent(
+    run_under_capability(
+        "dense_crf",
+        capability,
         """
-        import torch, ovseg_fast._C as ext
+        import torch
         from ovseg_fast.ops import use_backend
         from ovseg_fast.ops.dense_crf import dense_crf
         from ovseg_fast.ops.dense_crf_reference import dense_crf_reference
@@ -287,13 +279,8 @@ def test_every_cpu_capability_copy(capability):
             out = dense_crf(probs, img, n_iters=3, bilateral_sxy=6.0, bilateral_srgb=30.0)
         ref = dense_crf_reference(probs, img, 3, 3.0, 3.0, 6.0, 30.0, 10.0)
         torch.testing.assert_close(out, ref, rtol=0, atol=2e-5)
-        print(ext.kernel_capability())
-        """
+        """,
     )
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == capability.upper()
 
 
 # ---------------------------------------------------------------------------------------------
