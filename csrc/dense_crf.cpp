@@ -29,6 +29,7 @@
 //    slowest thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -54,67 +55,90 @@ constexpr int64_t kVertexGrain = 1 << 16;
 constexpr int kBlock = 16;
 
 
+// Rows of class values and batches of lattice points are handled as 8-float vectors (GCC/Clang
+// vector extensions: ymm registers in the AVX2/AVX512 copies, xmm pairs in the DEFAULT one). The
+// helpers are internal (inlined), so the note that passing 32-byte vectors without AVX changes the
+// ABI does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v8f_mem __attribute__((vector_size(32), aligned(4), may_alias));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
 // ---------------------------------------------------------------------------------------------
 // Hash table of lattice vertices (keys: the first d integer coordinates of a vertex)
 // ---------------------------------------------------------------------------------------------
+// Slots hold the key next to the vertex id, so a probe is one (prefetchable) memory access.
+template <int D>
 class VertexTable {
  public:
-  VertexTable(int dim, int64_t expected) : dim_(dim) {
+  explicit VertexTable(int64_t expected) {
     int64_t cap = 64;
     while (cap < 2 * expected) cap <<= 1;
-    slots_.assign(cap, -1);
-    keys_.reserve(static_cast<size_t>(expected) * dim);
+    slots_.assign(cap, Slot{-1, {}});
+    keys_.reserve(static_cast<size_t>(expected) * D);
   }
-  int64_t size() const { return static_cast<int64_t>(keys_.size()) / dim_; }
-  const int32_t* key(int64_t id) const { return keys_.data() + id * dim_; }
+  int64_t size() const { return static_cast<int64_t>(keys_.size()) / D; }
+  const int32_t* key(int64_t id) const { return keys_.data() + id * D; }
 
   int32_t find(const int32_t* k) const {
     const uint64_t mask = slots_.size() - 1;
     for (uint64_t h = hash(k) & mask;; h = (h + 1) & mask) {
-      const int32_t e = slots_[h];
-      if (e < 0) return -1;
-      if (equal(key(e), k)) return e;
+      const Slot& e = slots_[h];
+      if (e.id < 0) return -1;
+      if (equal(e.key, k)) return e.id;
     }
   }
-  int32_t insert(const int32_t* k) {
+  // hk = hash(k), computed ahead (in parallel) so that the sequential insertion can prefetch slots.
+  int32_t insert(const int32_t* k, uint64_t hk) {
     if (2 * (size() + 1) > static_cast<int64_t>(slots_.size())) grow();
     const uint64_t mask = slots_.size() - 1;
-    for (uint64_t h = hash(k) & mask;; h = (h + 1) & mask) {
-      const int32_t e = slots_[h];
-      if (e < 0) {
-        const int32_t id = static_cast<int32_t>(size());
-        keys_.insert(keys_.end(), k, k + dim_);
-        slots_[h] = id;
-        return id;
+    for (uint64_t h = hk & mask;; h = (h + 1) & mask) {
+      Slot& e = slots_[h];
+      if (e.id < 0) {
+        e.id = static_cast<int32_t>(size());
+        std::copy(k, k + D, e.key);
+        keys_.insert(keys_.end(), k, k + D);
+        return e.id;
       }
-      if (equal(key(e), k)) return e;
+      if (equal(e.key, k)) return e.id;
     }
+  }
+  void prefetch(uint64_t hk) const { __builtin_prefetch(slots_.data() + (hk & (slots_.size() - 1))); }
+  // Independent multiplies (no chain through the coordinates), then a final mix.
+  static uint64_t hash(const int32_t* k) {
+    constexpr uint64_t kMul[5] = {0x9E3779B97F4A7C15ull, 0xC2B2AE3D27D4EB4Full, 0x165667B19E3779F9ull,
+                                  0xD6E8FEB86659FD93ull, 0xFF51AFD7ED558CCDull};
+    static_assert(D <= 5);
+    uint64_t h = 0;
+    for (int i = 0; i < D; ++i) h += static_cast<uint64_t>(static_cast<uint32_t>(k[i])) * kMul[i];
+    h ^= h >> 29;
+    h *= 0xbf58476d1ce4e5b9ull;
+    return h ^ (h >> 32);
   }
 
  private:
-  uint64_t hash(const int32_t* k) const {
-    uint64_t h = 0x9E3779B97F4A7C15ull;
-    for (int i = 0; i < dim_; ++i) h = (h ^ static_cast<uint32_t>(k[i])) * 0xff51afd7ed558ccdull;
-    return h ^ (h >> 32);
-  }
-  bool equal(const int32_t* a, const int32_t* b) const {
-    for (int i = 0; i < dim_; ++i)
-      if (a[i] != b[i]) return false;
-    return true;
+  struct Slot {
+    int32_t id;
+    int32_t key[D];
+  };
+  static bool equal(const int32_t* a, const int32_t* b) {
+    bool same = true;
+    for (int i = 0; i < D; ++i) same &= a[i] == b[i];
+    return same;
   }
   void grow() {
-    std::vector<int32_t> slots(slots_.size() * 2, -1);
+    std::vector<Slot> slots(slots_.size() * 2, Slot{-1, {}});
     const uint64_t mask = slots.size() - 1;
     for (int64_t e = 0; e < size(); ++e) {
       uint64_t h = hash(key(e)) & mask;
-      while (slots[h] >= 0) h = (h + 1) & mask;
-      slots[h] = static_cast<int32_t>(e);
+      while (slots[h].id >= 0) h = (h + 1) & mask;
+      slots[h].id = static_cast<int32_t>(e);
+      std::copy(key(e), key(e) + D, slots[h].key);
     }
     slots_.swap(slots);
   }
-  int dim_;
-  std::vector<int32_t> slots_;
-  std::vector<int32_t> keys_;
+  std::vector<Slot> slots_;
+  std::vector<int32_t> keys_;  // by id
 };
 
 // Large per-call arrays come from ATen's CPU allocator: 64-byte aligned (rows of CP floats never
@@ -164,62 +188,95 @@ void elevation_scale(float* scale) {
     scale[i] = static_cast<float>(1.0 / std::sqrt(static_cast<double>((i + 2) * (i + 1))) * inv_std);
 }
 
-// Simplex of one feature vector: the keys of its D+1 vertices and their barycentric weights.
+// Simplices of 8 feature vectors (lane i: point i; f[j] holds feature j): the keys of their D+1
+// vertices, keys[(i * (D+1) + r) * D + k], and barycentric weights bary[i * (D+1) + r], for the first
+// cnt lanes. Lane-parallel, because the scalar version's data-dependent rank comparisons and the
+// scatter by rank kept the embedding of the bilateral lattice at ~130 ns per pixel. Every lane does
+// exactly the scalar operations in the same order (IEEE float ops are per lane; no contraction), the
+// rank scatter becomes exact selects, so the lattice is bit-identical.
 template <int D>
-inline void embed_point(const float* f, const float* scale, int32_t* keys, float* bary) {
+inline void embed_points8(const v8f* f, const float* scale, int32_t* keys, float* bary, int cnt) {
   constexpr int DP1 = D + 1;
   const float inv = 1.0f / DP1;
-  float elevated[DP1], rem0[DP1], vs[DP1];
-  int rank[DP1];
-  float sm = 0.0f;
+  v8f elevated[DP1], rem0[DP1], diff[DP1], vs[DP1];
+  v8i rank[DP1];
+  v8f sm = v8f{};
   for (int j = D; j > 0; --j) {
-    const float cf = f[j - 1] * scale[j - 1];
+    const v8f cf = f[j - 1] * scale[j - 1];
     elevated[j] = sm - static_cast<float>(j) * cf;
     sm += cf;
   }
   elevated[0] = sm;
-  int sum = 0;
+  v8i sum = v8i{};
   for (int i = 0; i < DP1; ++i) {
-    const float v = std::nearbyint(elevated[i] * inv);  // half to even, as SSE's cvtps2dq
-    rem0[i] = v * DP1;
-    sum += static_cast<int>(v);
-    rank[i] = 0;
+    // nearbyint (half to even, as SSE's cvtps2dq): adding and subtracting 2^23 rounds |x| < 2^23 to
+    // an integer in the default rounding mode; larger floats are integers already.
+    const v8f x = elevated[i] * inv;
+    const v8i xi = __builtin_bit_cast(v8i, x);
+    const v8f ax = __builtin_bit_cast(v8f, xi & 0x7fffffff);
+    const v8f r = (ax + 8388608.0f) - 8388608.0f;
+    const v8f v = __builtin_bit_cast(v8f, ax < 8388608.0f ? __builtin_bit_cast(v8i, r) | (xi & INT32_MIN) : xi);
+    rem0[i] = v * static_cast<float>(DP1);
+    sum += __builtin_convertvector(v, v8i);
+    rank[i] = v8i{};
   }
+  for (int i = 0; i < DP1; ++i) diff[i] = elevated[i] - rem0[i];
   for (int i = 0; i < D; ++i) {
-    const float di = elevated[i] - rem0[i];
     for (int j = i + 1; j < DP1; ++j) {
-      if (di < elevated[j] - rem0[j])
-        ++rank[i];
-      else
-        ++rank[j];
+      const v8i less = diff[i] < diff[j];  // -1 where true
+      rank[i] -= less;
+      rank[j] -= ~less;
     }
   }
   for (int i = 0; i < DP1; ++i) {
     rank[i] += sum;
-    if (rank[i] < 0) {
-      rank[i] += DP1;
-      rem0[i] += DP1;
-    } else if (rank[i] > D) {
-      rank[i] -= DP1;
-      rem0[i] -= DP1;
-    }
+    const v8i lo = rank[i] < 0, hi = rank[i] > D;
+    rank[i] += (lo & DP1) - (hi & DP1);
+    rem0[i] += __builtin_convertvector((lo & DP1) - (hi & DP1), v8f);
   }
-  for (int i = 0; i < DP1; ++i) vs[D - rank[i]] = (elevated[i] - rem0[i]) * inv;
-  bary[0] = vs[0] + (1.0f - vs[D]);
-  for (int p = 1; p < DP1; ++p) bary[p] = vs[p] - vs[p - 1];
+  for (int i = 0; i < DP1; ++i) vs[i] = v8f{};
+  for (int i = 0; i < DP1; ++i) {
+    const v8f val = (elevated[i] - rem0[i]) * inv;
+    for (int k = 0; k < DP1; ++k) vs[k] = rank[i] == D - k ? val : vs[k];
+  }
+  alignas(32) float b[DP1][8];
+  alignas(32) int32_t kk[DP1][D][8];
+  v8f b0 = vs[0] + (1.0f - vs[D]);
+  std::memcpy(b[0], &b0, sizeof(b0));
+  for (int p = 1; p < DP1; ++p) {
+    const v8f bp = vs[p] - vs[p - 1];
+    std::memcpy(b[p], &bp, sizeof(bp));
+  }
   for (int r = 0; r < DP1; ++r)
-    for (int i = 0; i < D; ++i)
-      keys[r * D + i] = static_cast<int32_t>(rem0[i]) + r - (rank[i] > D - r ? DP1 : 0);
+    for (int i = 0; i < D; ++i) {
+      const v8i k = __builtin_convertvector(rem0[i], v8i) + r - ((rank[i] > D - r) & DP1);
+      std::memcpy(kk[r][i], &k, sizeof(k));
+    }
+  for (int l = 0; l < cnt; ++l)
+    for (int r = 0; r < DP1; ++r) {
+      bary[l * DP1 + r] = b[r][l];
+      for (int i = 0; i < D; ++i) keys[(l * DP1 + r) * D + i] = kk[r][i][l];
+    }
 }
 
-// Features of pixel p = (y, x): (x/sxy, y/sxy[, r/srgb, g/srgb, b/srgb]), as float32 divisions.
+// Features of pixels p0.. p0+7 (clamped to the last pixel) = (y, x): (x/sxy, y/sxy[, r/srgb,
+// g/srgb, b/srgb]), as float32 divisions.
 template <int D>
-inline void pixel_features(int64_t p, int64_t x, int64_t y, int64_t npix, float sxy, float srgb, const uint8_t* rgb,
-                           float* f) {
-  f[0] = static_cast<float>(x) / sxy;
-  f[1] = static_cast<float>(y) / sxy;
-  if constexpr (D == 5) {
-    for (int c = 0; c < 3; ++c) f[2 + c] = static_cast<float>(rgb[c * npix + p]) / srgb;
+inline void pixel_features8(int64_t p0, int64_t width, int64_t npix, float sxy, float srgb, const uint8_t* rgb,
+                            v8f* f) {
+  alignas(32) float a[D][8];
+  for (int l = 0; l < 8; ++l) {
+    const int64_t p = std::min(p0 + l, npix - 1);
+    const int64_t y = p / width;
+    a[0][l] = static_cast<float>(p - y * width);
+    a[1][l] = static_cast<float>(y);
+    if constexpr (D == 5) {
+      for (int c = 0; c < 3; ++c) a[2 + c][l] = static_cast<float>(rgb[c * npix + p]);
+    }
+  }
+  for (int j = 0; j < D; ++j) {
+    std::memcpy(&f[j], a[j], sizeof(v8f));
+    f[j] = f[j] / (j < 2 ? sxy : srgb);
   }
 }
 
@@ -241,32 +298,47 @@ std::unique_ptr<Lattice> build_lattice(int64_t height, int64_t width, float sxy,
   // one chunk are ever stored (all n * (d+1) keys would be 30 MB for a 512x512 bilateral lattice).
   // Vertex ids do not influence the result (every sum below runs in pixel or axis order), and the
   // previous pixel's corner r is usually the same vertex, which saves most hash lookups.
-  constexpr int64_t kChunk = 1 << 16;
+  constexpr int64_t kChunk = 1 << 12;
+  constexpr int kAhead = 8;  // pixels between a slot prefetch and its probe
   std::vector<int32_t> keys(kChunk * DP1 * D);
-  VertexTable table(D, std::max<int64_t>(n / 4, 64));
-  int32_t prev_key[DP1][D];
+  std::vector<uint64_t> hashes(kChunk * DP1);
+  VertexTable<D> table(std::max<int64_t>(n / 4, 64));
   int32_t prev_id[DP1];
-  std::fill(prev_id, prev_id + DP1, -1);
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t c1 = std::min(n, c0 + kChunk);
-    at::parallel_for(c0, c1, 2048, [&](int64_t begin, int64_t end) {
-      float f[D];
-      int64_t y = begin / width, x = begin - y * width;
-      for (int64_t p = begin; p < end; ++p) {
-        pixel_features<D>(p, x, y, n, sxy, srgb, rgb, f);
-        if (++x == width) {
-          x = 0;
-          ++y;
-        }
-        embed_point<D>(f, scale, keys.data() + (p - c0) * DP1 * D, lat->weight.data() + p * DP1);
+    at::parallel_for(0, (c1 - c0 + 7) / 8, 256, [&](int64_t begin, int64_t end) {
+      v8f f[D];
+      for (int64_t g = begin; g < end; ++g) {
+        const int64_t p = c0 + 8 * g;
+        const int cnt = static_cast<int>(std::min<int64_t>(8, c1 - p));
+        int32_t* k = keys.data() + (p - c0) * DP1 * D;
+        pixel_features8<D>(p, width, n, sxy, srgb, rgb, f);
+        embed_points8<D>(f, scale, k, lat->weight.data() + p * DP1, cnt);
+        for (int e = 0; e < cnt * DP1; ++e) hashes[(p - c0) * DP1 + e] = table.hash(k + e * D);
       }
     });
     for (int64_t p = c0; p < c1; ++p) {
+      const int64_t q = p - c0;
+      if (q + kAhead < c1 - c0)
+        for (int r = 0; r < DP1; ++r) table.prefetch(hashes[(q + kAhead) * DP1 + r]);
       for (int r = 0; r < DP1; ++r) {
-        const int32_t* k = keys.data() + ((p - c0) * DP1 + r) * D;
-        if (prev_id[r] < 0 || std::memcmp(prev_key[r], k, sizeof(int32_t) * D) != 0) {
-          prev_id[r] = table.insert(k);
-          std::memcpy(prev_key[r], k, sizeof(int32_t) * D);
+        const int32_t* k = keys.data() + (q * DP1 + r) * D;
+        // The previous pixel's corner r is usually the same vertex.
+        const int32_t* pk = q > 0 ? k - DP1 * D : p > 0 ? table.key(prev_id[r]) : k;
+        bool same = p > 0;
+        for (int i = 0; i < D; ++i) same &= pk[i] == k[i];
+        if (!same) {
+          // Else the pixel above's (a vertex is always the same corner r of its simplices).
+          if (p >= width) {
+            const int32_t id = lat->offset[(p - width) * DP1 + r];
+            const int32_t* ak = table.key(id);
+            same = true;
+            for (int i = 0; i < D; ++i) same &= ak[i] == k[i];
+            if (same) prev_id[r] = id;
+          }
+          if (!same) {
+            prev_id[r] = table.insert(k, hashes[q * DP1 + r]);
+          }
         }
         lat->offset[p * DP1 + r] = prev_id[r];
       }
@@ -301,14 +373,8 @@ std::unique_ptr<Lattice> build_lattice(int64_t height, int64_t width, float sxy,
 // Mean-field inference
 // ---------------------------------------------------------------------------------------------
 
-// Rows of class values are handled as 8-float vectors (GCC/Clang vector extensions: ymm registers in
-// the AVX2/AVX512 copies, xmm pairs in the DEFAULT one). The hot loops need horizontal max/sum and
-// exp, which the compiler does not vectorise on its own without -ffast-math. The helpers are internal
-// (inlined), so the note that passing 32-byte vectors without AVX changes the ABI does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v8f_mem __attribute__((vector_size(32), aligned(4), may_alias));
-typedef int32_t v8i __attribute__((vector_size(32)));
+// The hot loops need horizontal max/sum and exp, which the compiler does not vectorise on its own
+// without -ffast-math.
 
 inline v8f load8(const float* p) { return *reinterpret_cast<const v8f_mem*>(p); }
 inline void store8(float* p, v8f v) { *reinterpret_cast<v8f_mem*>(p) = v; }
@@ -391,6 +457,61 @@ struct Row {
     for (int k = 0; k < kN; ++k) a[k] *= inv;
   }
 };
+
+#if defined(__AVX512F__)
+// 24 classes (C = 17..24, e.g. VOC's 21) in the AVX512 copy: a 16-float and an 8-float vector, so
+// every row operation is two instructions instead of three. Zen 4 splits the 64-byte half that
+// straddles a cache line (odd rows) cheaply; the saved uops win.
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v16f_mem __attribute__((vector_size(64), aligned(4), may_alias));
+typedef int32_t v16i __attribute__((vector_size(64)));
+inline v16f load16(const float* p) { return *reinterpret_cast<const v16f_mem*>(p); }
+inline void store16(float* p, v16f v) { *reinterpret_cast<v16f_mem*>(p) = v; }
+
+template <>
+struct Row<24> {
+  v16f a;
+  v8f b;
+  explicit Row(int /*cp*/ = 24) {}
+  void zero() {
+    a = v16f{};
+    b = v8f{};
+  }
+  void load(const float* p) {
+    a = load16(p);
+    b = load8(p + 16);
+  }
+  void store(float* p) const {
+    store16(p, a);
+    store8(p + 16, b);
+  }
+  void add(float w, const Row& o) {
+    a += w * o.a;
+    b += w * o.b;
+  }
+  void fma(float w, const float* p) {
+    a += w * load16(p);
+    b += w * load8(p + 16);
+  }
+  void scatter(float* p, float w) const {
+    store16(p, load16(p) + w * a);
+    store8(p + 16, load8(p + 16) + w * b);
+  }
+  static v16f wide(v8f x) { return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7); }
+  void softmax(const float* mask) {
+    const v8f lo = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7);
+    const v8f hi = __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    const v8f m = allmax(vmax(vmax(lo, hi), b));
+    a = exp_nonpositive<v16f, v16i>(a - wide(m));  // mask[0..16) is all ones (C > 16)
+    b = exp_nonpositive<v8f, v8i>(b - m) * load8(mask + 16);
+    const v8f s = allsum(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7) +
+                         __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15) + b);
+    const v8f inv = 1.0f / s;
+    a *= wide(inv);
+    b *= inv;
+  }
+};
+#endif
 
 // Any number of classes (a multiple of 8 known at run time only): 8-float vectors in memory.
 template <>
@@ -480,7 +601,7 @@ void normalise_weights(Lattice& lat) {
 }
 
 struct ImageArgs {
-  const float* logp;   // (C, H, W) log(clip(P, clip, 1))
+  const float* probs;  // (C, H, W)
   const uint8_t* rgb;  // (3, H, W)
   float* out;          // (C, H, W)
   int64_t c, h, w;
@@ -497,10 +618,6 @@ void crf_image(const ImageArgs& args, int cp_rt) {
   const int64_t c = args.c, n = args.h * args.w;
   const int chunks = args.chunks;
 
-  // Each lattice (build, normalisation, buffers) is one task, the two running concurrently: their
-  // inner parallel loops then run inline, so the whole set-up is one parallel region instead of a
-  // dozen, each of which would wait for the slowest thread (costly when other processes share the
-  // cores).
   std::vector<int> dims;
   std::vector<float> compats;
   if (args.gaussian_compat != 0.0f) {
@@ -513,8 +630,51 @@ void crf_image(const ImageArgs& args, int cp_rt) {
   }
   std::vector<std::unique_ptr<Lattice>> lattices(dims.size());
   std::vector<Pairwise> kernels(dims.size());
-  at::parallel_for(0, static_cast<int64_t>(dims.size()), 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
+  Buffer<float> logp(n * cp);
+
+  // -U = log(clip(P)), pixel-major, padded lanes -inf so they get probability exactly 0. Clamp and
+  // log (ATen's vectorised log) on the way: no (C, H, W) temporaries to allocate and page in.
+  // The class planes are n floats apart (a multiple of the L1 set stride for power-of-two images), so
+  // visiting all C planes per pixel would thrash L1: transpose in runs of kRun pixels per plane
+  // instead (the output is written back in runs of kBlock).
+  auto unary = [&]() {
+    using Vec = at::vec::Vectorized<float>;
+    const Vec lo(args.clip), hi(1.0f);
+    constexpr int64_t kRun = 64;  // pixels per plane run: whole cache lines, prefetcher-friendly
+    at::parallel_for(0, (n + kRun - 1) / kRun, 64, [&](int64_t b0, int64_t b1) {
+      float tmp[Vec::size()];
+      for (int64_t p0 = b0 * kRun; p0 < std::min(n, b1 * kRun); p0 += kRun) {
+        const int64_t p1 = std::min(n, p0 + kRun);
+        for (int64_t l = 0; l < c; ++l)
+          for (int64_t q = p0; q < p1; q += Vec::size()) {
+            const int cnt = static_cast<int>(std::min<int64_t>(Vec::size(), p1 - q));
+            at::vec::clamp(Vec::loadu(args.probs + l * n + q, cnt), lo, hi).log().store(tmp, cnt);
+            for (int i = 0; i < cnt; ++i) logp[(q + i) * cp + l] = tmp[i];
+          }
+        for (int64_t p = p0; p < p1; ++p)
+          for (int l = c; l < cp; ++l) logp[p * cp + l] = -std::numeric_limits<float>::infinity();
+      }
+    });
+  };
+
+  // The set-up is one parallel region of independent tasks (instead of a dozen regions, each of
+  // which would wait for the slowest thread, costly when other processes share the cores): each
+  // lattice (build, normalisation, buffers) and the unary, whose inner parallel loops then run
+  // inline. Ordered so that two threads split it evenly: the Gaussian lattice and the unary on one,
+  // the (about twice as costly) bilateral lattice on the other.
+  std::vector<int> tasks;  // lattice index, or -1: the unary
+  for (int k = 0; k < static_cast<int>(dims.size()); ++k) {
+    if (dims[k] == 5) tasks.push_back(-1);
+    tasks.push_back(k);
+  }
+  if (tasks.size() == dims.size()) tasks.push_back(-1);
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t t = k0; t < k1; ++t) {
+      const int k = tasks[t];
+      if (k < 0) {
+        unary();
+        continue;
+      }
       lattices[k] = dims[k] == 2
                         ? build_lattice<2>(args.h, args.w, args.gaussian_sxy, 1.0f, nullptr)
                         : build_lattice<5>(args.h, args.w, args.bilateral_sxy, args.bilateral_srgb, args.rgb);
@@ -529,21 +689,6 @@ void crf_image(const ImageArgs& args, int cp_rt) {
       pw.val.zero();
       pw.tmp.zero();
       pw.priv.zero();
-    }
-  });
-
-  // -U = log(clip(P)), pixel-major, padded lanes -inf so they get probability exactly 0.
-  // The class planes are n floats apart (a multiple of the L1 set stride for power-of-two images), so
-  // visiting all C planes per pixel would thrash L1: transpose (and write the output back) in runs
-  // of kBlock pixels per plane instead.
-  Buffer<float> logp(n * cp);
-  at::parallel_for(0, (n + kBlock - 1) / kBlock, 256, [&](int64_t b0, int64_t b1) {
-    for (int64_t p0 = b0 * kBlock; p0 < std::min(n, b1 * kBlock); p0 += kBlock) {
-      const int64_t p1 = std::min(n, p0 + kBlock);
-      for (int64_t l = 0; l < c; ++l)
-        for (int64_t p = p0; p < p1; ++p) logp[p * cp + l] = args.logp[l * n + p];
-      for (int64_t p = p0; p < p1; ++p)
-        for (int l = c; l < cp; ++l) logp[p * cp + l] = -std::numeric_limits<float>::infinity();
     }
   });
   std::vector<float> lane_mask(cp);
@@ -655,8 +800,7 @@ void crf_image(const ImageArgs& args, int cp_rt) {
 at::Tensor dense_crf_forward(const at::Tensor& probs, const at::Tensor& image, int64_t n_iters, double gaussian_sxy,
                              double gaussian_compat, double bilateral_sxy, double bilateral_srgb,
                              double bilateral_compat, double clip) {
-  // -U = log(clip(P)) by ATen's vectorised, threaded log; the kernel transposes it to pixel-major.
-  const at::Tensor p = at::log(at::clamp(probs, clip, 1.0)).contiguous();
+  const at::Tensor p = probs.contiguous();
   const at::Tensor im = image.contiguous();
   const int64_t b = p.size(0), c = p.size(1), h = p.size(2), w = p.size(3);
   at::Tensor out = at::empty_like(p);
