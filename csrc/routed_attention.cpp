@@ -12,7 +12,8 @@
 // differ in what the lanes are. Neither ever builds a gathered copy of K/V: the selected windows are read through the
 // index, from the input in place or from a per-head packing of it (the size of one head's K or V).
 //
-// Lane tile (forward: windows of more than L/2 tokens, LDVC's 4x4 = 16; backward: more than L). One
+// Lane tile (forward: windows of more than L/2 tokens that are not one or two whole vectors, e.g.
+// 3x3 or 7x7; backward: more than L, LDVC's 4x4 with AVX2). One
 // window's tokens are the lanes (token-transposed, tile[d][lane], in L1) and X is read straight from
 // the input through its strides.
 //   forward, parallel over (b, head, query window): the query window is the lane tile (scale folded
@@ -29,14 +30,18 @@
 // Padded lanes are zero in the tiles, and in pass 2 masked out of P, so they never touch a result.
 //
 // Key lanes (forward: windows of at most L/2 tokens, BiFormer's 2x2 = 4 would fill a quarter of an
-// AVX-512 lane tile; backward: at most L, LDVC's included). The lanes are keys, or head_dim, never a
-// window's few tokens. A task packs each (b, head) it reaches once, window-major (KeyLaneLayout):
-// K^T (and V^T) per window for the key lanes, and Q, K, V, dO as rows padded to Dp (head_dim
-// rounded up to L). Per query window, Selection::gather
-// copies the selected windows' K^T blocks into an L1 buffer of D x n_keys (BiFormer: 32 x 64 floats,
-// a GEMM micro-kernel's packing buffer, rebuilt per query window), so S = (scale Q) . K_sel^T has the
-// n keys as lanes; a row softmax over them (padding keys -inf) and O = P . V_sel with head_dim as
-// lanes, V's rows read through the index.
+// AVX-512 lane tile, or of one or two whole vectors, LDVC's 4x4 = 16; backward: at most L). The lanes
+// are keys, or head_dim, never a window's few tokens. A task packs each (b, head) it reaches once,
+// window-major (KeyLaneLayout): K^T (and V^T) per window for the key lanes, and K, V, Q, dO as rows
+// padded to Dp (head_dim rounded up to L) where they are needed. Windows smaller than a vector: per
+// query window, Selection::gather copies the selected windows' K^T blocks into an L1 buffer of
+// D x n_keys (BiFormer: 32 x 64 floats, a GEMM micro-kernel's packing buffer), so S = (scale Q) .
+// K_sel^T has the n keys as lanes. Windows of whole vectors (whole_windows): every window's keys
+// already are whole vectors of its packed block, so lane_gemm_windows reads the selected blocks in
+// place (no gather: for LDVC it would copy 64 KB per query window) and a clipped window's padding
+// keys are masked. Then a row softmax over the keys (padding -inf) and O = P . V_sel with head_dim
+// as lanes, V's rows read through the index (from the input in place when they are float rows of
+// whole vectors, so the forward's scratch is one head's K^T per thread: LDVC's forward memory budget).
 //   backward, parallel over (b, head), one pass over its query windows: S and dP = dO . V_sel^T as in
 //     the forward, P = exp(S - lse), dS = P (dP - Delta), dQ = scale dS . K_sel (head_dim lanes), and
 //     dV_j += P^T dO, dK_j += dS^T (scale Q) into the head's dK/dV rows, picked through the index.
@@ -222,14 +227,14 @@ constexpr int kKeyLaneVecs = 2;  // 4 x 2 accumulators + 2 B vectors + a broadca
 #endif
 constexpr int kKeyLaneRows = 4;
 
-// C(r)[0 .. NV*VS) (+)= sum_k a[r * ars + k * aks] * B(k)[0 .. NV*VS), for R rows: a's entries are
-// broadcast, B's rows (brow) and C's rows (c[r]) are lane vectors anywhere in memory, which is how one
-// micro-kernel serves products against the packed selection, against V/K rows picked through the
-// index, and the dK/dV scatter into rows picked through it. C's rows come as pointers computed
-// before the loop: a call to look one up after it would spill every accumulator (all vector
-// registers are caller-saved).
-template <int R, int NV, typename A, typename BRow>
-inline void lane_block(int64_t K, const A* a, int64_t ars, int64_t aks, const BRow& brow, A* const* c,
+// C(r)[v] (+)= sum_k a[r * ars + k * aks] * B(k, v) for R rows and NV lane vectors v: a's entries are
+// broadcast, B's vectors (bvec(k, v)) and C's rows (c[r]) are lane vectors anywhere in memory, which is
+// how one micro-kernel serves products against the packed keys of the selected windows, against V/K
+// rows picked through the index, and the dK/dV scatter into rows picked through it. C's rows come as
+// pointers computed before the loop: a call to look one up after it would spill every accumulator
+// (all vector registers are caller-saved).
+template <int R, int NV, typename A, typename BVec>
+inline void lane_block(int64_t K, const A* a, int64_t ars, int64_t aks, const BVec& bvec, A* const* c,
                        bool accumulate) {
   using Vec = VecT<A>;
   constexpr int VS = Vec::size();
@@ -238,10 +243,9 @@ inline void lane_block(int64_t K, const A* a, int64_t ars, int64_t aks, const BR
     for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? Vec::loadu(c[r] + v * VS) : Vec(A(0));
   }
   for (int64_t kk = 0; kk < K; ++kk) {
-    const A* bk = brow(kk);
     const A* ak = a + kk * aks;
     Vec bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(bk + v * VS);
+    for (int v = 0; v < NV; ++v) bv[v] = Vec::loadu(bvec(kk, v));
     for (int r = 0; r < R; ++r) {
       const Vec xv(ak[r * ars]);
       for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(xv, bv[v], acc[r][v]);
@@ -252,36 +256,55 @@ inline void lane_block(int64_t K, const A* a, int64_t ars, int64_t aks, const BR
   }
 }
 
-template <int R, int NV, typename A, typename BRow>
-inline void lane_block_tail(int rows, int nvec, int64_t K, const A* a, int64_t ars, int64_t aks, const BRow& brow,
+template <int R, int NV, typename A, typename BVec>
+inline void lane_block_tail(int rows, int nvec, int64_t K, const A* a, int64_t ars, int64_t aks, const BVec& bvec,
                             A* const* c, bool accumulate) {
   if constexpr (R > 1) {
-    if (rows < R) return lane_block_tail<R - 1, NV>(rows, nvec, K, a, ars, aks, brow, c, accumulate);
+    if (rows < R) return lane_block_tail<R - 1, NV>(rows, nvec, K, a, ars, aks, bvec, c, accumulate);
   }
   if constexpr (NV > 1) {
-    if (nvec < NV) return lane_block_tail<R, NV - 1>(rows, nvec, K, a, ars, aks, brow, c, accumulate);
+    if (nvec < NV) return lane_block_tail<R, NV - 1>(rows, nvec, K, a, ars, aks, bvec, c, accumulate);
   }
-  lane_block<R, NV>(K, a, ars, aks, brow, c, accumulate);
+  lane_block<R, NV>(K, a, ars, aks, bvec, c, accumulate);
 }
 
-// All `rows` rows and `nvec` lane vectors: C(r) (+)= sum_k a[r * ars + k * aks] * B(k).
+// All `rows` rows of C against nv (<= kKeyLaneVecs) lane vectors, the vectors v0 .. v0 + nv of C's
+// rows: C(r)[v0 + v] (+)= sum_k a[r * ars + k * aks] * bvec(k, v).
+template <typename A, typename BVec, typename CRow>
+void lane_rows(int64_t rows, int64_t v0, int nv, int64_t K, const A* a, int64_t ars, int64_t aks, const BVec& bvec,
+               const CRow& crow, bool accumulate) {
+  constexpr int VS = VecT<A>::size();
+  for (int64_t r0 = 0; r0 < rows; r0 += kKeyLaneRows) {
+    const int rb = static_cast<int>(std::min<int64_t>(kKeyLaneRows, rows - r0));
+    A* c[kKeyLaneRows];
+    for (int r = 0; r < rb; ++r) c[r] = crow(r0 + r) + v0 * VS;
+    lane_block_tail<kKeyLaneRows, kKeyLaneVecs>(rb, nv, K, a + r0 * ars, ars, aks, bvec, c, accumulate);
+  }
+}
+
+// All `rows` rows and `nvec` lane vectors: C(r) (+)= sum_k a[r * ars + k * aks] * B(k), B's rows
+// (brow(k)) being nvec contiguous vectors.
 template <typename A, typename BRow, typename CRow>
 void lane_gemm(int64_t rows, int64_t nvec, int64_t K, const A* a, int64_t ars, int64_t aks, const BRow& brow,
                const CRow& crow, bool accumulate) {
   constexpr int VS = VecT<A>::size();
   for (int64_t v0 = 0; v0 < nvec; v0 += kKeyLaneVecs) {
     const int nv = static_cast<int>(std::min<int64_t>(kKeyLaneVecs, nvec - v0));
-    const auto b = [&](int64_t kk) { return brow(kk) + v0 * VS; };
-    for (int64_t r0 = 0; r0 < rows; r0 += kKeyLaneRows) {
-      const int rb = static_cast<int>(std::min<int64_t>(kKeyLaneRows, rows - r0));
-      A* c[kKeyLaneRows];
-      for (int r = 0; r < rb; ++r) c[r] = crow(r0 + r) + v0 * VS;
-      lane_block_tail<kKeyLaneRows, kKeyLaneVecs>(rb, nv, K, a + r0 * ars, ars, aks, b, c, accumulate);
-    }
+    const auto b = [&](int64_t kk, int v) { return brow(kk) + (v0 + v) * VS; };
+    lane_rows(rows, v0, nv, K, a, ars, aks, b, crow, accumulate);
   }
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Whether the selected windows' keys can be read in place from the packed lanes blocks: every
+// window's M keys are whole vectors there, so the products against K^T and V^T need no per-query-
+// window gather (which copies D x topk x M values per query window: LDVC's 4x4 windows, 64 KB,
+// as many bytes as the two products read from L1).
+template <typename A>
+bool whole_windows(const Geometry& g) {
+  return g.wh * g.ww % VecT<A>::size() == 0;
+}
 
 // Which layout a problem gets. The lane tile wastes 1 - M / L of every vector when a window holds
 // M < L tokens, L the vector width (BiFormer's 2x2 windows: 3/4 of an AVX-512 vector); the key lanes
@@ -292,7 +315,8 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // of two, wins up to a full vector (LDVC: 27% faster).
 template <typename A>
 bool key_lanes_forward(const Geometry& g) {
-  return 2 * g.wh * g.ww <= VecT<A>::size();
+  const int64_t M = g.wh * g.ww, vs = VecT<A>::size();
+  return 2 * M <= vs || (whole_windows<A>(g) && M <= 2 * vs);
 }
 
 template <typename A>
@@ -343,16 +367,24 @@ struct KeyLaneLayout {
 };
 
 // The selection of one query window: its windows, their token counts, and the slot of every key.
+// Compact keys (the default) are the selected windows' valid tokens one after another, for
+// gather(). Whole-window keys (`whole`, for windows of a multiple of VS tokens): key t * M + u is
+// token u of selected window t, read in place from the packed lanes blocks by lane_gemm_windows;
+// the keys past a clipped window's tokens are padding, their slot the dummy row `kl.slots` (zero
+// in every row buffer: never a real row, so two padding keys never collide with a real one in a
+// dK/dV block), and `partial` says whether there are any.
 struct Selection {
   std::vector<int64_t> win, cnt, slot;
   int64_t n = 0;
+  bool partial = false;
 
   explicit Selection(const Geometry& g) : win(g.topk), cnt(g.topk), slot(g.topk * g.wh * g.ww) {}
 
-  void build(const Geometry& g, const KeyLaneLayout& kl, const int64_t* sel, const char* fn) {
+  void build(const Geometry& g, const KeyLaneLayout& kl, const int64_t* sel, const char* fn, bool whole = false) {
     const int64_t M = kl.M;
     int64_t* out = slot.data();  // locals: stores through slot must not make n and M reload every key
     int64_t total = 0;
+    bool clipped = false;
     for (int64_t t = 0; t < g.topk; ++t) {
       const int64_t c = sel[t];
       TORCH_CHECK(c >= 0 && c < g.P, fn, ": index ", c, " out of range [0, ", g.P, ")");
@@ -360,9 +392,24 @@ struct Selection {
       win[t] = c;
       cnt[t] = nc;
       for (int64_t u = 0; u < nc; ++u) out[total + u] = c * M + u;
-      total += nc;
+      if (whole) {
+        for (int64_t u = nc; u < M; ++u) out[total + u] = kl.slots;
+        clipped |= nc < M;
+        total += M;
+      } else {
+        total += nc;
+      }
     }
     n = total;
+    partial = clipped;
+  }
+
+  // Sets row[j] = value for the padding keys j of a whole-window selection.
+  template <typename A>
+  void fill_padding(A* row, int64_t M, A value) const {
+    for (size_t t = 0; t < win.size(); ++t) {
+      for (int64_t u = cnt[t]; u < M; ++u) row[t * M + u] = value;
+    }
   }
 
   // dst[d * lds + j] = key j's entry d, from the packed lanes blocks. Each (window, d) is one
@@ -390,6 +437,22 @@ struct Selection {
     gather_chunks<16>(lanes, D, M, dst, lds);
   }
 };
+
+// S(r)[t M + u] = sum_d a[r * ars + d * aks] * lanes[(win[t] D + d) M + u] for the windows of a
+// whole-window selection, the packed blocks read in place.
+template <typename A, typename CRow>
+void lane_gemm_windows(int64_t rows, const Selection& sel, const A* lanes, int64_t D, int64_t M, const A* a,
+                       int64_t ars, int64_t aks, const CRow& crow) {
+  constexpr int VS = VecT<A>::size();
+  const int64_t per = M / VS, nvec = static_cast<int64_t>(sel.win.size()) * per;
+  for (int64_t v0 = 0; v0 < nvec; v0 += kKeyLaneVecs) {
+    const int nv = static_cast<int>(std::min<int64_t>(kKeyLaneVecs, nvec - v0));
+    const A* base[kKeyLaneVecs];
+    for (int v = 0; v < nv; ++v) base[v] = lanes + sel.win[(v0 + v) / per] * D * M + ((v0 + v) % per) * VS;
+    const auto b = [&](int64_t d, int v) { return base[v] + d * M; };
+    lane_rows(rows, v0, nv, D, a, ars, aks, b, crow, false);
+  }
+}
 
 // Rows of s (m x np; keys n .. np are padding, set to -inf here) to exp(s - max) in place, with each
 // row's max and sum. Phase by phase over all rows rather than row by row: the rows' dependency
@@ -431,6 +494,15 @@ inline void prefetch_rows(T* base, const int64_t* plane, int64_t m, int64_t D) {
   }
 }
 
+// Asks for the rows (D contiguous values at base + off[i]) of m tokens ahead of time, for reading.
+template <typename T>
+inline void prefetch_read(const T* base, const int64_t* off, int64_t m, int64_t D) {
+  for (int64_t i = 0; i < m; ++i) {
+    const char* row = reinterpret_cast<const char*>(base + off[i]);
+    for (int64_t byte = 0; byte < D * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(row + byte, 0);
+  }
+}
+
 template <typename T, typename A>
 void forward_key_lanes(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const int64_t* idx, double scale_d, T* out, A* lse) {
@@ -443,11 +515,24 @@ void forward_key_lanes(const Geometry& g, const at::Tensor& q, const at::Tensor&
   const A scale = static_cast<A>(scale_d);
   const int64_t M = g.wh * g.ww, D = g.D, HW = g.H * g.W;
   const int64_t np_max = round_up(g.topk * M, VS), lds = np_max + VS;
+  // Whole windows read K^T in place from the head's packed blocks (no gather); V's rows are read in
+  // place from the input when they are rows of whole vectors of the accumulation type, so the
+  // forward's scratch is one head's K^T per thread (LDVC: 256 KB).
+  const bool whole = whole_windows<A>(g);
+  const bool v_in_place = std::is_same_v<T, A> && sv.d == 1 && D % VS == 0;
   at::parallel_for(0, g.B * g.Hh * g.P, grain_for(M * g.topk * M * D), [&](int64_t begin, int64_t end) {
     const KeyLaneLayout kl(g, VS);
     const int64_t Dp = kl.Dp;
-    std::vector<A> kt(kl.lanes_size), vr(kl.slots * Dp), qr(kl.slots * Dp), ksel(D * lds), s(M * np_max);
-    std::vector<A> ot(M * Dp), rmax(M), linv(M);
+    std::vector<A> kt(kl.lanes_size), vr(v_in_place ? 0 : (kl.slots + 1) * Dp), ksel(whole ? 0 : D * lds);
+    std::vector<A> qw(M * Dp), s(M * np_max), ot(M * Dp), rmax(M), linv(M), zero_row(Dp);
+    std::vector<int64_t> qoff(M), voff(v_in_place ? kl.slots : 0);
+    std::vector<const A*> vrow(g.topk * M);
+    if (v_in_place) {
+      for (int64_t j = 0; j < kl.slots; ++j) {
+        const int64_t pl = std::max<int64_t>(kl.plane[j], 0);
+        voff[j] = (pl / g.W) * sv.y + (pl % g.W) * sv.x;
+      }
+    }
     Selection sel(g);
     int64_t packed = -1;
     for (int64_t item = begin; item < end; ++item) {
@@ -457,10 +542,10 @@ void forward_key_lanes(const Geometry& g, const at::Tensor& q, const at::Tensor&
       if (bh != packed) {
         packed = bh;
         kl.pack(g, kd + b * sk.b + h * sk.h, sk, A(1), kt.data(), static_cast<A*>(nullptr));
-        kl.pack(g, vd + b * sv.b + h * sv.h, sv, A(1), static_cast<A*>(nullptr), vr.data());
-        kl.pack(g, qd + b * sq.b + h * sq.h, sq, scale, static_cast<A*>(nullptr), qr.data());
+        if (!v_in_place) kl.pack(g, vd + b * sv.b + h * sv.h, sv, A(1), static_cast<A*>(nullptr), vr.data());
       }
-      sel.build(g, kl, idx + ((b * g.G + (g.G == 1 ? 0 : h)) * g.P + p) * g.topk, "routed_attention_cpu_forward");
+      sel.build(g, kl, idx + ((b * g.G + (g.G == 1 ? 0 : h)) * g.P + p) * g.topk, "routed_attention_cpu_forward",
+                whole);
       const int64_t n = sel.n;
       const int64_t* qplane = kl.plane.data() + p * M;
       T* ob = out + bh * HW * D;
@@ -473,18 +558,44 @@ void forward_key_lanes(const Geometry& g, const at::Tensor& q, const at::Tensor&
         continue;
       }
       if (p + 2 < g.P) prefetch_rows(ob, kl.plane.data() + (p + 2) * M, kl.count[p + 2], D);
-      sel.gather(kt.data(), D, M, ksel.data(), lds);
+      // The next head's K and V stream in from memory while this one computes, a window's rows per
+      // query window (its K would otherwise stall the packing, its V rows the products that read
+      // them in place, in routing order).
+      if ((bh + 1) * g.P < end && sk.d == 1 && sv.d == 1) {
+        const int64_t nb = (bh + 1) / g.Hh, nh = (bh + 1) % g.Hh;
+        window_tokens(g, p, sk, qoff.data(), nullptr);
+        prefetch_read(kd + nb * sk.b + nh * sk.h, qoff.data(), m, D);
+        window_tokens(g, p, sv, qoff.data(), nullptr);
+        prefetch_read(vd + nb * sv.b + nh * sv.h, qoff.data(), m, D);
+      }
+      // The query window's rows, scale folded in.
+      const T* qb = qd + b * sq.b + h * sq.h;
+      window_tokens(g, p, sq, qoff.data(), nullptr);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t d = 0; d < D; ++d) qw[i * Dp + d] = scale * static_cast<A>(qb[qoff[i] + d * sq.d]);
       const int64_t np = round_up(n, VS);
       // S[i][keys] = (scale q_i) . K^T, the selected keys as lanes
-      lane_gemm(m, np / VS, D, qr.data() + p * M * Dp, Dp, 1, [&](int64_t d) { return ksel.data() + d * lds; },
-                [&](int64_t i) { return s.data() + i * np; }, false);
+      const auto s_row = [&](int64_t i) { return s.data() + i * np; };
+      if (whole) {
+        lane_gemm_windows(m, sel, kt.data(), D, M, qw.data(), Dp, 1, s_row);
+        if (sel.partial)
+          for (int64_t i = 0; i < m; ++i) sel.fill_padding(s_row(i), M, -std::numeric_limits<A>::infinity());
+      } else {
+        sel.gather(kt.data(), D, M, ksel.data(), lds);
+        lane_gemm(m, np / VS, D, qw.data(), Dp, 1, [&](int64_t d) { return ksel.data() + d * lds; }, s_row, false);
+      }
       softmax_rows(s.data(), m, n, np, rmax.data(), linv.data());
       for (int64_t i = 0; i < m; ++i) {
         lb[qplane[i]] = rmax[i] + std::log(linv[i]);
         linv[i] = A(1) / linv[i];
       }
       // O[i][d] = sum_j P[i][j] v_j[d], V rows picked through the index
-      lane_gemm(m, Dp / VS, n, s.data(), np, 1, [&](int64_t j) { return vr.data() + sel.slot[j] * Dp; },
+      const A* vbh = v_in_place ? reinterpret_cast<const A*>(vd + b * sv.b + h * sv.h) : nullptr;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t sl = sel.slot[j];
+        vrow[j] = sl == kl.slots ? zero_row.data() : v_in_place ? vbh + voff[sl] : vr.data() + sl * Dp;
+      }
+      lane_gemm(m, Dp / VS, n, s.data(), np, 1, [&](int64_t j) { return vrow[j]; },
                 [&](int64_t i) { return ot.data() + i * Dp; }, false);
       for (int64_t i = 0; i < m; ++i) {
         T* row = ob + qplane[i] * D;
@@ -512,11 +623,12 @@ void backward_key_lanes(const Geometry& g, const at::Tensor& go, const at::Tenso
   const A scale = static_cast<A>(scale_d);
   const int64_t M = g.wh * g.ww, D = g.D, HW = g.H * g.W;
   const int64_t np_max = round_up(g.topk * M, VS), lds = np_max + VS;
+  const bool whole = whole_windows<A>(g);
   at::parallel_for(0, g.B * g.Hh, grain_for(g.P * 5 * M * g.topk * M * D), [&](int64_t begin, int64_t end) {
     const KeyLaneLayout kl(g, VS);
-    const int64_t Dp = kl.Dp, rows = kl.slots * Dp;
+    const int64_t Dp = kl.Dp, rows = (kl.slots + 1) * Dp;  // + the dummy row of whole-window padding keys
     std::vector<A> kt(kl.lanes_size), vt(kl.lanes_size), kr(rows), qr(rows), gr(rows), dkr(rows), dvr(rows);
-    std::vector<A> ksel(D * lds), vsel(D * lds), s(M * np_max), dp(M * np_max), acc(M * Dp);
+    std::vector<A> ksel(whole ? 0 : D * lds), vsel(whole ? 0 : D * lds), s(M * np_max), dp(M * np_max), acc(M * Dp);
     std::vector<A> lsew(kl.slots), delw(kl.slots);
     Selection sel(g);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -542,28 +654,39 @@ void backward_key_lanes(const Geometry& g, const at::Tensor& go, const at::Tenso
         const int64_t m = kl.count[p];
         if (m == 0) continue;
         const int64_t* qplane = kl.plane.data() + p * M;
-        sel.build(g, kl, idx + ((b * g.G + (g.G == 1 ? 0 : h)) * g.P + p) * g.topk, "routed_attention_cpu_backward");
+        sel.build(g, kl, idx + ((b * g.G + (g.G == 1 ? 0 : h)) * g.P + p) * g.topk, "routed_attention_cpu_backward",
+                  whole);
         const int64_t n = sel.n;
         if (n == 0) {
           for (int64_t i = 0; i < m; ++i) std::fill(dqb + qplane[i] * D, dqb + qplane[i] * D + D, T(0));
           continue;
         }
-        sel.gather(kt.data(), D, M, ksel.data(), lds);
-        sel.gather(vt.data(), D, M, vsel.data(), lds);
         const A* qt = qr.data() + p * M * Dp;
         const A* gt = gr.data() + p * M * Dp;
         const int64_t np = round_up(n, VS), nvd = Dp / VS;
         const auto s_row = [&](int64_t i) { return s.data() + i * np; };
         const auto dp_row = [&](int64_t i) { return dp.data() + i * np; };
-        lane_gemm(m, np / VS, D, qt, Dp, 1, [&](int64_t d) { return ksel.data() + d * lds; }, s_row, false);
-        lane_gemm(m, np / VS, D, gt, Dp, 1, [&](int64_t d) { return vsel.data() + d * lds; }, dp_row, false);
-        // P = exp(S - lse), dS = P (dP - Delta); lanes past n are never read below.
+        if (whole) {
+          lane_gemm_windows(m, sel, kt.data(), D, M, qt, Dp, 1, s_row);
+          lane_gemm_windows(m, sel, vt.data(), D, M, gt, Dp, 1, dp_row);
+        } else {
+          sel.gather(kt.data(), D, M, ksel.data(), lds);
+          sel.gather(vt.data(), D, M, vsel.data(), lds);
+          lane_gemm(m, np / VS, D, qt, Dp, 1, [&](int64_t d) { return ksel.data() + d * lds; }, s_row, false);
+          lane_gemm(m, np / VS, D, gt, Dp, 1, [&](int64_t d) { return vsel.data() + d * lds; }, dp_row, false);
+        }
+        // P = exp(S - lse), dS = P (dP - Delta); compact lanes past n are never read below, whole-window
+        // padding keys get P = dS = 0.
         for (int64_t i = 0; i < m; ++i) {
           const Vec lv(lsew[p * M + i]), dl(delw[p * M + i]);
           for (int64_t j = 0; j < np; j += VS) {
             const Vec pr = vexp(Vec::loadu(s_row(i) + j) - lv);
             pr.store(s_row(i) + j);
             (pr * (Vec::loadu(dp_row(i) + j) - dl)).store(dp_row(i) + j);
+          }
+          if (sel.partial) {
+            sel.fill_padding(s_row(i), M, A(0));
+            sel.fill_padding(dp_row(i), M, A(0));
           }
         }
         // dQ[i][d] = scale sum_j dS[i][j] k_j[d]

@@ -72,6 +72,10 @@ CASES = [
     ((2, 3, 7, 5, 12), (4, 3), 5, "per_head"),
     ((1, 2, 4, 8, 4), 4, 6, "shared"),
     ((1, 3, 6, 6, 8), 6, 36, "shared"),
+    # Windows of a whole number of vectors (the C++ whole-window key lanes: 16 tokens for AVX-512
+    # float32, 8 for AVX2 and float64), clipped at the bottom and right.
+    ((1, 2, 15, 14, 16), 4, 5, "per_head"),
+    ((1, 2, 7, 15, 8), 4, 5, "shared"),
 ]
 CASE_IDS = [
     "8x8",
@@ -83,6 +87,8 @@ CASE_IDS = [
     "smallwin7x5-perhead",
     "win1x2",
     "win1x1-all",
+    "wholewin4x4-clipped",
+    "wholewin2x4-clipped",
 ]
 TRITON_CASES = [0, 1, 2]
 
@@ -539,8 +545,10 @@ def test_every_cpu_capability_copy(capability):
         from ovseg_fast.ops import use_backend
         from ovseg_fast.ops.routed_attention import routed_attention
         torch.manual_seed(0)
-        # lane tile (3x3 and 7x7 windows) and, for every vector width, key lanes (2x2 windows)
-        cases = (((1, 2, 9, 7, 20), (4, 3), 4), ((1, 1, 14, 14, 8), 2, 2), ((1, 2, 7, 5, 12), (4, 3), 4))
+        # lane tile (3x3 and 7x7 windows) and, for every vector width, key lanes (2x2 windows) and
+        # whole-window key lanes (clipped 4x4 and 2x4 windows)
+        cases = (((1, 2, 9, 7, 20), (4, 3), 4), ((1, 1, 14, 14, 8), 2, 2), ((1, 2, 7, 5, 12), (4, 3), 4),
+                 ((1, 2, 15, 14, 16), 4, 5), ((1, 2, 7, 15, 8), 4, 5))
         for shape, nwin, topk in cases:
             for dtype in (torch.float32, torch.float64, torch.bfloat16):
                 t = [torch.randn(shape).to(dtype).requires_grad_(True) for _ in range(3)]
