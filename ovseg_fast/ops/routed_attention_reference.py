@@ -95,10 +95,18 @@ def _from_windows(x: Tensor, h: int, w: int, nh: int, nw: int) -> Tensor:
 
 def window_means(x: Tensor, nh: int, nw: int) -> Tensor:
     """(B, Hh, H, W, D) -> (B, Hh, P, D): the mean over each window's valid tokens (0 for empty ones)."""
-    _, _, h, w, _ = x.shape
+    b, hh, h, w, d = x.shape
+    wh, ww = window_geometry(h, w, nh, nw)
     valid = window_valid(h, w, nh, nw, x.device)
     count = valid.sum(1).clamp(min=1).to(x.dtype)
-    return _to_windows(x, nh, nw).sum(3) / count[:, None]
+    # Two reductions of views, each over one axis with contiguous rows (the window's rows, then its
+    # columns), not a sum over _to_windows' window-major copy: that copy and the strided sum took
+    # longer than the fused attention the router feeds (LDVC: 2.4 ms against 0.14 ms).
+    if nh * wh != h or nw * ww != w:
+        x = torch.nn.functional.pad(x, (0, 0, 0, nw * ww - w, 0, nh * wh - h))
+    rows = x.reshape(b, hh, nh, wh, nw * ww * d).sum(3)
+    sums = rows.reshape(b, hh, nh, nw, ww, d).sum(4).reshape(b, hh, nh * nw, d)
+    return sums / count[:, None]
 
 
 @torch.no_grad()
