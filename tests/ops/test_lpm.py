@@ -266,6 +266,36 @@ def test_cpu_folded_inference_logits(dtype, affine):
         assert counter.get_total_flops() < lpm_logits_flops(b, c, n, d, d_out)
 
 
+def test_cpu_folded_inference_follows_weight_changes():
+    """The folded form memoises the QR of the centred weights on their exact contents: in-place updates
+    of the weight or the bias (an optimiser step, load_state_dict) and new tensors are all seen."""
+    require_backend("lpm", "cpu")
+    b, n, c, d, d_out = 2, 1500, 3, 130, 128
+    assert _fold_layer_norm(b, c, n, d, d_out)
+    px, e, w, bias, nw, nb = [t.float() for t in logits_inputs(b, n, c, d, d_out, seed=7)]
+
+    def check():
+        with torch.no_grad():
+            with use_backend("cpu"):
+                got = lpm_logits(px, e, w, bias, norm_weight=nw, norm_bias=nb)
+            x64, e64, w64, b64 = (t.double() for t in (px, e, w, bias))
+            exp = lpm_logits_spec(x64, e64, w64, b64, norm_weight=nw.double(), norm_bias=nb.double())
+        torch.testing.assert_close(got.double(), exp, rtol=2e-5, atol=2e-5)
+        return got
+
+    first = check()
+    assert torch.equal(check(), first)  # the memoised factor gives the same result
+    with torch.no_grad():
+        w[:, 0] *= 3.0
+    changed = check()
+    assert not torch.allclose(changed, first)
+    with torch.no_grad():
+        bias[::2] += 0.5  # not a constant shift, which the LayerNorm (and the centred bias) ignores
+    check()
+    w = w.clone() * 0.5
+    check()
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 def test_cpu_gram_weight_gradient(bias):
     """Shapes where the C++ backward takes d V through the Gram form ((e * gamma)^T (G * rstd) x - Vc S -
