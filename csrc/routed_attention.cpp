@@ -370,9 +370,9 @@ struct KeyLaneLayout {
 // Compact keys (the default) are the selected windows' valid tokens one after another, for
 // gather(). Whole-window keys (`whole`, for windows of a multiple of VS tokens): key t * M + u is
 // token u of selected window t, read in place from the packed lanes blocks by lane_gemm_windows;
-// the keys past a clipped window's tokens are padding, their slot the dummy row `kl.slots` (zero
-// in every row buffer: never a real row, so two padding keys never collide with a real one in a
-// dK/dV block), and `partial` says whether there are any.
+// the keys past a clipped window's tokens are padding, their slot the dummy `kl.slots` (a zero row:
+// the forward's zero_row, the backward's extra row of each buffer; never a real row, so padding keys
+// never collide with a real one in a dK/dV block), and `partial` says whether there are any.
 struct Selection {
   std::vector<int64_t> win, cnt, slot;
   int64_t n = 0;
@@ -523,7 +523,7 @@ void forward_key_lanes(const Geometry& g, const at::Tensor& q, const at::Tensor&
   at::parallel_for(0, g.B * g.Hh * g.P, grain_for(M * g.topk * M * D), [&](int64_t begin, int64_t end) {
     const KeyLaneLayout kl(g, VS);
     const int64_t Dp = kl.Dp;
-    std::vector<A> kt(kl.lanes_size), vr(v_in_place ? 0 : (kl.slots + 1) * Dp), ksel(whole ? 0 : D * lds);
+    std::vector<A> kt(kl.lanes_size), vr(v_in_place ? 0 : kl.slots * Dp), ksel(whole ? 0 : D * lds);
     std::vector<A> qw(M * Dp), s(M * np_max), ot(M * Dp), rmax(M), linv(M), zero_row(Dp);
     std::vector<int64_t> qoff(M), voff(v_in_place ? kl.slots : 0);
     std::vector<const A*> vrow(g.topk * M);
