@@ -38,7 +38,7 @@
 //   centring happens on the weights, before any product, so a large mean of y costs no accuracy.
 //   The QR runs on one thread while the other builds the C-sized numerators, and is memoised on the
 //   exact weights (QrCache), so repeated inference with the same head pays it once.
-// Work is handed out to the threads one task at a time (parallel_tasks): on a machine shared with
+// Work is handed out to the threads one task at a time (parallel_tasks.h): on a machine shared with
 // other jobs a static split makes every region wait for its slowest thread.
 //
 // Accumulation dtype: float32 (bfloat16 / float16 inputs are converted once), float64 for float64.
@@ -60,6 +60,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "parallel_tasks.h"
 
 namespace ovseg_fast {
 
@@ -185,29 +186,6 @@ at::Tensor as_compute(const at::Tensor& t, at::ScalarType ct) {
 int64_t chunk_rows(int64_t n, int64_t d_out) {
   int64_t r = std::max<int64_t>(64, (int64_t(1) << 18) / std::max<int64_t>(d_out, 1));
   return std::min<int64_t>(std::max<int64_t>(n, 1), r);
-}
-
-// Threads of a parallel_tasks region over n tasks.
-int64_t task_slots(int64_t n) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-}
-
-// Runs fn(slot, claim) once per intra-op thread: claim() hands out the tasks [0, n) one at a time (-1
-// when none is left) and slot < task_slots(n) names the thread, for its scratch and partial sums. The
-// hand-out is dynamic rather than a static share per thread: on a shared machine a thread that loses
-// its core then does fewer tasks instead of holding up the join.
-template <typename F>
-void parallel_tasks(int64_t n, const F& fn) {
-  std::atomic<int64_t> next{0};
-  auto claim = [&]() -> int64_t {
-    const int64_t t = next++;
-    return t < n ? t : -1;
-  };
-  at::parallel_for(0, task_slots(n), 1, [&](int64_t slot, int64_t) {
-    // ATen ops on worker threads: the caller's below-autograd dispatch state is thread-local.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    fn(slot, claim);
-  });
 }
 
 // Runs fn with ATen's intra-op parallelism off (as inside a parallel region): for the small tensor ops

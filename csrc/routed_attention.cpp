@@ -66,6 +66,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "parallel_tasks.h"
 
 namespace ovseg_fast {
 
@@ -520,7 +521,11 @@ void forward_key_lanes(const Geometry& g, const at::Tensor& q, const at::Tensor&
   // forward's scratch is one head's K^T per thread (LDVC: 256 KB).
   const bool whole = whole_windows<A>(g);
   const bool v_in_place = std::is_same_v<T, A> && sv.d == 1 && D % VS == 0;
-  at::parallel_for(0, g.B * g.Hh * g.P, grain_for(M * g.topk * M * D), [&](int64_t begin, int64_t end) {
+  // Tasks are heads (each packs its K^T once), handed out one at a time (parallel_tasks.h); tiny
+  // problems run inline.
+  const int64_t heads = g.B * g.Hh;
+  const int64_t max_slots = std::max<int64_t>(1, heads * g.P / grain_for(M * g.topk * M * D));
+  parallel_tasks(heads, [&](int64_t, const auto& claim) {
     const KeyLaneLayout kl(g, VS);
     const int64_t Dp = kl.Dp;
     std::vector<A> kt(kl.lanes_size), vr(v_in_place ? 0 : kl.slots * Dp), ksel(whole ? 0 : D * lds);
@@ -534,76 +539,74 @@ void forward_key_lanes(const Geometry& g, const at::Tensor& q, const at::Tensor&
       }
     }
     Selection sel(g);
-    int64_t packed = -1;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t p = item % g.P, bh = item / g.P, b = bh / g.Hh, h = bh % g.Hh;
-      const int64_t m = kl.count[p];
-      if (m == 0) continue;
-      if (bh != packed) {
-        packed = bh;
-        kl.pack(g, kd + b * sk.b + h * sk.h, sk, A(1), kt.data(), static_cast<A*>(nullptr));
-        if (!v_in_place) kl.pack(g, vd + b * sv.b + h * sv.h, sv, A(1), static_cast<A*>(nullptr), vr.data());
-      }
-      sel.build(g, kl, idx + ((b * g.G + (g.G == 1 ? 0 : h)) * g.P + p) * g.topk, "routed_attention_cpu_forward",
-                whole);
-      const int64_t n = sel.n;
-      const int64_t* qplane = kl.plane.data() + p * M;
-      T* ob = out + bh * HW * D;
-      A* lb = lse + bh * HW;
-      if (n == 0) {  // only reachable with invalid (empty-window) indices: nothing to attend to
-        for (int64_t i = 0; i < m; ++i) {
-          std::fill(ob + qplane[i] * D, ob + qplane[i] * D + D, T(0));
-          lb[qplane[i]] = -std::numeric_limits<A>::infinity();
+    for (int64_t bh; (bh = claim()) >= 0;) {
+      const int64_t b = bh / g.Hh, h = bh % g.Hh;
+      kl.pack(g, kd + b * sk.b + h * sk.h, sk, A(1), kt.data(), static_cast<A*>(nullptr));
+      if (!v_in_place) kl.pack(g, vd + b * sv.b + h * sv.h, sv, A(1), static_cast<A*>(nullptr), vr.data());
+      for (int64_t p = 0; p < g.P; ++p) {
+        const int64_t m = kl.count[p];
+        if (m == 0) continue;
+        sel.build(g, kl, idx + ((b * g.G + (g.G == 1 ? 0 : h)) * g.P + p) * g.topk, "routed_attention_cpu_forward",
+                  whole);
+        const int64_t n = sel.n;
+        const int64_t* qplane = kl.plane.data() + p * M;
+        T* ob = out + bh * HW * D;
+        A* lb = lse + bh * HW;
+        if (n == 0) {  // only reachable with invalid (empty-window) indices: nothing to attend to
+          for (int64_t i = 0; i < m; ++i) {
+            std::fill(ob + qplane[i] * D, ob + qplane[i] * D + D, T(0));
+            lb[qplane[i]] = -std::numeric_limits<A>::infinity();
+          }
+          continue;
         }
-        continue;
-      }
-      if (p + 2 < g.P) prefetch_rows(ob, kl.plane.data() + (p + 2) * M, kl.count[p + 2], D);
-      // The next head's K and V stream in from memory while this one computes, a window's rows per
-      // query window (its K would otherwise stall the packing, its V rows the products that read
-      // them in place, in routing order).
-      if ((bh + 1) * g.P < end && sk.d == 1 && sv.d == 1) {
-        const int64_t nb = (bh + 1) / g.Hh, nh = (bh + 1) % g.Hh;
-        window_tokens(g, p, sk, qoff.data(), nullptr);
-        prefetch_read(kd + nb * sk.b + nh * sk.h, qoff.data(), m, D);
-        window_tokens(g, p, sv, qoff.data(), nullptr);
-        prefetch_read(vd + nb * sv.b + nh * sv.h, qoff.data(), m, D);
-      }
-      // The query window's rows, scale folded in.
-      const T* qb = qd + b * sq.b + h * sq.h;
-      window_tokens(g, p, sq, qoff.data(), nullptr);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t d = 0; d < D; ++d) qw[i * Dp + d] = scale * static_cast<A>(qb[qoff[i] + d * sq.d]);
-      const int64_t np = round_up(n, VS);
-      // S[i][keys] = (scale q_i) . K^T, the selected keys as lanes
-      const auto s_row = [&](int64_t i) { return s.data() + i * np; };
-      if (whole) {
-        lane_gemm_windows(m, sel, kt.data(), D, M, qw.data(), Dp, 1, s_row);
-        if (sel.partial)
-          for (int64_t i = 0; i < m; ++i) sel.fill_padding(s_row(i), M, -std::numeric_limits<A>::infinity());
-      } else {
-        sel.gather(kt.data(), D, M, ksel.data(), lds);
-        lane_gemm(m, np / VS, D, qw.data(), Dp, 1, [&](int64_t d) { return ksel.data() + d * lds; }, s_row, false);
-      }
-      softmax_rows(s.data(), m, n, np, rmax.data(), linv.data());
-      for (int64_t i = 0; i < m; ++i) {
-        lb[qplane[i]] = rmax[i] + std::log(linv[i]);
-        linv[i] = A(1) / linv[i];
-      }
-      // O[i][d] = sum_j P[i][j] v_j[d], V rows picked through the index
-      const A* vbh = v_in_place ? reinterpret_cast<const A*>(vd + b * sv.b + h * sv.h) : nullptr;
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t sl = sel.slot[j];
-        vrow[j] = sl == kl.slots ? zero_row.data() : v_in_place ? vbh + voff[sl] : vr.data() + sl * Dp;
-      }
-      lane_gemm(m, Dp / VS, n, s.data(), np, 1, [&](int64_t j) { return vrow[j]; },
-                [&](int64_t i) { return ot.data() + i * Dp; }, false);
-      for (int64_t i = 0; i < m; ++i) {
-        T* row = ob + qplane[i] * D;
-        const A f = linv[i];
-        for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(f * ot[i * Dp + d]);
+        if (p + 2 < g.P) prefetch_rows(ob, kl.plane.data() + (p + 2) * M, kl.count[p + 2], D);
+        // The next head's K and V stream in from memory while this one computes, a window's rows per
+        // query window (its K would otherwise stall the packing, its V rows the products that read
+        // them in place, in routing order).
+        if (bh + 1 < heads && sk.d == 1 && sv.d == 1) {
+          const int64_t nb = (bh + 1) / g.Hh, nh = (bh + 1) % g.Hh;
+          window_tokens(g, p, sk, qoff.data(), nullptr);
+          prefetch_read(kd + nb * sk.b + nh * sk.h, qoff.data(), m, D);
+          window_tokens(g, p, sv, qoff.data(), nullptr);
+          prefetch_read(vd + nb * sv.b + nh * sv.h, qoff.data(), m, D);
+        }
+        // The query window's rows, scale folded in.
+        const T* qb = qd + b * sq.b + h * sq.h;
+        window_tokens(g, p, sq, qoff.data(), nullptr);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t d = 0; d < D; ++d) qw[i * Dp + d] = scale * static_cast<A>(qb[qoff[i] + d * sq.d]);
+        const int64_t np = round_up(n, VS);
+        // S[i][keys] = (scale q_i) . K^T, the selected keys as lanes
+        const auto s_row = [&](int64_t i) { return s.data() + i * np; };
+        if (whole) {
+          lane_gemm_windows(m, sel, kt.data(), D, M, qw.data(), Dp, 1, s_row);
+          if (sel.partial)
+            for (int64_t i = 0; i < m; ++i) sel.fill_padding(s_row(i), M, -std::numeric_limits<A>::infinity());
+        } else {
+          sel.gather(kt.data(), D, M, ksel.data(), lds);
+          lane_gemm(m, np / VS, D, qw.data(), Dp, 1, [&](int64_t d) { return ksel.data() + d * lds; }, s_row, false);
+        }
+        softmax_rows(s.data(), m, n, np, rmax.data(), linv.data());
+        for (int64_t i = 0; i < m; ++i) {
+          lb[qplane[i]] = rmax[i] + std::log(linv[i]);
+          linv[i] = A(1) / linv[i];
+        }
+        // O[i][d] = sum_j P[i][j] v_j[d], V rows picked through the index
+        const A* vbh = v_in_place ? reinterpret_cast<const A*>(vd + b * sv.b + h * sv.h) : nullptr;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t sl = sel.slot[j];
+          vrow[j] = sl == kl.slots ? zero_row.data() : v_in_place ? vbh + voff[sl] : vr.data() + sl * Dp;
+        }
+        lane_gemm(m, Dp / VS, n, s.data(), np, 1, [&](int64_t j) { return vrow[j]; },
+                  [&](int64_t i) { return ot.data() + i * Dp; }, false);
+        for (int64_t i = 0; i < m; ++i) {
+          T* row = ob + qplane[i] * D;
+          const A f = linv[i];
+          for (int64_t d = 0; d < D; ++d) row[d] = static_cast<T>(f * ot[i * Dp + d]);
+        }
       }
     }
-  });
+  }, max_slots);
 }
 
 // One task per (batch, head): it owns every dK and dV row of that head, so it accumulates them in
@@ -624,14 +627,17 @@ void backward_key_lanes(const Geometry& g, const at::Tensor& go, const at::Tenso
   const int64_t M = g.wh * g.ww, D = g.D, HW = g.H * g.W;
   const int64_t np_max = round_up(g.topk * M, VS), lds = np_max + VS;
   const bool whole = whole_windows<A>(g);
-  at::parallel_for(0, g.B * g.Hh, grain_for(g.P * 5 * M * g.topk * M * D), [&](int64_t begin, int64_t end) {
+  // Tasks are heads, handed out one at a time (parallel_tasks.h); tiny problems run inline.
+  const int64_t heads = g.B * g.Hh;
+  const int64_t max_slots = std::max<int64_t>(1, heads / grain_for(g.P * 5 * M * g.topk * M * D));
+  parallel_tasks(heads, [&](int64_t, const auto& claim) {
     const KeyLaneLayout kl(g, VS);
     const int64_t Dp = kl.Dp, rows = (kl.slots + 1) * Dp;  // + the dummy row of whole-window padding keys
     std::vector<A> kt(kl.lanes_size), vt(kl.lanes_size), kr(rows), qr(rows), gr(rows), dkr(rows), dvr(rows);
     std::vector<A> ksel(whole ? 0 : D * lds), vsel(whole ? 0 : D * lds), s(M * np_max), dp(M * np_max), acc(M * Dp);
     std::vector<A> lsew(kl.slots), delw(kl.slots);
     Selection sel(g);
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t bh; (bh = claim()) >= 0;) {
       const int64_t b = bh / g.Hh, h = bh % g.Hh;
       kl.pack(g, kd + b * sk.b + h * sk.h, sk, A(1), kt.data(), kr.data());
       kl.pack(g, vd + b * sv.b + h * sv.h, sv, A(1), vt.data(), static_cast<A*>(nullptr));
@@ -713,7 +719,7 @@ void backward_key_lanes(const Geometry& g, const at::Tensor& go, const at::Tenso
         }
       }
     }
-  });
+  }, max_slots);
 }
 
 template <typename T, typename A>
