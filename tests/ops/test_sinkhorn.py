@@ -389,6 +389,9 @@ _DIST_WORKER = textwrap.dedent(
     q = sinkhorn(leaf, epsilon=0.2, n_iters=4, mask=mask[:, lo:hi], process_group=dist.group.WORLD)
     q.backward(grad)
     torch.save({"q": q.detach(), "grad": leaf.grad}, f"{out}.{rank}")
+    # Both ranks done before either tears down: otherwise gloo's threads can abort the exit
+    # ("terminate called without an active exception") while the other rank still talks to them.
+    dist.barrier()
     dist.destroy_process_group()
     """
 )
