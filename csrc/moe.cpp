@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "prefetch.h"
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -769,12 +770,6 @@ void build_inverse(const Tensor& order, Tensor& inverse) {
 
 constexpr int64_t kGatherAhead = 2;  // tokens between a row's prefetch and its use
 
-template <typename T>
-inline void prefetch_row(const T* row, int64_t n) {
-  const char* p = reinterpret_cast<const char*>(row);
-  for (int64_t b = 0; b < n * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b, 0);
-}
-
 template <typename scalar_t>
 void combine_forward_impl(const Tensor& y, const Tensor& weights, const Tensor& inverse, Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -794,7 +789,7 @@ void combine_forward_impl(const Tensor& y, const Tensor& weights, const Tensor& 
       // The rows a token gathers lie anywhere in y_sorted (expert order), beyond the prefetchers'
       // reach: ask for those of the token after next while this one is summed.
       if (t + kGatherAhead < t1) {
-        for (int64_t j = 0; j < k; ++j) prefetch_row(yp + invp[(t + kGatherAhead) * k + j] * D, D);
+        for (int64_t j = 0; j < k; ++j) prefetch_row<false>(yp + invp[(t + kGatherAhead) * k + j] * D, D);
       }
       acc_t* a = in_place ? reinterpret_cast<acc_t*>(outp + t * D) : acc.data();
       if (k == 0) {

@@ -67,6 +67,7 @@
 
 #include "cpu_dispatch.h"
 #include "parallel_tasks.h"
+#include "prefetch.h"
 
 namespace ovseg_fast {
 
@@ -489,19 +490,13 @@ void softmax_rows(A* s, int64_t m, int64_t n, int64_t np, A* rmax, A* rsum) {
 // store of a result waits for its line's read-for-ownership.
 template <typename T>
 inline void prefetch_rows(T* base, const int64_t* plane, int64_t m, int64_t D) {
-  for (int64_t i = 0; i < m; ++i) {
-    const char* row = reinterpret_cast<const char*>(base + plane[i] * D);
-    for (int64_t byte = 0; byte < D * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(row + byte, 1);
-  }
+  for (int64_t i = 0; i < m; ++i) prefetch_row<true>(base + plane[i] * D, D);
 }
 
 // Asks for the rows (D contiguous values at base + off[i]) of m tokens ahead of time, for reading.
 template <typename T>
 inline void prefetch_read(const T* base, const int64_t* off, int64_t m, int64_t D) {
-  for (int64_t i = 0; i < m; ++i) {
-    const char* row = reinterpret_cast<const char*>(base + off[i]);
-    for (int64_t byte = 0; byte < D * static_cast<int64_t>(sizeof(T)); byte += 64) __builtin_prefetch(row + byte, 0);
-  }
+  for (int64_t i = 0; i < m; ++i) prefetch_row<false>(base + off[i], D);
 }
 
 template <typename T, typename A>
