@@ -100,6 +100,34 @@ inline VecT<float> vexp(const VecT<float>& x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.000000119f));
   return _mm512_scalef_ps(p, n);
 }
+
+// The 16 rows of 16 floats r[0 .. 16) to their transpose, in registers: 64 shuffles (unpack pairs of
+// rows, then pairs of pairs, then 128-bit lanes) where a scalar transpose is 256 loads and stores.
+inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4 g + c], 128-bit lane L: column 4 L + c of rows 4 g .. 4 g + 3
+  for (int g = 0; g < 4; ++g) {
+    const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
+    const __m512d c = _mm512_castps_pd(t[4 * g + 1]), d = _mm512_castps_pd(t[4 * g + 3]);
+    u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512 lo01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), hi01 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+    const __m512 lo23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+    const __m512 hi23 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_f32x4(lo01, lo23, 0x88);
+    r[4 + c] = _mm512_shuffle_f32x4(lo01, lo23, 0xDD);
+    r[8 + c] = _mm512_shuffle_f32x4(hi01, hi23, 0x88);
+    r[12 + c] = _mm512_shuffle_f32x4(hi01, hi23, 0xDD);
+  }
+}
 #else
 inline VecT<float> vexp(const VecT<float>& x) { return x.exp_u20(); }
 #endif
@@ -372,11 +400,21 @@ struct KeyLaneLayout {
 
   template <typename T, typename A>
   void pack(const Geometry& g, const T* base, const Strides& s, A alpha, A* lanes, A* rows) const {
+    bool full_done = false;  // whether the full windows are packed already
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<A, float>) {
+      if (lanes != nullptr && M == 16 && s.d == 1 && D % 16 == 0) {
+        pack_full_windows_transposed(g, base, s, alpha, lanes, rows);
+        full_done = true;
+      }
+    }
+#endif
     for (int64_t y = 0; y < g.H; ++y) {
       const int64_t wy = y / g.wh, ty = y - wy * g.wh;
       for (int64_t x = 0; x < g.W; ++x) {
         const int64_t wx = x / g.ww, tx = x - wx * g.ww;
         const int64_t c = wy * g.nw + wx, t = ty * std::min(g.ww, g.W - wx * g.ww) + tx;  // window_tokens' order
+        if (full_done && count[c] == M) continue;
         const T* src = base + y * s.y + x * s.x;
         A* lane = lanes == nullptr ? nullptr : lanes + c * D * M + t;
         A* row = rows == nullptr ? nullptr : rows + (c * M + t) * Dp;
@@ -388,6 +426,30 @@ struct KeyLaneLayout {
       }
     }
   }
+
+#if defined(CPU_CAPABILITY_AVX512)
+  // pack() for the windows of 16 tokens (LDVC's 4x4, one AVX-512 vector) with rows of whole vectors:
+  // each 16 tokens x 16 channels block is loaded as 16 vectors, copied to the rows as they are and
+  // transposed in registers for the lanes, instead of 256 scalar stores 64 bytes apart.
+  void pack_full_windows_transposed(const Geometry& g, const float* base, const Strides& s, float alpha,
+                                    float* lanes, float* rows) const {
+    int64_t off[16];
+    const __m512 scale = _mm512_set1_ps(alpha);
+    for (int64_t c = 0; c < g.P; ++c) {
+      if (count[c] != M) continue;
+      window_tokens(g, c, s, off, nullptr);
+      for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m512 r[16];
+        for (int t = 0; t < 16; ++t) {
+          r[t] = _mm512_mul_ps(scale, _mm512_loadu_ps(base + off[t] + d0));
+          if (rows != nullptr) _mm512_storeu_ps(rows + (c * M + t) * Dp + d0, r[t]);
+        }
+        transpose16x16(r);
+        for (int i = 0; i < 16; ++i) _mm512_storeu_ps(lanes + (c * D + d0 + i) * M, r[i]);
+      }
+    }
+  }
+#endif
 };
 
 // The selection of one query window: its windows, their token counts, and the slot of every key.
