@@ -352,7 +352,8 @@ def _reassociate(classes: int, pixels: int, dim: int, out_dim: int) -> bool:
     return classes * out_dim * dim + classes * pixels * dim < pixels * dim * out_dim + classes * pixels * out_dim
 
 
-_TRI_BLOCK = 64  # csrc/lpm.cpp's kTriBlock
+_TRI_BLOCK = 32  # csrc/lpm.cpp's kTriBlock
+_GRAM_BLOCK = 64  # csrc/lpm.cpp's kGramBlock
 
 
 def _triangular_fmas(dim: int, rows: int) -> int:
@@ -384,8 +385,8 @@ def _fold_layer_norm(batch: int, classes: int, pixels: int, dim: int, out_dim: i
 
 def _gram_fmas(dim: int) -> int:
     """Multiply-adds per pixel of the lower block triangle of ``S = x^T diag(w) x`` (D x D), in column
-    blocks of ``_TRI_BLOCK``: block ``[j, j + jw)`` takes rows ``[j, D)``."""
-    return sum(min(_TRI_BLOCK, dim - j) * (dim - j) for j in range(0, dim, _TRI_BLOCK))
+    blocks of ``_GRAM_BLOCK``: block ``[j, j + jw)`` takes rows ``[j, D)``."""
+    return sum(min(_GRAM_BLOCK, dim - j) * (dim - j) for j in range(0, dim, _GRAM_BLOCK))
 
 
 def _gram_weight_grad(batch: int, classes: int, pixels: int, dim: int, out_dim: int) -> bool:
