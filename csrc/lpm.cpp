@@ -33,8 +33,10 @@
 //   output features and v0c likewise, y - mean(y) = Vc x + v0c exactly, so
 //       logits = rstd * (A x + a0) + scale e . beta,   A = scale (e * gamma) Vc (C x D, per image),
 //   a C-sized GEMM, and rstd needs only |Vc x + v0c|. That is |R [x; 1]| with R the triangular factor
-//   of the QR of [Vc | v0c]: a triangular product, K-split in column blocks so each GEMM skips the
-//   zero part of R (about D^2 / 2 instead of D * D_out multiply-adds per pixel for D_out = D). The
+//   of the QR of [Vc | v0c]: a triangular product (about D^2 / 2 instead of D * D_out multiply-adds
+//   per pixel for D_out = D). For channel-first pixels (RPN's map) it is fused with its norm in our
+//   own broadcast micro-kernel (tri_sumsq: z never reaches memory, R's zeros are skipped row by row);
+//   other layouts run it as MKL GEMMs K-split in column blocks that skip R's zero blocks. The
 //   centring happens on the weights, before any product, so a large mean of y costs no accuracy.
 //   The QR runs on one thread while the other builds the C-sized numerators, and is memoised on the
 //   exact weights (QrCache), so repeated inference with the same head pays it once.
@@ -503,7 +505,7 @@ class QrCache {
       for (const Entry& e : entries_)
         if (same(e.key, aug)) return e.r;
     }
-    at::Tensor r = std::get<1>(at::linalg_qr(aug, "r"));
+    at::Tensor r = std::get<1>(at::linalg_qr(aug, "r")).contiguous();  // rows read as broadcast operands
     std::lock_guard<std::mutex> lock(mutex_);
     if (entries_.size() == kEntries) entries_.erase(entries_.begin());
     entries_.push_back({aug, r});  // aug is the caller's fresh matrix, never written after this
@@ -526,6 +528,67 @@ class QrCache {
 QrCache& qr_cache() {
   static QrCache cache;
   return cache;
+}
+
+// The squared norms |R [x_n; 1]|^2 of a block of pixels, for channel-first pixels (x^T rows contiguous
+// over n, RPN's (B, D, H, W) map): the triangular product and its norm fused, so z = R [x; 1] never
+// reaches memory and no GEMM re-packs its operands (MKL's packing copies were an eighth of the blocked
+// addmm form). Broadcast GEMM: rows i of R (kTriRows at a time, one R[i, l] broadcast per FMA row)
+// against the block's x^T rows (kTriVecs vectors of pixels, packed contiguous, in L2), over l >= i
+// only: R is upper trapezoidal with exact zeros below the diagonal, so a row block wastes at most
+// kTriRows^2 / 2 multiply-adds (under 1% at D = 512) against the 6-12% of the column-blocked form.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kTriRows = 6, kTriVecs = 4;  // 24 accumulators + 4 x vectors + a broadcast of 32 zmm
+#else
+constexpr int kTriRows = 3, kTriVecs = 4;  // 12 accumulators + 4 x vectors + a broadcast of 16 registers
+#endif
+
+template <int RB, typename T>
+inline void tri_sumsq_rows(const T* r, int64_t ldr, int64_t i0, int64_t D, const T* xt, int64_t ldx,
+                           at::vec::Vectorized<T>* ss) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int VS = Vec::size();
+  Vec acc[RB][kTriVecs];
+  for (int q = 0; q < RB; ++q) {
+    const Vec bias(r[(i0 + q) * ldr + D]);  // R's last column multiplies the constant 1 of [x; 1]
+    for (int v = 0; v < kTriVecs; ++v) acc[q][v] = bias;
+  }
+  const T* rr[RB];
+  for (int q = 0; q < RB; ++q) rr[q] = r + (i0 + q) * ldr;
+  for (int64_t l = i0; l < D; ++l) {
+    const T* xl = xt + l * ldx;
+    Vec xv[kTriVecs];
+    for (int v = 0; v < kTriVecs; ++v) xv[v] = Vec::loadu(xl + v * VS);
+    for (int q = 0; q < RB; ++q) {
+      const Vec rv(rr[q][l]);
+      for (int v = 0; v < kTriVecs; ++v) acc[q][v] = at::vec::fmadd(rv, xv[v], acc[q][v]);
+    }
+  }
+  for (int q = 0; q < RB; ++q)
+    for (int v = 0; v < kTriVecs; ++v) ss[v] = at::vec::fmadd(acc[q][v], acc[q][v], ss[v]);
+}
+
+template <int RB, typename T>
+inline void tri_sumsq_tail(int rows, const T* r, int64_t ldr, int64_t i0, int64_t D, const T* xt, int64_t ldx,
+                           at::vec::Vectorized<T>* ss) {
+  if constexpr (RB > 1) {
+    if (rows < RB) return tri_sumsq_tail<RB - 1>(rows, r, ldr, i0, D, xt, ldx, ss);
+  }
+  tri_sumsq_rows<RB>(r, ldr, i0, D, xt, ldx, ss);
+}
+
+// ss[n] = |R [x_n; 1]|^2 for the kTriVecs * VS pixels whose x^T rows are xt[l * ldx ..] (R: K x (D + 1)
+// row-major, upper trapezoidal).
+template <typename T>
+void tri_sumsq(const T* r, int64_t K, int64_t D, const T* xt, int64_t ldx, T* ss) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec acc[kTriVecs];
+  for (int v = 0; v < kTriVecs; ++v) acc[v] = Vec(T(0));
+  for (int64_t i0 = 0; i0 < K; i0 += kTriRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kTriRows, K - i0));
+    tri_sumsq_tail<kTriRows>(rows, r, D + 1, i0, D, xt, ldx, acc);
+  }
+  for (int v = 0; v < kTriVecs; ++v) acc[v].store(ss + v * Vec::size());
 }
 
 // Inference logits with the LayerNorm folded into the weights (B, C, N); x (B, N, D) any strides, e
@@ -613,6 +676,41 @@ at::Tensor folded_logits(const at::Tensor& x, const at::Tensor& e_in, const at::
     const at::Tensor r_bias = r.select(1, D).contiguous();
     const int64_t K = r.size(0);
     const scalar_t* prb = r_bias.data_ptr<scalar_t>();
+    // (raw + a0) * rstd + cb for the logits columns [n0, n0 + rows) of image b.
+    const auto finish = [&](int64_t b, int64_t n0, int64_t rows, const scalar_t* rs) {
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t* row = pl + (b * C + c) * N + n0;
+        const scalar_t s0 = pa0[b * C + c], s1 = pcb[b * C + c];
+        const Vec va0(s0), vcb(s1);
+        int64_t i = 0;
+        for (; i + W <= rows; i += W) at::vec::fmadd(Vec::loadu(row + i) + va0, Vec::loadu(rs + i), vcb).store(row + i);
+        for (; i < rows; ++i) row[i] = (row[i] + s0) * rs[i] + s1;
+      }
+    };
+    if (x.stride(1) == 1) {
+      // Channel-first pixels: the fused triangular norm (tri_sumsq) per block of pixels, its x^T rows
+      // packed contiguous (zero past N) so every block, the last one included, reads whole vectors.
+      constexpr int64_t P = kTriVecs * W;
+      const int64_t blocks = (N + P - 1) / P;
+      const scalar_t* px = x.data_ptr<scalar_t>();
+      const int64_t sb = x.stride(0), sd = x.stride(2);
+      const scalar_t* pr = r.data_ptr<scalar_t>();
+      parallel_tasks(B * blocks, [&](int64_t, const auto& claim) {
+        std::vector<scalar_t> xt(D * P), ss(P), rs(P);
+        for (int64_t task; (task = claim()) >= 0;) {
+          const int64_t b = task / blocks, n0 = (task % blocks) * P, rows = std::min(P, N - n0);
+          for (int64_t l = 0; l < D; ++l) {
+            const scalar_t* src = px + b * sb + l * sd + n0;
+            std::copy(src, src + rows, xt.data() + l * P);
+            std::fill(xt.data() + l * P + rows, xt.data() + (l + 1) * P, scalar_t(0));
+          }
+          tri_sumsq(pr, K, D, xt.data(), P, ss.data());
+          for (int64_t i = 0; i < rows; ++i) rs[i] = scalar_t(1) / std::sqrt(ss[i] / scalar_t(Do) + scalar_t(eps));
+          finish(b, n0, rows, rs.data());
+        }
+      });
+      return;
+    }
     // Phase 2, per image and chunk of pixels: z = R [x; 1] by K-split blocks (block [k, k + kw) of
     // x's features meets only R's first k + kw rows), its squared norm gives rstd, and the chunk's
     // logits columns are finished in place: (raw + a0) * rstd + cb.
@@ -640,16 +738,7 @@ at::Tensor folded_logits(const at::Tensor& x, const at::Tensor& e_in, const at::
           for (; k < K; ++k) tail += zi[k] * zi[k];
           rs[i] = scalar_t(1) / std::sqrt((hsum(acc) + tail) / scalar_t(Do) + scalar_t(eps));
         }
-        for (int64_t c = 0; c < C; ++c) {
-          scalar_t* row = pl + (b * C + c) * N + n0;
-          const scalar_t s0 = pa0[b * C + c], s1 = pcb[b * C + c];
-          const Vec va0(s0), vcb(s1);
-          int64_t i = 0;
-          for (; i + W <= rows; i += W) {
-            at::vec::fmadd(Vec::loadu(row + i) + va0, Vec::loadu(rs.data() + i), vcb).store(row + i);
-          }
-          for (; i < rows; ++i) row[i] = (row[i] + s0) * rs[i] + s1;
-        }
+        finish(b, n0, rows, rs.data());
       }
     });
   });

@@ -240,16 +240,21 @@ def test_cpu_logits_several_chunks_and_reassociation():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("affine", ["bias_beta", "no_bias_beta"])
-def test_cpu_folded_inference_logits(dtype, affine):
+@pytest.mark.parametrize("layout", ["channel_first", "pixel_rows"])
+def test_cpu_folded_inference_logits(dtype, affine, layout):
     """Inference with LayerNorm at shapes where the C++ kernel folds the LayerNorm into the weights (QR of
-    the centred weights, K-split triangular product, C-sized logits GEMM): equal to the spec, also for a
-    large mean of the projection (the centring happens on the weights, before any product), D not a
-    multiple of the triangular block, D_out < D and D_out > D + 1, channel-first pixels."""
+    the centred weights, triangular norm, C-sized logits GEMM): equal to the spec, also for a large mean of
+    the projection (the centring happens on the weights, before any product), D not a multiple of the
+    triangular blocks, N not a multiple of the pixel block, D_out < D and D_out > D + 1; channel-first
+    pixels take the fused triangular norm, (B, N, D) rows the column-blocked GEMMs."""
     require_backend("lpm", "cpu", dtype)
     for b, n, c, d, d_out, mean in ((2, 1500, 3, 130, 128, 0.0), (2, 1500, 4, 256, 192, 1e3), (2, 900, 5, 96, 300, 30)):
         assert _fold_layer_norm(b, c, n, d, d_out)
         px, e, w, bias, nw, nb = logits_inputs(b, n, c, d, d_out, seed=3)
-        px = px.transpose(1, 2).contiguous().transpose(1, 2)  # the (B, N, D) view of a (B, D, N) map
+        if layout == "channel_first":
+            px = px.transpose(1, 2).contiguous().transpose(1, 2)  # the (B, N, D) view of a (B, D, N) map
+        else:
+            px = px.contiguous()
         bias = bias + mean if affine == "bias_beta" else None
         nb = nb if affine == "bias_beta" else None
         args = [t.to(dtype) if t is not None else None for t in (px, e, w, bias, nw, nb)]
@@ -648,6 +653,17 @@ def test_every_cpu_capability_copy(capability):
             res[name] = [out.detach(), p.grad.clone(), *[q.grad.clone() for q in m.parameters()]]
         for a, b in zip(res["cpu"], res["reference"]):
             torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
+        # inference at a size that folds the LayerNorm (the triangular norm's per-capability blocking),
+        # channel-first pixels whose count is no multiple of the pixel block
+        from ovseg_fast.ops.lpm import lpm_logits
+        from ovseg_fast.ops.lpm_reference import lpm_logits_spec
+        x = torch.randn(2, 130, 1500).transpose(1, 2).double()
+        e, w, b, g, h = torch.randn(2, 3, 128), torch.randn(128, 130) / 12, torch.randn(128), torch.rand(128) + 0.5, torch.randn(128)
+        args = [t.double() for t in (e, w, b)]
+        with torch.no_grad(), use_backend("cpu"):
+            got = lpm_logits(x, *args, norm_weight=g.double(), norm_bias=h.double())
+        exp = lpm_logits_spec(x, *args, norm_weight=g.double(), norm_bias=h.double())
+        torch.testing.assert_close(got, exp, rtol=1e-11, atol=1e-11)
         print(ext.kernel_capability())
         """
     )
