@@ -658,7 +658,8 @@ def test_every_cpu_capability_copy(capability):
         from ovseg_fast.ops.lpm import lpm_logits
         from ovseg_fast.ops.lpm_reference import lpm_logits_spec
         x = torch.randn(2, 130, 1500).transpose(1, 2).double()
-        e, w, b, g, h = torch.randn(2, 3, 128), torch.randn(128, 130) / 12, torch.randn(128), torch.rand(128) + 0.5, torch.randn(128)
+        e, w, b = torch.randn(2, 3, 128), torch.randn(128, 130) / 12, torch.randn(128)
+        g, h = torch.rand(128) + 0.5, torch.randn(128)
         args = [t.double() for t in (e, w, b)]
         with torch.no_grad(), use_backend("cpu"):
             got = lpm_logits(x, *args, norm_weight=g.double(), norm_bias=h.double())
