@@ -1109,6 +1109,31 @@ void check_inputs(const char* fn, const at::Tensor& q, const at::Tensor& k, cons
               fn, ": indices has shape ", indices.sizes(), ", expected (B, 1 or heads, nh * nw, topk)");
 }
 
+// The contract on the indices (ValueError, worded as ovseg_fast.ops.routed_attention's own check for
+// the other backends): window ids in [0, P), distinct within a row, naming windows that hold a token.
+// One serial pass over the B * G * P rows before any work: a few microseconds where the same check
+// as tensor ops costs tens per call (BiFormer's sizes take a millisecond or two in all).
+void validate_indices(const Geometry& g, const int64_t* idx) {
+  const int64_t n = g.B * g.G * g.P * g.topk;
+  if (n == 0) return;
+  const auto [lo, hi] = std::minmax_element(idx, idx + n);
+  TORCH_CHECK_VALUE(*lo >= 0 && *hi < g.P, "routed_attention: indices must be window ids in [0, ", g.P,
+                    ") (nh * nw), got values in [", *lo, ", ", *hi, "]");
+  std::vector<int64_t> seen(g.P, -1);  // the last row that named each window
+  for (int64_t row = 0; row < g.B * g.G * g.P; ++row) {
+    const int64_t b = row / (g.G * g.P), gi = (row / g.P) % g.G, p = row % g.P;
+    for (int64_t t = 0; t < g.topk; ++t) {
+      const int64_t c = idx[row * g.topk + t];
+      TORCH_CHECK_VALUE(seen[c] != row, "routed_attention: indices[", b, ", ", gi, ", ", p,
+                        "] repeats a window; each row must hold distinct windows");
+      seen[c] = row;
+      TORCH_CHECK_VALUE((c / g.nw) * g.wh < g.H && (c % g.nw) * g.ww < g.W, "routed_attention: indices[", b, ", ", gi,
+                        ", ", p, "] selects window ", c, ", which holds no token (a ", g.H, "x", g.W, " grid in ", g.nh,
+                        "x", g.nw, " windows leaves it all padding)");
+    }
+  }
+}
+
 template <typename A>
 at::ScalarType acc_type() {
   return std::is_same_v<A, double> ? at::kDouble : at::kFloat;
@@ -1134,8 +1159,9 @@ RoutedForwardResult routed_attention_forward_kernel(const at::Tensor& q, const a
   // Every token belongs to exactly one window and every window is written, so no zero-fill is needed.
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(lse_type));
-  if (q.numel() == 0) return {out, lse};
   const Geometry g = make_geometry(q, indices, nh, nw);
+  validate_indices(g, indices.data_ptr<int64_t>());
+  if (q.numel() == 0) return {out, lse};
   OVSEG_ROUTED_TYPES(q.scalar_type(), forward_impl<T, A>(g, q, k, v, indices.data_ptr<int64_t>(), scale,
                                                          out.data_ptr<T>(), lse.data_ptr<A>()));
   return {out, lse};

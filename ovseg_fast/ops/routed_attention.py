@@ -98,18 +98,26 @@ def _routed_attention_op(
     q: Tensor, k: Tensor, v: Tensor, indices: Tensor, nh: int, nw: int, scale: float, validate_indices: bool
 ) -> tuple[Tensor, Tensor]:
     """Forward of the kernel contract: ``(out, lse)`` on canonical inputs."""
-    if validate_indices:
-        _check_index_values(indices, q.shape[2], q.shape[3], nh, nw)
+
+    def checked(fn):
+        def run():
+            if validate_indices:
+                _check_index_values(indices, q.shape[2], q.shape[3], nh, nw)
+            return fn()
+
+        return run
+
     if q.numel() == 0:
-        return _empty(q)
+        return checked(lambda: _empty(q))()
     args = (q, k, v, indices, nh, nw, scale)
     return dispatch(
         "routed_attention",
         q,
         {
-            "reference": lambda: routed_attention_forward_reference(*args),
+            "reference": checked(lambda: routed_attention_forward_reference(*args)),
+            # The C++ kernel checks the indices itself, in one pass before its work (any caller's).
             "cpu": lambda: tuple(torch.ops.ovseg_fast.routed_attention_cpu_forward(*args)),
-            "triton": lambda: tuple(_triton().routed_attention_forward(*args)),
+            "triton": checked(lambda: tuple(_triton().routed_attention_forward(*args))),
         },
     )
 
