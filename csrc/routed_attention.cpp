@@ -81,6 +81,13 @@ template <typename A>
 using VecT = at::vec::Vectorized<A>;
 
 #if defined(CPU_CAPABILITY_AVX512)
+// c[0] + c[1] r + ... + c[5] r^5 by Horner's rule, 5 FMAs.
+inline __m512 horner5(const float (&c)[6], __m512 r) {
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(c[5]), r, _mm512_set1_ps(c[4]));
+  for (int i = 3; i >= 0; --i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
+  return p;
+}
+
 // exp(x) = 2^n e^r, n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, so r is exact to float
 // rounding whatever n) in [-ln2/2, ln2/2], e^r by a degree-5 fit (2.2e-7 relative error in float32,
 // about 2 ulp, where ATen's exp_u20 allows 20) and 2^n by vscalefps, which also underflows to 0 and
@@ -93,12 +100,9 @@ inline VecT<float> vexp(const VecT<float>& x) {
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(6.93145752e-1f), xc);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(8.291716687e-3f), r, _mm512_set1_ps(4.191502929e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.666766256e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.999890029e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(9.999996424e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.000000119f));
-  return _mm512_scalef_ps(p, n);
+  constexpr float c[6] = {1.000000119f, 9.999996424e-1f, 4.999890029e-1f, 1.666766256e-1f, 4.191502929e-2f,
+                          8.291716687e-3f};
+  return _mm512_scalef_ps(horner5(c, r), n);
 }
 
 // 2^x: n = round(x), 2^(x - n) by a degree-5 fit on [-1/2, 1/2] (2.2e-7 relative error in float32),
@@ -109,12 +113,9 @@ inline VecT<float> vexp2(const VecT<float>& x) {
   const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-160.f), x);
   const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_sub_ps(xc, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.3266970636e-3f), r, _mm512_set1_ps(9.6754599362e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.5507425218e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(2.4022121727e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(6.9314694404e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0000001192f));
-  return _mm512_scalef_ps(p, n);
+  constexpr float c[6] = {1.0000001192f, 6.9314694404e-1f, 2.4022121727e-1f, 5.5507425218e-2f, 9.6754599362e-3f,
+                          1.3266970636e-3f};
+  return _mm512_scalef_ps(horner5(c, r), n);
 }
 
 // The 16 rows of 16 floats r[0 .. 16) to their transpose, in registers: 64 shuffles (unpack pairs of
