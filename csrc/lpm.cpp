@@ -445,9 +445,10 @@ inline bool reassociate(int64_t C, int64_t N, int64_t D, int64_t Do) {
   return C * Do * D + C * N * D < N * D * Do + C * N * Do;
 }
 
-// Column block of the triangular product z = R x' of the folded LayerNorm (see the top comment). Each
-// block also multiplies the zero half of its diagonal block (kTriBlock / D more than the triangle); at D = 512, 32
-// wastes 6% and ran 5% faster than 64 (12.5%), 16 slower again (rank-16 updates run below GEMM rate).
+// Column block of the MKL form of the triangular product z = R x' of the folded LayerNorm (pixels not
+// channel-first; see the top comment), and of the FLOP count both forms report. Each block also
+// multiplies the zero half of its diagonal block (kTriBlock / D more than the triangle): at D = 512,
+// 32 wastes 6% and ran 5% faster than 64 (12.5%), 16 slower again (rank-16 updates run below GEMM rate).
 constexpr int64_t kTriBlock = 32;
 // Column block of the backward's lower block triangle of S = X^T diag(w) X, and the row block of the
 // d V assembly that uses it.
@@ -673,9 +674,7 @@ at::Tensor folded_logits(const at::Tensor& x, const at::Tensor& e_in, const at::
         at::mm_out(lb, a, x[b].t());
       }
     });
-    const at::Tensor r_bias = r.select(1, D).contiguous();
     const int64_t K = r.size(0);
-    const scalar_t* prb = r_bias.data_ptr<scalar_t>();
     // (raw + a0) * rstd + cb for the logits columns [n0, n0 + rows) of image b.
     const auto finish = [&](int64_t b, int64_t n0, int64_t rows, const scalar_t* rs) {
       for (int64_t c = 0; c < C; ++c) {
@@ -711,6 +710,8 @@ at::Tensor folded_logits(const at::Tensor& x, const at::Tensor& e_in, const at::
       });
       return;
     }
+    const at::Tensor r_bias = r.select(1, D).contiguous();
+    const scalar_t* prb = r_bias.data_ptr<scalar_t>();
     // Phase 2, per image and chunk of pixels: z = R [x; 1] by K-split blocks (block [k, k + kw) of
     // x's features meets only R's first k + kw rows), its squared norm gives rstd, and the chunk's
     // logits columns are finished in place: (raw + a0) * rstd + cb.
