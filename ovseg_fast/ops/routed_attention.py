@@ -99,16 +99,20 @@ def _routed_attention_op(
 ) -> tuple[Tensor, Tensor]:
     """Forward of the kernel contract: ``(out, lse)`` on canonical inputs."""
 
+    def check():
+        if validate_indices:
+            _check_index_values(indices, q.shape[2], q.shape[3], nh, nw)
+
     def checked(fn):
         def run():
-            if validate_indices:
-                _check_index_values(indices, q.shape[2], q.shape[3], nh, nw)
+            check()
             return fn()
 
         return run
 
     if q.numel() == 0:
-        return checked(lambda: _empty(q))()
+        check()
+        return _empty(q)
     args = (q, k, v, indices, nh, nw, scale)
     return dispatch(
         "routed_attention",
