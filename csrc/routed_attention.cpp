@@ -312,10 +312,11 @@ constexpr int kKeyLaneRows = 6;
 // how one micro-kernel serves products against the packed keys of the selected windows, against V/K
 // rows picked through the index, and the dK/dV scatter into rows picked through it. C's rows come as
 // pointers computed before the loop: a call to look one up after it would spill every accumulator
-// (all vector registers are caller-saved).
+// (all vector registers are caller-saved). With row_max (a vector per row), the rows' results are
+// also folded into it by lane-wise max.
 template <int R, int NV, typename A, typename BVec>
 inline void lane_block(int64_t K, const A* a, int64_t ars, int64_t aks, const BVec& bvec, A* const* c,
-                       bool accumulate) {
+                       bool accumulate, A* row_max) {
   using Vec = VecT<A>;
   constexpr int VS = Vec::size();
   Vec acc[R][NV];
@@ -334,31 +335,39 @@ inline void lane_block(int64_t K, const A* a, int64_t ars, int64_t aks, const BV
   for (int r = 0; r < R; ++r) {
     for (int v = 0; v < NV; ++v) acc[r][v].store(c[r] + v * VS);
   }
+  if (row_max != nullptr) {
+    for (int r = 0; r < R; ++r) {
+      Vec mx = Vec::loadu(row_max + r * VS);
+      for (int v = 0; v < NV; ++v) mx = at::vec::maximum(mx, acc[r][v]);
+      mx.store(row_max + r * VS);
+    }
+  }
 }
 
 template <int R, int NV, typename A, typename BVec>
 inline void lane_block_tail(int rows, int nvec, int64_t K, const A* a, int64_t ars, int64_t aks, const BVec& bvec,
-                            A* const* c, bool accumulate) {
+                            A* const* c, bool accumulate, A* row_max) {
   if constexpr (R > 1) {
-    if (rows < R) return lane_block_tail<R - 1, NV>(rows, nvec, K, a, ars, aks, bvec, c, accumulate);
+    if (rows < R) return lane_block_tail<R - 1, NV>(rows, nvec, K, a, ars, aks, bvec, c, accumulate, row_max);
   }
   if constexpr (NV > 1) {
-    if (nvec < NV) return lane_block_tail<R, NV - 1>(rows, nvec, K, a, ars, aks, bvec, c, accumulate);
+    if (nvec < NV) return lane_block_tail<R, NV - 1>(rows, nvec, K, a, ars, aks, bvec, c, accumulate, row_max);
   }
-  lane_block<R, NV>(K, a, ars, aks, bvec, c, accumulate);
+  lane_block<R, NV>(K, a, ars, aks, bvec, c, accumulate, row_max);
 }
 
 // All `rows` rows of C against nv (<= kKeyLaneVecs) lane vectors, the vectors v0 .. v0 + nv of C's
 // rows: C(r)[v0 + v] (+)= sum_k a[r * ars + k * aks] * bvec(k, v).
 template <typename A, typename BVec, typename CRow>
 void lane_rows(int64_t rows, int64_t v0, int nv, int64_t K, const A* a, int64_t ars, int64_t aks, const BVec& bvec,
-               const CRow& crow, bool accumulate) {
+               const CRow& crow, bool accumulate, A* row_max = nullptr) {
   constexpr int VS = VecT<A>::size();
   for (int64_t r0 = 0; r0 < rows; r0 += kKeyLaneRows) {
     const int rb = static_cast<int>(std::min<int64_t>(kKeyLaneRows, rows - r0));
     A* c[kKeyLaneRows];
     for (int r = 0; r < rb; ++r) c[r] = crow(r0 + r) + v0 * VS;
-    lane_block_tail<kKeyLaneRows, kKeyLaneVecs>(rb, nv, K, a + r0 * ars, ars, aks, bvec, c, accumulate);
+    lane_block_tail<kKeyLaneRows, kKeyLaneVecs>(rb, nv, K, a + r0 * ars, ars, aks, bvec, c, accumulate,
+                                                row_max == nullptr ? nullptr : row_max + r0 * VS);
   }
 }
 
@@ -556,7 +565,7 @@ struct Selection {
 // whole-window selection, the packed blocks read in place.
 template <typename A, typename CRow>
 void lane_gemm_windows(int64_t rows, const Selection& sel, const A* lanes, int64_t D, int64_t M, const A* a,
-                       int64_t ars, int64_t aks, const CRow& crow) {
+                       int64_t ars, int64_t aks, const CRow& crow, A* row_max = nullptr) {
   constexpr int VS = VecT<A>::size();
   const int64_t per = M / VS, nvec = static_cast<int64_t>(sel.win.size()) * per;
   for (int64_t v0 = 0; v0 < nvec; v0 += kKeyLaneVecs) {
@@ -564,15 +573,16 @@ void lane_gemm_windows(int64_t rows, const Selection& sel, const A* lanes, int64
     const A* base[kKeyLaneVecs];
     for (int v = 0; v < nv; ++v) base[v] = lanes + sel.win[(v0 + v) / per] * D * M + ((v0 + v) % per) * VS;
     const auto b = [&](int64_t d, int v) { return base[v] + d * M; };
-    lane_rows(rows, v0, nv, D, a, ars, aks, b, crow, false);
+    lane_rows(rows, v0, nv, D, a, ars, aks, b, crow, false, row_max);
   }
 }
 
 // Rows of s (m x np, scores in base 2; keys n .. np are padding, set to -inf here) to 2^(s - max) in
-// place, with each row's max and sum. Phase by phase over all rows rather than row by row: the rows'
+// place, with each row's max and sum; `row_max`, when given, holds a vector per row whose max is the
+// row's (lane_rows' epilogue), which saves the pass that finds it. Phase by phase over all rows rather than row by row: the rows'
 // dependency chains (reductions, exp2) are independent and interleave instead of serializing.
 template <typename A>
-void softmax_rows(A* s, int64_t m, int64_t n, int64_t np, A* rmax, A* rsum) {
+void softmax_rows(A* s, int64_t m, int64_t n, int64_t np, A* rmax, A* rsum, const A* row_max = nullptr) {
   using Vec = VecT<A>;
   constexpr int VS = Vec::size();
   const auto vmax = [](Vec& x, Vec& y) { return at::vec::maximum(x, y); };
@@ -580,8 +590,13 @@ void softmax_rows(A* s, int64_t m, int64_t n, int64_t np, A* rmax, A* rsum) {
   for (int64_t i = 0; i < m; ++i) {
     A* si = s + i * np;
     std::fill(si + n, si + np, -std::numeric_limits<A>::infinity());
-    Vec mx = Vec::loadu(si);
-    for (int64_t j = VS; j < np; j += VS) mx = at::vec::maximum(mx, Vec::loadu(si + j));
+    Vec mx;
+    if (row_max != nullptr) {
+      mx = Vec::loadu(row_max + i * VS);
+    } else {
+      mx = Vec::loadu(si);
+      for (int64_t j = VS; j < np; j += VS) mx = at::vec::maximum(mx, Vec::loadu(si + j));
+    }
     rmax[i] = at::vec::vec_reduce_all<A>(vmax, mx);
   }
   for (int64_t i = 0; i < m; ++i) {
@@ -611,6 +626,33 @@ inline void prefetch_read(const T* base, const int64_t* off, int64_t m, int64_t 
   for (int64_t i = 0; i < m; ++i) prefetch_row<false>(base + off[i], D);
 }
 
+// The forward's tasks: whole heads (each packs its K^T once), except the last `slots` heads, which
+// are cut into kPieces runs of query windows. With heads only, the threads' last heads end up to a
+// head's time apart while the others wait at the join (and fewer heads than threads leave threads
+// idle); the pieces let them finish together, for at most `slots` extra packings of a head. LDVC's
+// forward, 16 heads on 2 threads: 1-2% faster in interleaved A/B runs.
+struct HeadTasks {
+  static constexpr int64_t kPieces = 4;
+  int64_t heads, P, whole, pieces;
+
+  HeadTasks(int64_t heads_, int64_t P_, int64_t slots)
+      : heads(heads_),
+        P(P_),
+        whole(slots > 1 ? std::max<int64_t>(0, heads_ - slots) : heads_),
+        pieces(std::min<int64_t>(kPieces, std::max<int64_t>(P_, 1))) {}
+
+  int64_t count() const { return whole + (heads - whole) * pieces; }
+
+  struct Range {
+    int64_t bh, p_begin, p_end;
+  };
+  Range range(int64_t t) const {
+    if (t < whole) return {t, 0, P};
+    const int64_t bh = whole + (t - whole) / pieces, piece = (t - whole) % pieces;
+    return {bh, piece * P / pieces, (piece + 1) * P / pieces};
+  }
+};
+
 template <typename T, typename A>
 void forward_key_lanes(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const int64_t* idx, double scale_d, T* out, A* lse) {
@@ -632,11 +674,12 @@ void forward_key_lanes(const Geometry& g, const at::Tensor& q, const at::Tensor&
   // problems run inline.
   const int64_t heads = g.B * g.Hh;
   const int64_t max_slots = std::max<int64_t>(1, heads * g.P / grain_for(M * g.topk * M * D));
-  parallel_tasks(heads, [&](int64_t, const auto& claim) {
+  const HeadTasks tasks(heads, g.P, task_slots(heads * g.P, max_slots));
+  parallel_tasks(tasks.count(), [&](int64_t, const auto& claim) {
     const KeyLaneLayout kl(g, VS);
     const int64_t Dp = kl.Dp;
     std::vector<A> kt(kl.lanes_size), vr(v_in_place ? 0 : kl.slots * Dp), ksel(whole ? 0 : D * lds);
-    std::vector<A> qw(M * Dp), s(M * np_max), ot(M * Dp), rmax(M), linv(M), zero_row(Dp);
+    std::vector<A> qw(M * Dp), s(M * np_max), ot(M * Dp), rmax(M), linv(M), zero_row(Dp), row_max(M * VS);
     std::vector<int64_t> qoff(M), voff(v_in_place ? kl.slots : 0);
     std::vector<const A*> vrow(g.topk * M);
     if (v_in_place) {
@@ -646,11 +689,16 @@ void forward_key_lanes(const Geometry& g, const at::Tensor& q, const at::Tensor&
       }
     }
     Selection sel(g);
-    for (int64_t bh; (bh = claim()) >= 0;) {
+    int64_t packed = -1;  // the head whose K (and V) the scratch holds
+    for (int64_t t; (t = claim()) >= 0;) {
+      const auto [bh, p_begin, p_end] = tasks.range(t);
       const int64_t b = bh / g.Hh, h = bh % g.Hh;
-      kl.pack(g, kd + b * sk.b + h * sk.h, sk, A(1), kt.data(), static_cast<A*>(nullptr));
-      if (!v_in_place) kl.pack(g, vd + b * sv.b + h * sv.h, sv, A(1), static_cast<A*>(nullptr), vr.data());
-      for (int64_t p = 0; p < g.P; ++p) {
+      if (bh != packed) {
+        kl.pack(g, kd + b * sk.b + h * sk.h, sk, A(1), kt.data(), static_cast<A*>(nullptr));
+        if (!v_in_place) kl.pack(g, vd + b * sv.b + h * sv.h, sv, A(1), static_cast<A*>(nullptr), vr.data());
+        packed = bh;
+      }
+      for (int64_t p = p_begin; p < p_end; ++p) {
         const int64_t m = kl.count[p];
         if (m == 0) continue;
         sel.build(g, kl, idx + ((b * g.G + (g.G == 1 ? 0 : h)) * g.P + p) * g.topk, "routed_attention_cpu_forward",
@@ -697,15 +745,19 @@ void forward_key_lanes(const Geometry& g, const at::Tensor& q, const at::Tensor&
         const int64_t np = round_up(n, VS);
         // S[i][keys] = (scale q_i) . K^T, the selected keys as lanes
         const auto s_row = [&](int64_t i) { return s.data() + i * np; };
+        // Each row's max comes out of the product's epilogue (the accumulators are still in registers)
+        // instead of a pass over S; not with padding keys, whose scores are only set to -inf after it.
+        const bool fused_max = whole && !sel.partial;
+        if (fused_max) std::fill(row_max.begin(), row_max.end(), -std::numeric_limits<A>::infinity());
         if (whole) {
-          lane_gemm_windows(m, sel, kt.data(), D, M, qw.data(), Dp, 1, s_row);
+          lane_gemm_windows(m, sel, kt.data(), D, M, qw.data(), Dp, 1, s_row, fused_max ? row_max.data() : nullptr);
           if (sel.partial)
             for (int64_t i = 0; i < m; ++i) sel.fill_padding(s_row(i), M, -std::numeric_limits<A>::infinity());
         } else {
           sel.gather(kt.data(), D, M, ksel.data(), lds);
           lane_gemm(m, np / VS, D, qw.data(), Dp, 1, [&](int64_t d) { return ksel.data() + d * lds; }, s_row, false);
         }
-        softmax_rows(s.data(), m, n, np, rmax.data(), linv.data());
+        softmax_rows(s.data(), m, n, np, rmax.data(), linv.data(), fused_max ? row_max.data() : nullptr);
         for (int64_t i = 0; i < m; ++i) {
           lb[qplane[i]] = rmax[i] * kLn2<A> + std::log(linv[i]);
           linv[i] = A(1) / linv[i];
