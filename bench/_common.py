@@ -140,9 +140,13 @@ def record(
     """
     # The first calls compile (torch.compile) or fill caches, and in a fresh process the first
     # large allocations are slow to fault in (on this VM a 100 MB output can take 3-7x its steady
-    # time for the first second): warm-up lasts at least _WARMUP_SECONDS as well as ``warmup`` calls.
-    deadline = time.perf_counter() + _WARMUP_SECONDS
+    # time for the first second): warm-up lasts at least _WARMUP_SECONDS as well as ``warmup`` calls,
+    # counted from the end of the first call, which can take seconds on its own (compiling, or a
+    # process's first custom-op call) and never sizes the rounds.
     times: list[float] = []
+    if warmup:
+        fn()
+    deadline = time.perf_counter() + _WARMUP_SECONDS
     while len(times) < max(warmup, 1) or (warmup and len(times) < _MAX_WARMUP_CALLS and time.perf_counter() < deadline):
         start = time.perf_counter()
         fn()
