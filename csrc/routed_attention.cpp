@@ -579,8 +579,9 @@ void lane_gemm_windows(int64_t rows, const Selection& sel, const A* lanes, int64
 
 // Rows of s (m x np, scores in base 2; keys n .. np are padding, set to -inf here) to 2^(s - max) in
 // place, with each row's max and sum; `row_max`, when given, holds a vector per row whose max is the
-// row's (lane_rows' epilogue), which saves the pass that finds it. Phase by phase over all rows rather than row by row: the rows'
-// dependency chains (reductions, exp2) are independent and interleave instead of serializing.
+// row's (lane_rows' epilogue), which saves the pass that finds it. Phase by phase over all rows rather
+// than row by row: the rows' dependency chains (reductions, exp2) are independent and interleave
+// instead of serializing.
 template <typename A>
 void softmax_rows(A* s, int64_t m, int64_t n, int64_t np, A* rmax, A* rsum, const A* row_max = nullptr) {
   using Vec = VecT<A>;
