@@ -1,0 +1,39 @@
+"""The ``ovseg-fast`` command.
+
+``ovseg-fast info``                 the environment report (same as ``python -m ovseg_fast.info``).
+``ovseg-fast bench [OP ...]``       runs the benchmarks of the named ops (default: all) with
+                                    pytest-benchmark, then prints per op, case and mode the median
+                                    time of every provider, ovseg-fast's speed-up over it and the
+                                    peak memory. ``--json PATH`` saves results, machine, versions and
+                                    commit; ``--plot PATH`` draws the speed-ups as a PNG bar chart.
+``ovseg-fast report FILE.json``     prints a saved run as the README's Markdown ratio table.
+
+Each command is a module of this package exposing ``add_parser(subparsers)`` and ``run(args)``;
+adding a command is adding its module and naming it in ``_COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Optional
+
+from ovseg_fast.cli.bench import benchmark_files, run_benchmarks
+from ovseg_fast.cli.report import add_speedups, format_markdown, format_table, plot
+
+__all__ = ["add_speedups", "benchmark_files", "format_markdown", "format_table", "main", "plot", "run_benchmarks"]
+
+# Module names under ovseg_fast.cli, in the order `ovseg-fast --help` lists them.
+_COMMANDS = ("info", "bench", "report")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="ovseg-fast", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in _COMMANDS:
+        module = importlib.import_module(f"ovseg_fast.cli.{name}")
+        module.add_parser(sub).set_defaults(_run=module.run)
+    args = parser.parse_args(argv)
+    return args._run(args)
