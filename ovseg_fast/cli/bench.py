@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
-from ovseg_fast.cli.report import add_speedups, format_table, plot
+from ovseg_fast.cli.report import add_speedups, capability_class, format_table, machine_summary, plot, plot_title
 
-__all__ = ["benchmark_files", "run_benchmarks"]
+__all__ = ["benchmark_files", "machine_block", "run_benchmarks"]
 
 
 def _bench_dir() -> Path:
@@ -106,11 +106,51 @@ def run_benchmarks(files: list[Path], extra_pytest_args: list[str]) -> list[dict
     return rows
 
 
+# The instruction-set extensions the kernel copies are compiled with (csrc/cpu_dispatch.h), read
+# from /proc/cpuinfo when the extension cannot say (not loaded, or built before it could).
+_CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq")
+
+
+def _proc_cpu_features() -> Optional[dict[str, bool]]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    return None if flags is None else {f: f in flags for f in _CPU_FEATURES}
+
+
+def machine_block(info: dict[str, Any]) -> dict[str, Any]:
+    """The ``machine`` entry of a saved run, from :func:`ovseg_fast.info.collect`: CPU model, threads,
+    torch's capability, the kernel copy the extension ran (``kernel_capability``), the copy asked for
+    (``requested_capability``, from ATEN_CPU_CAPABILITY) and the best one the CPU supports
+    (``supported_capability``), the CPU's features, the capability class the run's ratios belong to
+    (``capability_class``: avx512, avx2 or default) and whether torch used huge pages. Keys the
+    extension does not report are None."""
+    ext = info.get("extension", {})
+    cpu = info["cpu"]
+    requested = ext.get("requested_capability") or os.environ.get("ATEN_CPU_CAPABILITY") or cpu.get("torch_capability")
+    machine = {
+        **cpu,
+        "platform": info.get("platform"),
+        "kernel_capability": ext.get("kernel_capability"),
+        "requested_capability": requested.upper() if requested else None,
+        "supported_capability": ext.get("supported_capability"),
+        "compiled_capabilities": ext.get("compiled_capabilities"),
+        "cpu_features": ext.get("cpu_features") or _proc_cpu_features(),
+        "masked_cpu_features": ext.get("masked_cpu_features") or [],
+        "torch_huge_pages": os.environ.get("OVSEG_BENCH_THP", "1") != "0"
+        or os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+    }
+    machine["capability_class"] = capability_class(machine)
+    return machine
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("bench", help="run benchmarks and print the ratio table")
     parser.add_argument("ops", nargs="*", help="ops to benchmark (default: all)")
-    parser.add_argument("--json", help="save results, machine, versions and commit as JSON")
-    parser.add_argument("--plot", help="save a PNG bar chart of the speed-ups")
+    parser.add_argument("--json", help="save results, machine (with the CPU capability), versions and commit as JSON")
+    parser.add_argument("--plot", help="save a PNG of the speed-ups, one panel per op")
     parser.add_argument("-k", help="pytest -k expression to select cases")
     return parser
 
@@ -125,17 +165,10 @@ def run(args: argparse.Namespace) -> int:
     add_speedups(rows)
     print(format_table(rows))
     info = collect()
-    machine = {
-        **info["cpu"],
-        "platform": info["platform"],
-        "kernel_capability": info["extension"].get("kernel_capability"),
-        "torch_huge_pages": os.environ.get("OVSEG_BENCH_THP", "1") != "0"
-        or os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
-    }
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": _git_commit(),
-        "machine": machine,
+        "machine": machine_block(info),
         "versions": {k: info[k] for k in ("ovseg_fast", "python", "torch", "triton", "numpy")},
         "extension": info["extension"],
         "results": rows,
@@ -145,10 +178,7 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"\nsaved {args.json}")
     if args.plot:
-        plot(rows, Path(args.plot))
+        plot(rows, Path(args.plot), plot_title(result))
         print(f"saved {args.plot}")
-    print(
-        f"\nmachine: {machine['model']}, {machine['threads']} threads, kernels {machine['kernel_capability']}, "
-        f"torch huge pages {'on' if machine['torch_huge_pages'] else 'off'} (see bench/conftest.py)"
-    )
+    print(f"\nmachine: {machine_summary(result)} (huge pages: see bench/conftest.py)")
     return 0
