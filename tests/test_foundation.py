@@ -181,6 +181,8 @@ def test_bench_command_end_to_end(tmp_path):
     assert "ovseg-fast speed-up" in out.stdout
     data = json.loads(out_json.read_text())
     assert data["machine"]["model"] and data["machine"]["threads"] >= 1
+    assert data["machine"]["kernel_capability"] == data["extension"]["kernel_capability"]
+    assert data["machine"]["capability_class"] == data["machine"]["kernel_capability"].lower()
     assert data["versions"]["torch"] == torch.__version__
     assert {r["provider"] for r in data["results"]} == {"ovseg_fast", "reference", "pot"}
     report = subprocess.run(

@@ -5,8 +5,12 @@
                                     pytest-benchmark, then prints per op, case and mode the median
                                     time of every provider, ovseg-fast's speed-up over it and the
                                     peak memory. ``--json PATH`` saves results, machine, versions and
-                                    commit; ``--plot PATH`` draws the speed-ups as a PNG bar chart.
-``ovseg-fast report FILE.json``     prints a saved run as the README's Markdown ratio table.
+                                    commit and the CPU capability; ``--plot PATH`` draws the
+                                    speed-ups as a PNG, one panel per op.
+``ovseg-fast report FILE.json ...`` prints saved runs as the README's Markdown ratio tables, one
+                                    section per CPU capability class (AVX-512, AVX2); ``--readme
+                                    README.md`` writes each into its class's slot, ``--plot PATH``
+                                    redraws a run's speed-ups.
 
 Each command is a module of this package exposing ``add_parser(subparsers)`` and ``run(args)``;
 adding a command is adding its module and naming it in ``_COMMANDS``.
