@@ -262,6 +262,10 @@ def test_report_plot_writes_a_png_titled_with_machine_and_capability(tmp_path, c
     capsys.readouterr()
     with pytest.raises(SystemExit, match="--plot draws one run"):
         main(["report", str(run), str(run), "--plot", str(png)])
+    lonely = _run("AMD EPYC 7B13", "AVX2", "AVX2")
+    lonely["results"] = [r for r in lonely["results"] if r["provider"] == "ovseg_fast"]
+    with pytest.raises(SystemExit, match=r"--plot: .*lonely\.json: no op has both an ovseg_fast row"):
+        main(["report", str(_save(tmp_path, "lonely.json", lonely)), "--plot", str(png)])
 
 
 def test_plot_without_anything_to_compare_says_so():

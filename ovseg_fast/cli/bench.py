@@ -178,7 +178,10 @@ def run(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"\nsaved {args.json}")
     if args.plot:
-        plot(rows, Path(args.plot), plot_title(result))
-        print(f"saved {args.plot}")
+        try:
+            plot(rows, Path(args.plot), plot_title(result))
+            print(f"saved {args.plot}")
+        except ValueError as exc:  # e.g. -k selected no provider to compare with; the JSON is saved
+            print(f"ovseg-fast bench: --plot {args.plot}: nothing drawn: {exc}", file=sys.stderr)
     print(f"\nmachine: {machine_summary(result)} (huge pages: see bench/conftest.py)")
     return 0

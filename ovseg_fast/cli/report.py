@@ -383,6 +383,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nwrote the {', '.join(class_title(c) for c in classes)} table(s) into {readme}")
     if args.plot:
         path, data = runs[0]
-        plot(data["results"], Path(args.plot), plot_title(data))
+        try:
+            plot(data["results"], Path(args.plot), plot_title(data))
+        except ValueError as exc:
+            raise SystemExit(f"ovseg-fast report: --plot: {path}: {exc}") from None
         print(f"saved {args.plot}")
     return 0
