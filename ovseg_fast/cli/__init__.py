@@ -28,7 +28,7 @@ from ovseg_fast.cli.report import add_speedups, format_markdown, format_table, p
 __all__ = ["add_speedups", "benchmark_files", "format_markdown", "format_table", "main", "plot", "run_benchmarks"]
 
 # Module names under ovseg_fast.cli, in the order `ovseg-fast --help` lists them.
-_COMMANDS = ("info", "bench", "report")
+_COMMANDS = ("info", "bench", "report", "profile")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

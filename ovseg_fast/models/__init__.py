@@ -7,13 +7,20 @@ model is first built, so this package imports without it.
 """
 
 from ovseg_fast.models.base import Segmentor, TextEmbeddings
+
+# The function ``profile`` takes the package attribute the submodule would have: import the
+# submodule's other names from ovseg_fast.models.profile itself.
+from ovseg_fast.models.profile import ProfileResult, format_profile, profile
 from ovseg_fast.models.registry import create_model, list_models, model_config, register_model
 
 __all__ = [
+    "ProfileResult",
     "Segmentor",
     "TextEmbeddings",
     "create_model",
+    "format_profile",
     "list_models",
     "model_config",
+    "profile",
     "register_model",
 ]
