@@ -13,7 +13,9 @@ configs weight them ``mask_weight=100.0`` (focal) and ``dice_weight=1.0`` (their
 default, 20, is commented out in every config): :data:`FOCAL_WEIGHT`, :data:`DICE_WEIGHT`.
 Deliberate difference: ZegCLIP counts pixels labelled 255 as negatives of every class in the focal
 loss and as predicted area in the dice loss; here they are ignored, which is what ``ignore_index``
-means everywhere else (mmseg's cross entropy).
+means everywhere else (mmseg's cross entropy). And ZegCLIP divides by the number of masks averaged
+over the processes (an all-reduce); here it is the local batch's, so under data parallelism ranks
+with more classes in their crops weigh a little less.
 """
 
 from __future__ import annotations
