@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ovseg_fast.models.losses import cross_entropy
 from ovseg_fast.ops._checks import check_choice, check_int, check_tensor
 
 __all__ = ["Segmentor", "TextEmbeddings", "check_class_names", "check_images"]
@@ -159,11 +160,12 @@ class Segmentor(nn.Module):
         """Named losses of ``outputs`` (logits (B, C, h, w)) against ``targets`` (B, H, W) int64.
 
         The logits are resized bilinearly to the targets' size; pixels equal to ``ignore_index``
-        do not count. This default is the pixel-wise cross entropy, ``{"loss_ce": ...}``.
+        do not count (the loss is 0 when every pixel is ignored). This default is the pixel-wise cross
+        entropy (:func:`ovseg_fast.models.losses.cross_entropy`), ``{"loss_ce": ...}``.
         """
         outputs, targets = self._check_loss_inputs(outputs, targets, ignore_index)
         logits = _resize(outputs, targets.shape[-2:])
-        return {"loss_ce": F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)}
+        return {"loss_ce": cross_entropy(logits.float(), targets, ignore_index=ignore_index)}
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters an optimiser should update (those with ``requires_grad``)."""

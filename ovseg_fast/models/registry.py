@@ -44,6 +44,7 @@ def register_model(name_or_class: Union[str, T, None] = None) -> Union[T, Callab
         if known is not None and known is not cls:
             raise ValueError(f"model name {name!r} is already registered by {known.__module__}.{known.__qualname__}")
         _MODELS[name] = cls
+        cls.registered_name = name  # what profile and the CLI print for an instance
         return cls
 
     if isinstance(name_or_class, type):
@@ -113,4 +114,4 @@ def _load_builtin_models() -> None:
 
 
 # Each model issue adds its module here.
-_BUILTIN_MODULES: tuple[str, ...] = ()
+_BUILTIN_MODULES: tuple[str, ...] = ("ovseg_fast.models.clip",)
