@@ -32,7 +32,9 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 PACKAGE_DIR = {"ovseg_fast.kernels": "kernels", "ovseg_fast.bench": "bench"}
-PACKAGES = ["ovseg_fast", "ovseg_fast.cli", "ovseg_fast.ops", "ovseg_fast.kernels", "ovseg_fast.bench"]
+PACKAGES = [
+    "ovseg_fast", "ovseg_fast.cli", "ovseg_fast.models", "ovseg_fast.ops", "ovseg_fast.kernels", "ovseg_fast.bench",
+]
 
 # Flags of the extra copies; the macros are the ones ATen's vec headers select Vectorized<T> by.
 X86_VARIANTS = {

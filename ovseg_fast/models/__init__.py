@@ -7,6 +7,7 @@ model is first built, so this package imports without it.
 """
 
 from ovseg_fast.models.base import Segmentor, TextEmbeddings
+from ovseg_fast.models.clip import CLIPBackbone, ImageFeatures
 
 # The function ``profile`` takes the package attribute the submodule would have: import the
 # submodule's other names from ovseg_fast.models.profile itself.
@@ -14,6 +15,8 @@ from ovseg_fast.models.profile import ProfileResult, format_profile, profile
 from ovseg_fast.models.registry import create_model, list_models, model_config, register_model
 
 __all__ = [
+    "CLIPBackbone",
+    "ImageFeatures",
     "ProfileResult",
     "Segmentor",
     "TextEmbeddings",
