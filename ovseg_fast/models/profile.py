@@ -23,7 +23,9 @@ gets random unit vectors of its text dimension (found by encoding one class name
 module gets the list of class names.
 
 :data:`ZEGCLIP` is the paper's own row (VOC 512x512), printed beside ours for scale and marked as
-quoted: it was measured on a GPU, so only its parameters and GFLOPs compare directly.
+quoted. It was measured on a GPU, its parameters are the trainable ones (CLIP is frozen), and its
+GFLOPs most likely come from mmcv's counter (ZegCLIP is an mmsegmentation 0.x project, whose
+``tools/get_flops.py`` uses it), which counts a multiply-add as one FLOP where ours counts two.
 """
 
 from __future__ import annotations
@@ -62,7 +64,8 @@ _register_cpu_attention_flops()
 
 @dataclasses.dataclass(frozen=True)
 class QuotedRow:
-    """A published measurement, printed beside ours and marked as quoted (not measured here)."""
+    """A published measurement, printed beside ours and marked as quoted (not measured here).
+    ``params_m`` are trainable parameters when ``trainable_only``; ``note`` says how to compare."""
 
     name: str
     setting: str
@@ -71,10 +74,12 @@ class QuotedRow:
     fps: float
     hardware: str
     source: str
+    trainable_only: bool = False
+    note: str = ""
 
 
-#: ZegCLIP (Zhou et al., CVPR 2023), Table "efficiency", VOC at 512x512: 13.8 M parameters, 110.4
-#: GFLOPs, 9.0 FPS on an NVIDIA 1080Ti.
+#: ZegCLIP (Zhou et al., CVPR 2023), its efficiency table, VOC at 512x512: 13.8 M (trainable)
+#: parameters, 110.4 GFLOPs, 9.0 FPS on an NVIDIA 1080Ti.
 ZEGCLIP = QuotedRow(
     name="ZegCLIP",
     setting="VOC 512x512",
@@ -82,7 +87,10 @@ ZEGCLIP = QuotedRow(
     gflops=110.4,
     fps=9.0,
     hardware="GTX 1080Ti",
-    source="ZegCLIP paper (CVPR 2023), quoted",
+    source="ZegCLIP paper (CVPR 2023)",
+    trainable_only=True,
+    note="its GFLOPs most likely count a multiply-add as 1 FLOP (mmcv's counter), ours as 2: compare "
+    "with half of our GFLOPs; its FPS is a GPU's",
 )
 
 
@@ -410,7 +418,7 @@ def format_profile(results: Union[ProfileResult, Sequence[ProfileResult]], *, br
     for r in results:
         shape = f"{r.batch}x3x{r.size[0]}x{r.size[1]}, C={r.classes}"
         lines.append(
-            f"| {r.model} | {shape} | {r.dtype} | {r.params_m:.1f} ({r.trainable_params_m:.1f}) | {r.gflops:.1f} "
+            f"| {r.model} | {shape} | {r.dtype} | {r.params_m:.1f} ({r.trainable_params_m:.1f}) | {r.gflops:.4g} "
             f"| {r.latency_ms:.4g} | {r.fps:.3g} | {_fmt(r.peak_memory_mib)} | {r.achieved_gflops_per_s:.1f} "
             f"| {r.efficiency:.0%} |"
         )
@@ -421,25 +429,33 @@ def format_profile(results: Union[ProfileResult, Sequence[ProfileResult]], *, br
                 f"ovseg-fast {r.speedup:.2f}x faster |"
             )
     for q in results[0].quoted:
+        params = f"{q.params_m:.1f} trainable" if q.trainable_only else f"{q.params_m:.1f}"
         lines.append(
-            f"| {q.name} (quoted: {q.source}; {q.hardware}) | {q.setting} | | {q.params_m:.1f} | {q.gflops:.1f} "
+            f"| {q.name} (quoted: {q.source}; {q.hardware}) | {q.setting} | | {params} | {q.gflops:.1f} "
             f"| | {q.fps:.3g} | | | |"
         )
     out = ["\n".join(lines), ""]
     for r in results:
         m, k, n = r.gemm_shape
-        calls = ", ".join(f"{op} x{c}" for op, c in r.custom_op_calls.items()) or "none"
+        calls = ", ".join(f"{op} x{c}" for op, c in r.custom_op_calls.items()) or (
+            "none, so the reference comparison runs the same code and its ratio is run-to-run noise"
+            if r.speedup is not None
+            else "none"
+        )
         out.append(
             f"{r.dtype}: {r.timed_runs} timed runs on {r.threads} threads; efficiency = achieved GFLOP/s / "
             f"{r.gemm_gflops_per_s:.1f} GFLOP/s of a float32 torch.mm ({m}x{k} @ {k}x{n}, the model's largest "
             f"GEMM). ovseg-fast ops called: {calls}."
         )
+    for q in results[0].quoted:
+        if q.note:
+            out.append(f"{q.name} (quoted): {q.note}.")
     if breakdown:
         r = results[0]
         out += ["", "| module | GFLOPs | share |", "| --- | ---: | ---: |"]
         for name, g in r.module_gflops:
-            out.append(f"| {name} | {g:.2f} | {g / r.gflops:.1%} |" if r.gflops else f"| {name} | {g:.2f} | - |")
+            out.append(f"| {name} | {g:.4g} | {g / r.gflops:.1%} |" if r.gflops else f"| {name} | {g:.4g} | - |")
         out += ["", "| op | GFLOPs | share |", "| --- | ---: | ---: |"]
         for op, g in r.op_gflops.items():
-            out.append(f"| {op} | {g:.2f} | {g / r.gflops:.1%} |" if r.gflops else f"| {op} | {g:.2f} | - |")
+            out.append(f"| {op} | {g:.4g} | {g / r.gflops:.1%} |" if r.gflops else f"| {op} | {g:.4g} | - |")
     return "\n".join(out)
