@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import os
 import warnings
@@ -137,8 +138,10 @@ class CLIPBackbone(nn.Module):
         visual_prompts: VPT-deep, ``n`` learnable tokens per vision layer, ``(layers, n, width)``.
         text_context: CoOp, ``n`` learnable context tokens at the text input (before the class name).
         text_deep_prompts: ``n`` learnable tokens per text layer, ``(layers, n, text_width)``, at the
-            same positions as CoOp's context (right after the start token), replaced at the input of
-            every layer (MaPLe/LDVC deep text prompts). Exclusive with ``text_context``.
+            same positions as CoOp's context (right after the start token): the first layer's are
+            token embeddings (like CoOp's), the others replace those positions of the residual
+            stream at the input of their layer (MaPLe/LDVC deep text prompts). Exclusive with
+            ``text_context``.
         text_prompt_init: a hand-written prompt (e.g. ``"a photo of a"``) whose token embeddings
             initialise the CoOp context or every layer's deep text prompts; its token count must
             equal ``text_context`` or ``text_deep_prompts``.
@@ -495,8 +498,9 @@ class CLIPBackbone(nn.Module):
     ) -> Tensor:
         """Text transformer on ``tokens`` (N, T): (N, D) projected end-of-text features (not normalised).
 
-        ``inserts[layer]`` (n, width) replaces positions ``start..start+n`` at that layer's input;
-        ``words`` = ((N or 1, n, width), position) replaces that span at the input.
+        ``inserts[layer]`` (n, width) replaces positions ``start..start+n`` at that layer's input
+        (layer 0: the token embeddings, before the positional embedding is added, as CoOp does);
+        ``words`` = ((N or 1, n, width), position) replaces that span of token embeddings.
         """
         clip = self.clip
         eot = tokens.argmax(dim=-1) if clip.text_pool_type == "argmax" else None
@@ -507,14 +511,16 @@ class CLIPBackbone(nn.Module):
             tokens = tokens[:, : int(eot.max()) + 1]
         t = tokens.shape[1]
         x = clip.token_embedding(tokens).to(clip.transformer.get_cast_dtype())
-        if words is not None:
-            w, pos = words
+        spans = [] if words is None else [(words[1], words[0])]
+        if 0 in inserts:
+            spans.append((start, inserts[0].unsqueeze(0)))
+        for pos, w in spans:  # input tokens: replaced before the positional embedding is added
             w = w.to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :pos], w, x[:, pos + w.shape[1] :]], dim=1)
         x = x + clip.positional_embedding[:t].to(x.dtype)
         attn_mask = mask[:t, :t].to(x.dtype) if mask is not None else None
         for i, blk in enumerate(clip.transformer.resblocks):
-            p = inserts.get(i)
+            p = inserts.get(i) if i else None
             if p is not None:
                 p = p.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
                 x = torch.cat([x[:, :start], p, x[:, start + p.shape[1] :]], dim=1)
@@ -585,6 +591,10 @@ def _build_clip(model_name: str, config: dict) -> nn.Module:
     for key in ("custom_text", "multimodal_cfg"):
         if config.get(key):
             raise ValueError(f"{model_name}: open_clip configs with {key!r} are not supported (plain CLIP only)")
+    vision = config["vision_cfg"]
+    if isinstance(vision.get("layers"), (list, tuple)) or vision.get("timm_model_name"):
+        # Refused before building: a ResNet or timm tower would be built (seconds) only to be rejected.
+        raise ValueError(f"{model_name}: only ViT image towers are supported (open_clip's own VisionTransformer)")
     return open_clip.CLIP(**config)
 
 
@@ -603,12 +613,23 @@ def _check_supported(model_name: str, clip: nn.Module) -> None:
 
 
 def _tokenizer(open_clip, name: Union[str, dict], config: dict):
-    context = config["text_cfg"].get("context_length", 77)
     if isinstance(name, str):
-        return open_clip.get_tokenizer(name)
+        return _named_tokenizer(name)
     if config["text_cfg"].get("hf_tokenizer_name"):
         raise ValueError("name: configs with a Hugging Face tokenizer are not supported (it would be downloaded)")
-    return open_clip.tokenizer.SimpleTokenizer(context_length=context)
+    return _simple_tokenizer(config["text_cfg"].get("context_length", 77))
+
+
+# Building open_clip's tokenizer reads its 49k-merge BPE table (~0.5 s); tokenizers are stateless
+# apart from their caches, so backbones share one per model name / context length.
+@functools.cache
+def _named_tokenizer(name: str):
+    return _open_clip().get_tokenizer(name)
+
+
+@functools.cache
+def _simple_tokenizer(context_length: int):
+    return _open_clip().tokenizer.SimpleTokenizer(context_length=context_length)
 
 
 def _warn_random_weights(model_name: str) -> None:
