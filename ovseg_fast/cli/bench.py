@@ -101,6 +101,7 @@ def run_benchmarks(files: list[Path], extra_pytest_args: list[str]) -> list[dict
                 "peak_memory_bytes": info.get("peak_memory"),
                 "flops": flops,
                 "gflops_per_s": (flops / stats["median"] / 1e9) if flops else None,
+                "efficiency": info.get("efficiency"),  # bench_models: GFLOP/s over this machine's dense-GEMM rate
             }
         )
     return rows

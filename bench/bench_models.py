@@ -1,0 +1,80 @@
+"""The CLIP image tower at 512x512 (ViT-B-16, random weights): ovseg-fast's CLIPBackbone against
+open_clip's own model built for that size (``force_image_size=512``), forward in inference, CPU, fp32.
+
+Run with ``ovseg-fast bench models`` (or ``pytest bench/bench_models.py``). Both providers run the
+same weights (open_clip's model gets CLIPBackbone's positional embedding, resized bicubically to the
+32x32 grid, so the outputs agree to float32 rounding) in the same process. CLIPBackbone runs its own
+loop over open_clip's blocks with ``scaled_dot_product_attention``; open_clip runs its
+``nn.MultiheadAttention`` blocks. The goal is parity (ratio >= 0.95): the models are built on this
+layer, so it must cost nothing over open_clip.
+
+Besides the time, each row records its efficiency (``extra_info``): achieved GFLOP/s over the rate
+of a float32 ``torch.mm`` of the tower's largest GEMM (the MLP's (tokens x width) @ (width x 4 width)),
+timed in the same process, as ``ovseg-fast profile`` reports it.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+
+from ovseg_fast.bench._common import record, setup_threads
+
+open_clip = pytest.importorskip("open_clip")  # the models extra
+
+from ovseg_fast.models import CLIPBackbone  # noqa: E402
+from ovseg_fast.models.profile import _gemm_rate  # noqa: E402  (also registers the CPU SDPA FLOP formula)
+
+# (model, batch, image side)
+CASES = {"ViT-B-16 B=1 512x512": ("ViT-B-16", 1, 512)}
+PROVIDERS = ("ovseg_fast", "open_clip")
+
+setup_threads()
+
+
+@functools.lru_cache(maxsize=1)
+def _models(name: str, size: int):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "CLIPBackbone.*RANDOM weights")
+        ours = CLIPBackbone(name, image_size=size).eval()
+    theirs = open_clip.create_model(name, pretrained=None, force_image_size=size).eval()
+    grid = size // ours.patch_size
+    state = dict(ours.clip.state_dict(), **{"visual.positional_embedding": ours.positional_embedding((grid, grid))})
+    theirs.load_state_dict(state)
+    return ours, theirs
+
+
+@functools.lru_cache(maxsize=1)
+def _flops_and_gemm_rate(name: str, batch: int, size: int) -> tuple[int, float]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ours, _ = _models(name, size)
+    images = torch.randn(batch, 3, size, size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        ours.encode_image(images)
+    tokens = batch * (1 + (size // ours.patch_size) ** 2)
+    return counter.get_total_flops(), _gemm_rate((tokens, ours.width, 4 * ours.width), min_seconds=1.0)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_clip_image_tower(benchmark, case, provider):
+    name, batch, size = CASES[case]
+    ours, theirs = _models(name, size)
+    flops, gemm_rate = _flops_and_gemm_rate(name, batch, size)
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    encode = ours.encode_image if provider == "ovseg_fast" else theirs.encode_image
+
+    def fn():
+        with torch.no_grad():
+            return encode(images)
+
+    # ~2-3 s a forward on 2 cores: one warm-up call and the minimum rounds keep the file near a minute.
+    record(benchmark, fn, op="clip_image", case=case, mode="fwd", provider=provider, flops=flops, warmup=1)
+    achieved = flops / benchmark.stats.stats.median / 1e9
+    benchmark.extra_info.update(gemm_gflops_per_s=gemm_rate, efficiency=achieved / gemm_rate)
