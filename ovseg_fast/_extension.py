@@ -41,7 +41,45 @@ def _load() -> tuple[Optional[ModuleType], Optional[str]]:
         reason = f"ovseg_fast._C was built for torch {built_for} but torch {torch.__version__} is running"
         warnings.warn(f"ovseg-fast: {reason}. {_REBUILD_HINT}", RuntimeWarning, stacklevel=3)
         return None, reason
+    _limit_capability_to_cpu(_C)
     return _C, None
+
+
+_CAPABILITY_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
+
+
+def _limit_capability_to_cpu(ext: ModuleType) -> None:
+    """Warns once, and keeps the process alive, when more is asked of the CPU than it can execute.
+
+    ATen takes ``ATEN_CPU_CAPABILITY`` at its word: ``avx512`` on an AVX2-only CPU makes torch's own
+    kernels and ours die with SIGILL. Our kernels never run above what the CPU supports (see
+    csrc/cpu_dispatch.h); torch reads the variable lazily, at its first vectorised kernel, so lowering
+    it here also saves torch's kernels whenever ovseg_fast is imported before any such kernel ran.
+    """
+    requested_env = os.environ.get("ATEN_CPU_CAPABILITY")
+    requested = (requested_env or torch.backends.cpu.get_cpu_capability()).upper()
+    if requested not in _CAPABILITY_RANK:  # another architecture's names (vsx, zvector, sve...)
+        return
+    supported = ext.supported_capability()
+    if _CAPABILITY_RANK[requested] <= _CAPABILITY_RANK[supported]:
+        return
+    missing = [name for name, present in ext.cpu_features().items() if not present]
+    masked = list(ext.masked_cpu_features())
+    source = f"ATEN_CPU_CAPABILITY={requested_env}" if requested_env else "torch"
+    why = f"this CPU lacks {', '.join(missing)}" + (f" (hidden by OVSEG_CPU_MASK={','.join(masked)})" if masked else "")
+    cpu_best = ext.supported_capability(apply_mask=False)
+    if requested_env and _CAPABILITY_RANK[requested] > _CAPABILITY_RANK[cpu_best]:
+        os.environ["ATEN_CPU_CAPABILITY"] = cpu_best.lower()
+        torch_note = f"; ATEN_CPU_CAPABILITY is lowered to {cpu_best.lower()} for torch's own kernels too"
+    else:
+        torch_note = ""
+    warnings.warn(
+        f"ovseg-fast: {source} asks for {requested} kernels but {why}: running the {supported} copy of "
+        f"ovseg-fast's kernels instead{torch_note}. `python -m ovseg_fast.info` shows the requested, supported "
+        "and chosen capability.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 _EXTENSION, _ERROR = _load()

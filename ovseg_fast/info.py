@@ -33,6 +33,7 @@ _ENV_VARS = (
     "OVSEG_NATIVE",
     "TRITON_INTERPRET",
     "ATEN_CPU_CAPABILITY",
+    "OVSEG_CPU_MASK",
     "OMP_NUM_THREADS",
 )
 
@@ -64,6 +65,10 @@ def collect() -> dict[str, Any]:
         extension.update(
             built_for_torch=ext.built_for_torch(),
             kernel_capability=ext.kernel_capability(),
+            requested_capability=(os.environ.get("ATEN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()).upper(),
+            supported_capability=ext.supported_capability(),
+            cpu_features=dict(ext.cpu_features()),
+            masked_cpu_features=list(ext.masked_cpu_features()),
             compiled_capabilities=list(ext.compiled_capabilities()),
             openmp=ext.has_openmp(),
         )
@@ -122,6 +127,13 @@ def render(info: dict[str, Any]) -> str:
             f"C++ extension: loaded, built for torch {ext['built_for_torch']}; running the "
             f"{ext['kernel_capability']} kernels (compiled: {', '.join(ext['compiled_capabilities'])}); "
             f"OpenMP {'on' if ext['openmp'] else 'off'}"
+        )
+        missing = [name for name, present in ext["cpu_features"].items() if not present]
+        lines.append(
+            f"kernel capability: requested {ext['requested_capability']}, supported by this CPU "
+            f"{ext['supported_capability']}, chosen {ext['kernel_capability']}"
+            + (f"; CPU lacks {', '.join(missing)}" if missing else "")
+            + (f" (OVSEG_CPU_MASK hides {', '.join(ext['masked_cpu_features'])})" if ext["masked_cpu_features"] else "")
         )
     else:
         lines.append(f"C++ extension: NOT in use: {ext['error']}")

@@ -4,9 +4,6 @@ registration, the module and its inputs."""
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -33,7 +30,13 @@ from ovseg_fast.ops.lpm_reference import (
     lpm_logits_spec,
     training_free_logits_spec,
 )
-from tests.helpers import KERNEL_BACKENDS, assert_within_reference_error, require_backend
+from tests.helpers import (
+    CPU_CAPABILITIES,
+    KERNEL_BACKENDS,
+    assert_within_reference_error,
+    require_backend,
+    run_under_capability,
+)
 
 HCL = torch.ops.ovseg_fast.hadamard_concat_linear
 HCL_BWD = torch.ops.ovseg_fast.hadamard_concat_linear_backward
@@ -630,13 +633,8 @@ def test_bad_inputs():
 # The CPU kernel's per-capability copies (DEFAULT, AVX2, AVX512) all agree with the reference.
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
 def test_every_cpu_capability_copy(capability):
-    require_backend("lpm", "cpu")
-    import ovseg_fast._C as ext
-
-    if capability.upper() not in ext.compiled_capabilities():
-        pytest.skip(f"{capability} copy is not compiled on this architecture")
     code = textwrap.dedent(
         """
         import torch, ovseg_fast._C as ext
@@ -665,13 +663,9 @@ def test_every_cpu_capability_copy(capability):
             got = lpm_logits(x, *args, norm_weight=g.double(), norm_bias=h.double())
         exp = lpm_logits_spec(x, *args, norm_weight=g.double(), norm_bias=h.double())
         torch.testing.assert_close(got, exp, rtol=1e-11, atol=1e-11)
-        print(ext.kernel_capability())
         """
     )
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == capability.upper()
+    run_under_capability("lpm", capability, code)
 
 
 def test_training_free_spec_is_cosine():

@@ -4,6 +4,7 @@ registrations, the module and the inputs."""
 from __future__ import annotations
 
 import contextlib
+import textwrap
 
 import pytest
 import torch
@@ -28,7 +29,14 @@ from ovseg_fast.ops.moe_reference import (
     index_add_combine,
     topk_gating_reference,
 )
-from tests.helpers import KERNEL_BACKENDS, assert_within_reference_error, require_backend, tolerances
+from tests.helpers import (
+    CPU_CAPABILITIES,
+    KERNEL_BACKENDS,
+    assert_within_reference_error,
+    require_backend,
+    run_under_capability,
+    tolerances,
+)
 
 GATING = torch.ops.ovseg_fast.topk_gating
 LOSSES = ("load_balancing_loss", "importance_loss", "load_loss", "z_loss")
@@ -258,13 +266,9 @@ def test_cpu_kernel_float64_gradcheck_and_capabilities():
         assert torch.autograd.gradcheck(fn, leaves)
 
 
-def test_cpu_kernel_all_capabilities_agree():
-    """Every compiled copy (default / AVX2 / AVX512) gives the reference's result."""
-    import subprocess
-    import sys
-    import textwrap
-
-    require_backend("topk_gating", "cpu")
+@pytest.mark.parametrize("capability", CPU_CAPABILITIES)
+def test_cpu_kernel_every_capability_copy(capability):
+    """Every compiled copy (default / AVX2 / AVX512) that this CPU can execute gives the reference's result."""
     script = textwrap.dedent(
         """
         import torch
@@ -282,26 +286,9 @@ def test_cpu_kernel_all_capabilities_agree():
                 res[b] = (o.weights, torch.stack([o.load_balancing_loss, o.importance_loss, o.load_loss, o.z_loss]), y)
         for a, b in zip(res["cpu"], res["reference"]):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-        from ovseg_fast import _C
-        print("ok", _C.kernel_capability())
         """
     )
-    import os
-
-    # The three copies are checked in parallel processes: most of each one's time is importing torch.
-    procs = {
-        cap: subprocess.Popen(
-            [sys.executable, "-c", script],
-            env=dict(os.environ, ATEN_CPU_CAPABILITY=cap, OMP_NUM_THREADS="1"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for cap in ("default", "avx2", "avx512")
-    }
-    for cap, proc in procs.items():
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0 and f"ok {cap.upper()}" in out, (cap, out, err[-2000:])
+    run_under_capability("topk_gating", capability, script)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
