@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "planted_bug.h"
 
 namespace ovseg_fast {
 namespace CPU_CAPABILITY {
@@ -862,6 +863,7 @@ at::Tensor dense_crf_cpu(const at::Tensor& probs, const at::Tensor& image, int64
               "dense_crf_cpu: sxy, srgb must be > 0 and clip in (0, 1]");
   TORCH_CHECK(probs.size(2) * probs.size(3) * 6 < std::numeric_limits<int32_t>::max(),
               "dense_crf_cpu: images of more than 357M pixels are not supported");
+  if (ovseg_fast::planted_bug("dense_crf")) bilateral_compat *= 1.5;
   return OVSEG_DISPATCH_KERNEL(dense_crf_forward, probs, image, n_iters, gaussian_sxy, gaussian_compat, bilateral_sxy,
                                bilateral_srgb, bilateral_compat, clip);
 }

@@ -61,6 +61,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "planted_bug.h"
 #include "parallel_tasks.h"
 
 namespace ovseg_fast {
@@ -1030,7 +1031,9 @@ ovseg_fast::LpmTensor3 hcl_cpu_forward(const at::Tensor& text, const at::Tensor&
   check_float_inputs(text, "text");
   TORCH_CHECK(text.dim() == 3 && cls.dim() == 2 && weight.dim() == 2, "lpm: bad ranks");
   const int64_t m = mode_index(mode);
-  return OVSEG_DISPATCH_KERNEL(hcl_forward_kernel, text, cls, weight, bias, norm_weight, norm_bias, m, eps);
+  auto out = OVSEG_DISPATCH_KERNEL(hcl_forward_kernel, text, cls, weight, bias, norm_weight, norm_bias, m, eps);
+  ovseg_fast::plant_bug_in("lpm_hcl", std::get<0>(out));
+  return out;
 }
 
 ovseg_fast::LpmTensor6 hcl_cpu_backward(const at::Tensor& grad, const at::Tensor& text, const at::Tensor& cls,
@@ -1050,8 +1053,10 @@ ovseg_fast::LpmTensor3 logits_cpu_forward(const at::Tensor& pixels, const at::Te
                                           bool save) {
   check_float_inputs(pixels, "pixels");
   TORCH_CHECK(pixels.dim() == 3 && class_emb.dim() == 3 && weight.dim() == 2, "lpm: bad ranks");
-  return OVSEG_DISPATCH_KERNEL(logits_forward_kernel, pixels, class_emb, weight, bias, norm_weight, norm_bias, eps,
-                               scale, save);
+  auto out = OVSEG_DISPATCH_KERNEL(logits_forward_kernel, pixels, class_emb, weight, bias, norm_weight, norm_bias, eps,
+                                   scale, save);
+  ovseg_fast::plant_bug_in("lpm_logits", std::get<0>(out));
+  return out;
 }
 
 ovseg_fast::LpmTensor6 logits_cpu_backward(const at::Tensor& grad, const at::Tensor& pixels,

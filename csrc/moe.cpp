@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "planted_bug.h"
 #include "prefetch.h"
 
 #if defined(__SSE2__)
@@ -995,6 +996,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> topk_gating_c
   Tensor next_index = at::empty({T}, opts.dtype(at::kLong));
   OVSEG_DISPATCH_KERNEL(topk_gating_forward_kernel, logits, noise, noise_logits, k, normalize, weights, indices,
                         counts, losses, row_lse, stats, next_index);
+  plant_bug_in("topk_gating", weights);
   return {weights, indices, counts, losses, row_lse, stats, next_index};
 }
 
@@ -1040,6 +1042,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> moe_dispatch_cpu_forward(const Tensor
   Tensor order = at::empty({N}, indices.options());
   Tensor inverse = at::empty({N}, indices.options());
   OVSEG_DISPATCH_KERNEL(moe_dispatch_forward_kernel, x, indices, num_experts, x_sorted, offsets, order, inverse);
+  plant_bug_in("moe_dispatch", x_sorted);
   return {x_sorted, offsets, order, inverse};
 }
 
@@ -1066,6 +1069,7 @@ std::tuple<Tensor, Tensor> moe_combine_cpu_forward(const Tensor& y_in, const Ten
   Tensor out = at::empty({weights.size(0), y.size(1)}, y.options());
   Tensor inverse = at::empty({order.numel()}, order.options());
   OVSEG_DISPATCH_KERNEL(moe_combine_forward_kernel, y, weights, order, out, inverse);
+  plant_bug_in("moe_combine", out);
   return {out, inverse};
 }
 

@@ -66,6 +66,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
+#include "planted_bug.h"
 #include "parallel_tasks.h"
 #include "prefetch.h"
 
@@ -1291,6 +1292,7 @@ namespace {
 ovseg_fast::RoutedForwardResult routed_attention_cpu_forward(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const at::Tensor& indices,
                                                              int64_t nh, int64_t nw, double scale) {
+  if (ovseg_fast::planted_bug("routed_attention")) scale *= 1.5;
   return OVSEG_DISPATCH_KERNEL(routed_attention_forward_kernel, q, k, v, indices, nh, nw, scale);
 }
 

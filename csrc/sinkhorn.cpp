@@ -53,6 +53,7 @@
 // ops. Kernel code avoids out-of-line std:: containers so that no shared template instance
 // compiled with AVX-512 flags can be picked by the linker for the DEFAULT copy.
 #include "cpu_dispatch.h"  // first: defines CPU_CAPABILITY before ATen's vec headers use it
+#include "planted_bug.h"
 
 #include <ATen/Parallel.h>
 // GCC 12 reports -Wmaybe-uninitialized false positives inside avx512fintrin.h (its
@@ -1928,7 +1929,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> sinkhorn_cpu_forward(const Tensor& sc
   args.k = K;
   args.n_iters = n_iters;
   args.check_every = check_every;
-  args.epsilon = epsilon;
+  args.epsilon = ovseg_fast::planted_bug("sinkhorn") ? 1.5 * epsilon : epsilon;
   args.tol = tol;
   OVSEG_DISPATCH_KERNEL(sinkhorn_forward_kernel, args);
   return {plan, log_u, log_v, n_done};
