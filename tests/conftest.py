@@ -1,8 +1,11 @@
 """Test set-up shared by the whole suite.
 
-Triton kernels are tested with Triton's interpreter on CPU tensors when no GPU is present, so
-TRITON_INTERPRET must be set before any Triton kernel is defined (``ovseg_fast.kernels`` modules are
-imported lazily, at first use, which is after this file runs).
+The Triton tests run where the kernels can (``tests.helpers.triton_device``): on CUDA tensors, with
+the compiled kernels, when a GPU is present; otherwise on CPU tensors under Triton's interpreter,
+which is switched on here. TRITON_INTERPRET must be set before any Triton kernel is defined
+(``ovseg_fast.kernels`` modules are imported lazily, at first use, which is after this file runs).
+An explicit TRITON_INTERPRET=0 is kept: with no GPU the Triton tests then skip, which is how a GPU
+machine's semantics are simulated without one. Tests marked ``cuda`` skip when there is no GPU.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from ovseg_fast.backends import backend_report
+from ovseg_fast.backends import backend_report, registered_ops
 
 #: Backends that are exercised by kernel-vs-reference tests, with the marks they need.
 KERNEL_BACKENDS = [
@@ -25,15 +25,47 @@ KERNEL_BACKENDS = [
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def require_backend(op: str, backend: str, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+def triton_device() -> torch.device:
+    """Where the Triton tests put their tensors: the GPU when there is one (the compiled kernels, their
+    real target), else the CPU under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+    when no GPU is present). Skips when neither can run: no GPU and TRITON_INTERPRET=0, which is how a
+    GPU machine's semantics are simulated on a machine without one."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return torch.device("cpu")
+    pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1; neither is present")
+
+
+def backend_device(backend: str) -> torch.device:
+    """The device of a test's tensors for ``backend`` (see :func:`triton_device`; the others take CPU tensors)."""
+    return triton_device() if backend == "triton" else torch.device("cpu")
+
+
+def on(device: torch.device, *tensors: Optional[Tensor]) -> list[Optional[Tensor]]:
+    """``tensors`` moved to ``device`` (None stays None). ``.to`` is differentiable, so gradients still
+    reach CPU leaves: a test builds its inputs and expected results on the CPU and runs only the
+    kernel on the backend's device."""
+    return [t if t is None else t.to(device) for t in tensors]
+
+
+def require_backend(
+    op: str, backend: str, dtype: torch.dtype = torch.float32, device: Optional[str] = None
+) -> torch.device:
     """Fails (not skips) when a backend that must exist here cannot run: a missing kernel is a defect.
 
-    The one legitimate absence is an op that declares it has no kernel for that backend (e.g. a
-    CPU-only op with no Triton kernel); that is skipped with the op's own reason.
+    The legitimate absences are skipped with their reason: an op that declares it has no kernel for
+    that backend (e.g. a CPU-only op with no Triton kernel), and Triton on a machine with neither a
+    GPU nor the interpreter (see :func:`triton_device`). Returns the device the test's tensors go to
+    for that backend (``device`` when given, else :func:`backend_device`).
     """
-    reason = backend_report(op, torch.device(device), dtype)[backend]
+    support = registered_ops()[op]
+    if backend == "triton" and not support.has_triton:
+        pytest.skip(support.no_triton_reason)
+    dev = backend_device(backend) if device is None else torch.device(device)
+    reason = backend_report(op, dev, dtype)[backend]
     if reason is None:
-        return
+        return dev
     if "has no" in reason:
         pytest.skip(reason)
     pytest.fail(f"backend {backend} cannot run {op} here: {reason}")
