@@ -322,7 +322,6 @@ class CLIPBackbone(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         cls = visual.class_embedding.to(x.dtype).view(1, 1, -1).expand(b, -1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding((gh, gw)).to(x.dtype)
-        x = visual.patch_dropout(x)
         x = visual.ln_pre(x)
 
         blocks = visual.transformer.resblocks
@@ -606,6 +605,9 @@ def _check_supported(model_name: str, clip: nn.Module) -> None:
         raise ValueError(f"{model_name}: only ViT image towers are supported, got {type(visual).__name__}")
     if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool or visual.proj is None:
         raise ValueError(f"{model_name}: only [CLS]-pooled ViTs with a projection (CLIP's own) are supported")
+    if not isinstance(visual.patch_dropout, nn.Identity):
+        # Dense features need every patch of the grid; CLIP's own configs have no patch dropout.
+        raise ValueError(f"{model_name}: configs with patch_dropout > 0 are not supported (tokens must keep the grid)")
     for tower, blocks in (("vision", visual.transformer.resblocks), ("text", clip.transformer.resblocks)):
         for blk in blocks:
             if type(blk) is not ResidualAttentionBlock or hasattr(blk, "ln_1_kv"):

@@ -352,6 +352,8 @@ def test_constructor_checks():
         CLIPBackbone(TINY, image_size=70)
     with pytest.raises(ValueError, match="only ViT image towers"):
         CLIPBackbone("RN50")
+    with pytest.raises(ValueError, match="patch_dropout > 0 are not supported"):
+        CLIPBackbone({**TINY, "vision_cfg": {**TINY["vision_cfg"], "patch_dropout": 0.5}})
 
 
 def test_ops_and_models_import_without_open_clip():
