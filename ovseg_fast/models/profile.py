@@ -12,10 +12,15 @@ What one call of :func:`profile` measures, on random inputs (B, 3, size, size) a
 - peak memory: the rise of the process's peak resident set during one forward (the benchmarks'
   measure, :func:`ovseg_fast.bench._common.peak_memory_bytes`; None where /proc is missing);
 - efficiency: achieved GFLOP/s over the dense-GEMM rate of this machine, a float32 ``torch.mm``
-  of the shape of the model's largest GEMM, timed in the same process just before;
+  of the shape of the model's largest GEMM;
 - ``compare="reference"``: the same forward with every ovseg-fast op on its plain-PyTorch
-  reference (``use_backend("reference")``), and ovseg-fast's speed-up over it;
-- ``dtype=torch.bfloat16``: the forward under CPU autocast (the ops run their bfloat16 kernels).
+  reference (``use_backend("reference")``), and ovseg-fast's speed-up over it.
+
+The forward, the GEMM and the reference forward are timed in turn, round after round, so that on a
+shared machine all three see the same load (timed one after the other, a 2-core VM under other
+jobs gave an "efficiency" of 104%); their ratios are what to read, the absolute times vary.
+
+``dtype=torch.bfloat16`` runs the forward under CPU autocast (the ops run their bfloat16 kernels).
 
 The class embeddings are not part of the measured forward: a deployed model encodes its class
 names once and caches them (ZegCLIP loads them from a file). A :class:`~ovseg_fast.models.Segmentor`
@@ -154,26 +159,32 @@ class _CallRecorder(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def _median_time(fn: Callable[[], object], *, warmup: int, min_runs: int, min_seconds: float) -> tuple[float, int]:
-    """Median seconds of ``fn`` over at least ``min_runs`` calls and ``min_seconds`` of calls."""
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
+def _interleaved_medians(
+    fns: Sequence[Callable[[], object]], *, warmup: int, min_runs: int, min_seconds: float
+) -> tuple[list[float], int]:
+    """Median seconds of each of ``fns``, called in turn each round (so that all of them see the
+    same load on a shared machine), for at least ``min_runs`` rounds and ``min_seconds`` in all."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     start = time.perf_counter()
-    while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < 1000):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), len(times)
+    rounds = 0
+    while rounds < min_runs or (time.perf_counter() - start < min_seconds and rounds < 1000):
+        for fn, acc in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+        rounds += 1
+    return [statistics.median(t) for t in times], rounds
 
 
-def _gemm_rate(shape: tuple[int, int, int], min_seconds: float) -> float:
-    """GFLOP/s of a float32 ``torch.mm`` of (m, k) x (k, n) on this machine, now."""
+def _gemm(shape: tuple[int, int, int]) -> Callable[[], Tensor]:
+    """A float32 ``torch.mm`` of (m, k) x (k, n) on fresh random matrices."""
     m, k, n = shape
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(m, k, generator=gen), torch.randn(k, n, generator=gen)
-    seconds, _ = _median_time(lambda: torch.mm(a, b), warmup=2, min_runs=5, min_seconds=min_seconds)
-    return 2 * m * k * n / seconds / 1e9
+    return lambda: torch.mm(a, b)
 
 
 def _op_name(op: object) -> str:
@@ -290,8 +301,8 @@ def profile(
         depth: module levels of the GFLOPs breakdown (1: the model alone, 2: its children, ...).
         pretrained: checkpoint for a model given by name (random weights when None).
         warmup: untimed forwards first (at least 1: first calls fill caches).
-        min_runs, min_seconds: the timed forwards: at least ``min_runs`` and ``min_seconds``; the
-            same for the GEMM rate.
+        min_runs, min_seconds: at least ``min_runs`` rounds and ``min_seconds`` of timing (each round
+            one forward, one GEMM and, when compared, one reference forward).
         memory: measure the peak resident memory of one forward (one extra forward).
         progress: called with a line of text before each stage (the CLI prints it to stderr).
         overrides: model config overrides, for a model given by name.
@@ -328,10 +339,34 @@ def profile(
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
     say = progress or (lambda _msg: None)
 
+    was_training = model.training
+    model.eval()
+    try:
+        return _measure(
+            model, name, hw, classes, batch, compare, dtype, depth, warmup, min_runs, min_seconds, memory, say
+        )
+    finally:
+        model.train(was_training)
+
+
+def _measure(
+    model: nn.Module,
+    name: str,
+    hw: tuple[int, int],
+    classes: int,
+    batch: int,
+    compare: Optional[str],
+    dtype: torch.dtype,
+    depth: int,
+    warmup: int,
+    min_runs: int,
+    min_seconds: float,
+    memory: bool,
+    say: Callable[[str], None],
+) -> ProfileResult:
     from ovseg_fast.backends import use_backend
     from ovseg_fast.bench._common import peak_memory_bytes
 
-    model.eval()
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     gen = torch.Generator().manual_seed(0)
@@ -354,22 +389,32 @@ def profile(
         _op_name(op): f / 1e9 for op, f in sorted(counts.get("Global", {}).items(), key=lambda kv: -kv[1])
     }
 
-    say(f"profile {name}: timing (warm-up {warmup}, at least {min_runs} runs and {min_seconds:g} s)")
-    latency, runs = _median_time(forward, warmup=warmup, min_runs=min_runs, min_seconds=min_seconds)
+    gemm = recorder.gemm if recorder.gemm != (0, 0, 0) else (1024, 1024, 1024)
+    fns: list[Callable[[], object]] = [forward, _gemm(gemm)]
+    if compare == "reference":
+
+        def reference() -> Tensor:
+            with use_backend("reference"):
+                return forward()
+
+        fns.append(reference)
+    say(
+        f"profile {name}: timing (warm-up {warmup}, at least {min_runs} runs and {min_seconds:g} s), interleaved "
+        f"with a float32 GEMM {gemm[0]}x{gemm[1]} @ {gemm[1]}x{gemm[2]}"
+        + (" and the forward on the reference backend" if compare else "")
+    )
+    medians, runs = _interleaved_medians(fns, warmup=warmup, min_runs=min_runs, min_seconds=min_seconds)
+    latency, gemm_seconds = medians[0], medians[1]
+    gemm_rate = 2 * math.prod(gemm) / gemm_seconds / 1e9
+    reference_latency = speedup = None
+    if compare == "reference":
+        reference_latency = medians[2]
+        speedup = reference_latency / latency
     peak = None
     if memory:
         say(f"profile {name}: peak memory of one forward")
         nbytes = peak_memory_bytes(forward)
         peak = None if nbytes is None else nbytes / 2**20
-    reference_latency = speedup = None
-    if compare == "reference":
-        say(f"profile {name}: timing again with every ovseg-fast op on its reference backend")
-        with use_backend("reference"):
-            reference_latency, _ = _median_time(forward, warmup=warmup, min_runs=min_runs, min_seconds=min_seconds)
-        speedup = reference_latency / latency
-    gemm = recorder.gemm if recorder.gemm != (0, 0, 0) else (1024, 1024, 1024)
-    say(f"profile {name}: dense float32 GEMM rate at {gemm[0]}x{gemm[1]} @ {gemm[1]}x{gemm[2]}")
-    gemm_rate = _gemm_rate(gemm, min_seconds=min(min_seconds, 1.0))
     achieved = total_flops / latency / 1e9
     return ProfileResult(
         model=name,
@@ -445,7 +490,7 @@ def format_profile(results: Union[ProfileResult, Sequence[ProfileResult]], *, br
         out.append(
             f"{r.dtype}: {r.timed_runs} timed runs on {r.threads} threads; efficiency = achieved GFLOP/s / "
             f"{r.gemm_gflops_per_s:.1f} GFLOP/s of a float32 torch.mm ({m}x{k} @ {k}x{n}, the model's largest "
-            f"GEMM). ovseg-fast ops called: {calls}."
+            f"GEMM, timed in the same rounds). ovseg-fast ops called: {calls}."
         )
     for q in results[0].quoted:
         if q.note:

@@ -49,8 +49,9 @@ class WithLPM(nn.Module):
 
 
 def test_flops_and_params_of_a_linear_model_by_hand():
-    model = PixelLinear(5)
+    model = PixelLinear(5).train()
     r = profile(model, size=(8, 6), classes=5, batch=2, memory=False, **FAST)
+    assert model.training  # measured in eval mode, then given back as it was
     assert r.gflops * 1e9 == pytest.approx(2 * 2 * 8 * 6 * 3 * 5)
     assert r.params_m * 1e6 == pytest.approx(3 * 5 + 5)
     assert r.trainable_params_m == r.params_m
