@@ -184,5 +184,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"saved {args.plot}")
         except ValueError as exc:  # e.g. -k selected no provider to compare with; the JSON is saved
             print(f"ovseg-fast bench: --plot {args.plot}: nothing drawn: {exc}", file=sys.stderr)
-    print(f"\nmachine: {machine_summary(result)} (huge pages: see bench/conftest.py)")
+    print(f"\nmachine: {machine_summary(result)}\nTorch huge pages: see bench/conftest.py.")
     return 0

@@ -255,11 +255,15 @@ def speedup_figure(rows: list[dict[str, Any]], title: Optional[str] = None):
     values = [v for cases in per_op.values() for ratios in cases.values() for v in ratios.values()]
     lo, hi = min(0.5, min(values) / 1.6), max(2.0, max(values) * 1.8)
 
-    ops = list(per_op)
+    # One bar slot per provider and case, plus a gap per case. Panels go largest first, so the two
+    # panels sharing a row (and its height) need about as many slots.
+    def panel_slots(op: str) -> int:
+        return sum(len(r) + 1 for r in per_op[op].values())
+
+    ops = sorted(per_op, key=panel_slots, reverse=True)
     ncols = 1 if len(ops) == 1 else 2
     nrows = -(-len(ops) // ncols)
-    # Each panel row is as tall as its tallest panel needs: one bar slot per provider and case.
-    slots = [sum(len(r) + 1 for r in per_op[op].values()) for op in ops]
+    slots = [panel_slots(op) for op in ops]
     row_heights = [max(slots[i * ncols : (i + 1) * ncols]) for i in range(nrows)]
     fig_height = 0.8 + 0.17 * sum(row_heights) + 0.5 * nrows
     fig, axes = plt.subplots(
@@ -272,7 +276,7 @@ def speedup_figure(rows: list[dict[str, Any]], title: Optional[str] = None):
     for ax in axes.flat[len(ops) :]:
         ax.remove()
     ticks = [t for t in (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200) if lo <= t <= hi]
-    for ax, op in zip(axes.flat, ops):
+    for index, (ax, op) in enumerate(zip(axes.flat, ops)):
         y, yticks, ylabels = 0.0, [], []
         for (case, mode), ratios in per_op[op].items():
             first = y
@@ -308,7 +312,8 @@ def speedup_figure(rows: list[dict[str, Any]], title: Optional[str] = None):
         ax.set_axisbelow(True)
         ax.set_yticks(yticks)
         ax.set_yticklabels(ylabels, fontsize=8)
-        ax.set_ylim(y - 1, -1)
+        # Bars as thick as in the row's tallest panel; a shorter panel leaves its bottom empty.
+        ax.set_ylim(row_heights[index // ncols] - 1, -1)
         ax.tick_params(axis="x", labelsize=8)
         ax.set_title(op, fontsize=10, fontweight="bold", loc="left")
     handles = [matplotlib.patches.Patch(color=colors[p], label=f"vs {p}") for p in providers]
