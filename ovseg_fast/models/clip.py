@@ -683,7 +683,9 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
 
         sd = load_file(str(path))
     elif zipfile.is_zipfile(path) and _is_torchscript(path):
-        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # torch deprecates TorchScript, but OpenAI's files are scripted
+            warnings.simplefilter("ignore", FutureWarning)
+            sd = torch.jit.load(str(path), map_location="cpu").state_dict()
         sd = {k: v for k, v in sd.items() if k not in _OPENAI_EXTRA_KEYS}
     else:
         try:
@@ -710,6 +712,10 @@ def load_checkpoint(clip: nn.Module, path: Path, model_name: str) -> None:
     naming the path and the missing, unexpected and differently shaped entries."""
     sd = read_state_dict(path)
     own = clip.state_dict()
+    # Buffers the model rebuilds itself (the text causal mask) may be in a checkpoint: a scripted
+    # (TorchScript) model saves them.
+    transient = set(dict(clip.named_buffers())) - set(own)
+    sd = {k: v for k, v in sd.items() if k not in transient}
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     shapes = [

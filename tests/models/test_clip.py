@@ -290,7 +290,7 @@ def test_random_weights_warn_once(monkeypatch):
     assert len(messages) == 1 and "meaningless" in messages[0]
 
 
-@pytest.mark.parametrize("form", ["pt", "state_dict", "module_prefix", "safetensors"])
+@pytest.mark.parametrize("form", ["pt", "state_dict", "module_prefix", "safetensors", "torchscript"])
 def test_checkpoint_loads_from_a_local_file(tmp_path, form):
     source = tiny()
     state = {k: v.clone() for k, v in source.clip.state_dict().items()}
@@ -301,6 +301,10 @@ def test_checkpoint_loads_from_a_local_file(tmp_path, form):
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     elif form == "state_dict":
         torch.save({"state_dict": state, "epoch": 3}, path)
+    elif form == "torchscript":  # OpenAI's files are scripted models
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
+            torch.jit.save(torch.jit.script(source.clip), str(path))
     elif form == "module_prefix":
         torch.save({f"module.{k}": v for k, v in state.items()}, path)
     else:
