@@ -233,7 +233,8 @@ def speedup_figure(rows: list[dict[str, Any]], title: Optional[str] = None):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
     per_op: dict[str, dict[tuple[str, str], dict[str, float]]] = defaultdict(dict)
     for (op, case, mode), group in _groups(rows).items():
@@ -305,7 +306,7 @@ def speedup_figure(rows: list[dict[str, Any]], title: Optional[str] = None):
         ax.axvspan(lo, 1, color="#c00000", alpha=0.06, linewidth=0)
         ax.axvline(1, color="black", linewidth=1)
         ax.xaxis.set_major_locator(FixedLocator(ticks))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(axis="x", color="#dddddd", linewidth=0.6)
@@ -316,7 +317,7 @@ def speedup_figure(rows: list[dict[str, Any]], title: Optional[str] = None):
         ax.set_ylim(row_heights[index // ncols] - 1, -1)
         ax.tick_params(axis="x", labelsize=8)
         ax.set_title(op, fontsize=10, fontweight="bold", loc="left")
-    handles = [matplotlib.patches.Patch(color=colors[p], label=f"vs {p}") for p in providers]
+    handles = [Patch(color=colors[p], label=f"vs {p}") for p in providers]
     fig.legend(
         handles=handles,
         loc="upper center",
