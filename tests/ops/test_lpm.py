@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from ovseg_fast.backends import select_backend
 from ovseg_fast.ops import use_backend
 from ovseg_fast.ops.lpm import (
     LinearProjectionModule,
@@ -34,6 +35,8 @@ from tests.helpers import (
     CPU_CAPABILITIES,
     KERNEL_BACKENDS,
     assert_within_reference_error,
+    backend_device,
+    on,
     require_backend,
     run_under_capability,
 )
@@ -73,13 +76,15 @@ def logits_inputs(b, n, c, d, d_out, *, norm=True, shared_emb=False, dtype=torch
 
 
 def _run_hcl(backend, inputs, mode, grad=None):
-    """Output and the gradients of every tensor argument (zeros for unused ones) under ``backend``."""
+    """Output and the gradients of every tensor argument (zeros for unused ones) under ``backend``, run
+    on its device (the spec on the CPU); all results on the CPU."""
+    dev = backend_device(backend) if backend != "spec" else torch.device("cpu")
     leaves = [t.clone().requires_grad_(True) if t is not None else None for t in inputs]
-    text, cls, w, bias, nw, nb = leaves
+    text, cls, w, bias, nw, nb = on(dev, *leaves)
     ctx = use_backend(backend) if backend != "spec" else torch.enable_grad()
     with ctx:
         fn = hadamard_concat_linear if backend != "spec" else hadamard_concat_linear_spec
-        out = fn(text, cls, w, bias, mode=mode, norm_weight=nw, norm_bias=nb)
+        out = fn(text, cls, w, bias, mode=mode, norm_weight=nw, norm_bias=nb).cpu()
         grad = torch.randn(out.shape, generator=_gen(7), dtype=torch.float64).to(out.dtype) if grad is None else grad
         used = [t for t in leaves if t is not None]
         grads = torch.autograd.grad(out, used, grad, allow_unused=True)
@@ -88,12 +93,14 @@ def _run_hcl(backend, inputs, mode, grad=None):
 
 
 def _run_logits(backend, inputs, grad=None, scale=None):
+    """As :func:`_run_hcl`, for lpm_logits."""
+    dev = backend_device(backend) if backend != "spec" else torch.device("cpu")
     leaves = [t.clone().requires_grad_(True) if t is not None else None for t in inputs]
-    px, e, w, bias, nw, nb = leaves
+    px, e, w, bias, nw, nb = on(dev, *leaves)
     ctx = use_backend(backend) if backend != "spec" else torch.enable_grad()
     with ctx:
         fn = lpm_logits if backend != "spec" else lpm_logits_spec
-        out = fn(px, e, w, bias, norm_weight=nw, norm_bias=nb, scale=scale)
+        out = fn(px, e, w, bias, norm_weight=nw, norm_bias=nb, scale=scale).cpu()
         grad = torch.randn(out.shape, generator=_gen(8), dtype=torch.float64).to(out.dtype) if grad is None else grad
         used = [t for t in leaves if t is not None]
         grads = torch.autograd.grad(out, used, grad)
@@ -198,22 +205,22 @@ def test_triton_hcl_matches_reference(case):
 @pytest.mark.triton
 def test_triton_partial_statistics_path():
     """D_out wider than one tile: per-row partial (mean, M2) and the finish pass."""
-    require_backend("lpm", "triton")
+    dev = require_backend("lpm", "triton")
     from ovseg_fast.kernels import lpm as K
 
     text, cls, w, bias, nw, nb = [t.float() for t in hcl_inputs(2, 3, 16, 40, mode="c")]
     text = text.unsqueeze(0) + 30.0  # a large mean: the merge must not cancel
-    got = K.hcl_forward(text, cls, w, bias, nw, nb, "c", 1e-5, row_tile=16)
+    got = K.hcl_forward(*on(dev, text, cls, w, bias, nw, nb), "c", 1e-5, row_tile=16)
     exp = hadamard_concat_linear_forward_reference(
         text.double(), cls.double(), w.double(), bias.double(), nw.double(), nb.double(), "c", 1e-5
     )
-    _assert_all_close(got, exp, 1e-4, 1e-4, "hcl")
+    _assert_all_close([t.cpu() for t in got], exp, 1e-4, 1e-4, "hcl")
     px, e, w, bias, nw, nb = [t.float() for t in logits_inputs(2, 7, 3, 16, 40)]
     for norm in (True, False):
-        args = (px, e, w, bias, nw if norm else None, nb if norm else None, 1e-5, 0.3, True)
-        got = K.logits_forward(*args, row_tile=16)
-        exp = lpm_logits_forward_reference(*[a.double() if isinstance(a, torch.Tensor) else a for a in args])
-        _assert_all_close(got, exp, 1e-4, 1e-5, f"logits norm={norm}")
+        tensors = (px, e, w, bias, nw if norm else None, nb if norm else None)
+        got = K.logits_forward(*on(dev, *tensors), 1e-5, 0.3, True, row_tile=16)
+        exp = lpm_logits_forward_reference(*[t.double() if t is not None else None for t in tensors], 1e-5, 0.3, True)
+        _assert_all_close([t.cpu() for t in got], exp, 1e-4, 1e-5, f"logits norm={norm}")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -361,7 +368,9 @@ def test_cpu_kernel_float64_is_exact_and_gradchecks():
     ("backend", "dtype"),
     [
         pytest.param("cpu", torch.bfloat16, id="cpu-bf16"),
+        pytest.param("cpu", torch.float16, id="cpu-fp16"),
         pytest.param("triton", torch.bfloat16, id="triton-bf16", marks=pytest.mark.triton),
+        pytest.param("triton", torch.float16, id="triton-fp16", marks=pytest.mark.triton),
     ],
 )
 def test_reduced_precision_within_reference_error(backend, dtype):
@@ -371,31 +380,49 @@ def test_reduced_precision_within_reference_error(backend, dtype):
     small = backend == "triton"
     hin = hcl_inputs(2, 5 if small else 21, 16 if small else 64, 32 if small else 64, mode="c", norm=True)
     lin = logits_inputs(2, 20 if small else 200, 5 if small else 21, 16 if small else 64, 32 if small else 64)
+    _assert_within_reference_error(backend, dtype, hin, lin)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_triton_kernels_forward_and_backward(dtype):
+    """On a GPU machine: the compiled Triton kernels (the automatic choice for CUDA tensors) at an RPN-like
+    size (COCO-Stuff's 171 classes, D = 512), forward and backward, by flash-attention's rule."""
+    assert select_backend("lpm", torch.device("cuda"), dtype) == "triton"
+    hin = hcl_inputs(4, 171, 512, 512, mode="c", norm=True)
+    lin = logits_inputs(4, 1024, 171, 512, 512)
+    atol = (1e-4, 1e-4) if dtype == torch.float32 else (1e-2, 2e-2)
+    _assert_within_reference_error("triton", dtype, hin, lin, atol)  # on the GPU (tests.helpers.triton_device)
+
+
+def _assert_within_reference_error(backend, dtype, hin, lin, atol=(1e-2, 2e-2)):
+    """hadamard_concat_linear and lpm_logits on ``backend`` in ``dtype``, outputs and gradients, by
+    flash-attention's rule; ``atol`` is (outputs, gradients)."""
     low = lambda ts: [t.to(dtype) if t is not None else None for t in ts]
     # the "exact" results use the dtype-rounded inputs, so only the computation's error is compared
     exact_h, exact_hg, gh = _run_hcl("spec", [t.double() if t is not None else None for t in low(hin)], "c")
     base_h, base_hg, _ = _run_hcl("spec", low(hin), "c", gh.to(dtype))
     got_h, got_hg, _ = _run_hcl(backend, low(hin), "c", gh.to(dtype))
     assert got_h.dtype == dtype
-    assert_within_reference_error(got_h, exact_h, base_h, factor=2.0, atol=1e-2, what="hcl out")
+    assert_within_reference_error(got_h, exact_h, base_h, factor=2.0, atol=atol[0], what="hcl out")
     for i, (a, e, bl) in enumerate(zip(got_hg, exact_hg, base_hg)):
-        assert_within_reference_error(a, e, bl, factor=2.0, atol=2e-2, what=f"hcl grad {i}")
+        assert_within_reference_error(a, e, bl, factor=2.0, atol=atol[1], what=f"hcl grad {i}")
     exact_l, exact_lg, gl = _run_logits("spec", [t.double() if t is not None else None for t in low(lin)])
     base_l, base_lg, _ = _run_logits("spec", low(lin), gl.to(dtype))
     got_l, got_lg, _ = _run_logits(backend, low(lin), gl.to(dtype))
-    assert_within_reference_error(got_l, exact_l, base_l, factor=2.0, atol=1e-2, what="logits")
+    assert_within_reference_error(got_l, exact_l, base_l, factor=2.0, atol=atol[0], what="logits")
     for i, (a, e, bl) in enumerate(zip(got_lg, exact_lg, base_lg)):
-        assert_within_reference_error(a, e, bl, factor=2.0, atol=2e-2, what=f"logits grad {i}")
+        assert_within_reference_error(a, e, bl, factor=2.0, atol=atol[1], what=f"logits grad {i}")
 
 
 @pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
 def test_large_mean_stays_accurate(backend):
     """Pixels with a large common offset: the LayerNorm's centred variance must not cancel."""
-    require_backend("lpm", backend)
+    dev = require_backend("lpm", backend)
     px, e, w, bias, nw, nb = [t.float() for t in logits_inputs(2, 9, 3, 16, 24)]
     bias = bias + 1e3
     with use_backend(backend):
-        out = lpm_logits(px, e, w, bias, norm_weight=nw, norm_bias=nb)
+        out = lpm_logits(*on(dev, px, e, w, bias), norm_weight=nw.to(dev), norm_bias=nb.to(dev)).cpu()
     exp = lpm_logits_spec(
         px.double(), e.double(), w.double(), bias.double(), norm_weight=nw.double(), norm_bias=nb.double()
     )
@@ -524,7 +551,7 @@ def test_flop_counter_counts_forward_and_backward():
 @pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
 @pytest.mark.parametrize("which", ["B=0", "C=0", "N=0"])
 def test_empty_inputs(backend, which):
-    require_backend("lpm", backend)
+    dev = require_backend("lpm", backend)
     b, c, n = {"B=0": (0, 3, 4), "C=0": (2, 0, 4), "N=0": (2, 3, 0)}[which]
     text, cls, w, bias, nw, nb = [t.float().requires_grad_(True) for t in hcl_inputs(max(b, 1), c, 4, 5, shared=False)]
     text = text[:b].detach().requires_grad_(True)
@@ -532,8 +559,9 @@ def test_empty_inputs(backend, which):
     px = torch.randn(b, n, 4, requires_grad=True)
     wp = torch.randn(5, 4, requires_grad=True)
     with use_backend(backend):
-        emb = hadamard_concat_linear(text, cls, w, bias, norm_weight=nw, norm_bias=nb)
-        logits = lpm_logits(px, emb, wp, norm_weight=nw)
+        text_d, cls_d, w_d, bias_d, nw_d, nb_d, px_d, wp_d = on(dev, text, cls, w, bias, nw, nb, px, wp)
+        emb = hadamard_concat_linear(text_d, cls_d, w_d, bias_d, norm_weight=nw_d, norm_bias=nb_d)
+        logits = lpm_logits(px_d, emb, wp_d, norm_weight=nw_d)
         (logits.sum() + emb.sum()).backward()
     assert emb.shape == (b, c, 5) and logits.shape == (b, c, n)
     for t in (text, cls, w, bias, nw, nb, px, wp):
@@ -542,18 +570,20 @@ def test_empty_inputs(backend, which):
 
 @pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
 def test_non_contiguous_inputs(backend):
-    require_backend("lpm", backend)
+    dev = require_backend("lpm", backend)
     gen = _gen(4)
-    pixels = torch.randn(2, 16, 3, 5, generator=gen).flatten(2).transpose(1, 2)  # (B, N, D) channel-first view
-    text = torch.randn(16, 6, generator=gen).t()  # (C, D) transposed
-    cls = torch.randn(16, 2, generator=gen).t()
-    w = torch.randn(32, 12, generator=gen).t()  # (D_out=12, 2D=32) transposed
-    wp = torch.randn(16, 12, generator=gen).t()
+    # (B, N, D) channel-first view; (C, D), (D_out=12, 2D=32) and (D, D_out) transposed
+    pixels_map, text_t, cls_t, w_t, wp_t = (
+        torch.randn(*s, generator=gen) for s in ((2, 16, 3, 5), (16, 6), (16, 2), (32, 12), (16, 12))
+    )
     nw, nb = torch.rand(12, generator=gen) + 0.5, torch.randn(12, generator=gen)
-    assert not (pixels.is_contiguous() or text.is_contiguous() or w.is_contiguous())
+    views = lambda d: (pixels_map.to(d).flatten(2).transpose(1, 2), *(t.to(d).t() for t in (text_t, cls_t, w_t, wp_t)))
+    pixels, text, cls, w, wp = views("cpu")
+    pixels_d, text_d, cls_d, w_d, wp_d = views(dev)
+    assert not (pixels_d.is_contiguous() or text_d.is_contiguous() or w_d.is_contiguous())
     with use_backend(backend):
-        emb = hadamard_concat_linear(text, cls, w, norm_weight=nw, norm_bias=nb)
-        out = lpm_logits(pixels, emb, wp, norm_weight=nw, norm_bias=nb)
+        emb = hadamard_concat_linear(text_d, cls_d, w_d, norm_weight=nw.to(dev), norm_bias=nb.to(dev))
+        out = lpm_logits(pixels_d, emb, wp_d, norm_weight=nw.to(dev), norm_bias=nb.to(dev)).cpu()
     emb_e = hadamard_concat_linear_spec(
         text.double(), cls.double(), w.double(), norm_weight=nw.double(), norm_bias=nb.double()
     )
