@@ -11,6 +11,7 @@
                                     section per CPU capability class (AVX-512, AVX2); ``--readme
                                     README.md`` writes each into its class's slot, ``--plot PATH``
                                     redraws a run's speed-ups.
+``ovseg-fast models [NAME ...]``    the registered models and their config fields and defaults.
 
 Each command is a module of this package exposing ``add_parser(subparsers)`` and ``run(args)``;
 adding a command is adding its module and naming it in ``_COMMANDS``.
@@ -28,7 +29,7 @@ from ovseg_fast.cli.report import add_speedups, format_markdown, format_table, p
 __all__ = ["add_speedups", "benchmark_files", "format_markdown", "format_table", "main", "plot", "run_benchmarks"]
 
 # Module names under ovseg_fast.cli, in the order `ovseg-fast --help` lists them.
-_COMMANDS = ("info", "bench", "report", "profile")
+_COMMANDS = ("info", "bench", "report", "profile", "models")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

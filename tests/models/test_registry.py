@@ -88,3 +88,18 @@ def test_registration_errors(clean_registry):
         register_model(3)
     with pytest.raises(ValueError, match="non-empty str"):
         register_model("")(Toy)
+
+
+def test_cli_prints_every_models_config_fields(capsys, clean_registry):
+    from ovseg_fast.cli import main
+
+    register_model("toy")(Toy)
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "clip: CLIPSegmentorConfig - Config of ``clip``: training-free MaskCLIP" in out
+    assert "  image_size: int = 512\n" in out
+    assert "toy: ToyConfig\n  classes: int = 3\n  depth: int = 2" in out
+    assert main(["models", "toy"]) == 0
+    assert capsys.readouterr().out.startswith("toy: ToyConfig")
+    assert main(["models", "nope"]) == 2
+    assert "unknown model nope; known models: clip, toy" in capsys.readouterr().err
