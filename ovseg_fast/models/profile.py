@@ -446,6 +446,10 @@ def _fmt(value: Optional[float], spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _ms(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def format_profile(results: Union[ProfileResult, Sequence[ProfileResult]], *, breakdown: bool = True) -> str:
     """Markdown tables of one or more results (e.g. float32 and bfloat16 of the same model): one
     row each (and one for the reference backend when compared), the quoted rows, the GEMM rate the
@@ -464,13 +468,13 @@ def format_profile(results: Union[ProfileResult, Sequence[ProfileResult]], *, br
         shape = f"{r.batch}x3x{r.size[0]}x{r.size[1]}, C={r.classes}"
         lines.append(
             f"| {r.model} | {shape} | {r.dtype} | {r.params_m:.1f} ({r.trainable_params_m:.1f}) | {r.gflops:.4g} "
-            f"| {r.latency_ms:.4g} | {r.fps:.3g} | {_fmt(r.peak_memory_mib)} | {r.achieved_gflops_per_s:.1f} "
+            f"| {_ms(r.latency_ms)} | {r.fps:.3g} | {_fmt(r.peak_memory_mib)} | {r.achieved_gflops_per_s:.1f} "
             f"| {r.efficiency:.0%} |"
         )
         if r.reference_latency_ms is not None:
             lines.append(
                 f"| {r.model}, ovseg-fast ops on the reference backend | {shape} | {r.dtype} | | | "
-                f"{r.reference_latency_ms:.4g} | {r.batch / r.reference_latency_ms * 1e3:.3g} | | | "
+                f"{_ms(r.reference_latency_ms)} | {r.batch / r.reference_latency_ms * 1e3:.3g} | | | "
                 f"ovseg-fast {r.speedup:.2f}x faster |"
             )
     for q in results[0].quoted:
