@@ -153,3 +153,32 @@ def run_under_capability(op: str, capability: str, code: str) -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == capability.upper()
+
+
+def run_gloo_workers(worker_code: str, tmp_path, world: int = 2, timeout: float = 240) -> list:
+    """Runs ``worker_code`` in ``world`` fresh interpreters and returns what each rank saved.
+
+    Each worker gets ``sys.argv[1:] = [rank, port, out]``: it joins a gloo group with
+    ``init_method=f"tcp://127.0.0.1:{port}"`` (a free port), ``torch.save``s its result to
+    ``f"{out}.{rank}"``, and calls ``dist.barrier()`` before ``destroy_process_group()`` (otherwise
+    gloo's threads can abort a rank's exit while the other still talks to them). The repository root
+    is on the workers' path, so they can import ``tests.*``.
+    """
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    script = tmp_path / "gloo_worker.py"
+    script.write_text(worker_code)
+    out = str(tmp_path / "result")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(r), port, out], stderr=subprocess.PIPE, text=True, env=env)
+        for r in range(world)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]
+    return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]

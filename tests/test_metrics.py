@@ -1,17 +1,13 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from ovseg_fast.metrics import ConfusionMatrix, confusion_matrix, harmonic_mean, metrics_from_confusion
+from tests.helpers import run_gloo_workers
 
 # A hand-worked example, C = 3 (+ a 4th class that occurs nowhere):
 #   target [[0, 0, 1], [1, 2, 255]]     counted pixels (t, p): (0,0) (0,1) (1,1) (1,1) (2,0)
@@ -138,22 +134,7 @@ _WORKER = textwrap.dedent(
 
 @pytest.mark.distributed
 def test_two_processes_equal_one_process(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    script = tmp_path / "worker.py"
-    script.write_text(_WORKER)
-    out = str(tmp_path / "result")
-    root = str(Path(__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": root}
-    procs = [
-        subprocess.Popen([sys.executable, str(script), str(r), port, out], stderr=subprocess.PIPE, text=True, env=env)
-        for r in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
-    parts = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    parts = run_gloo_workers(_WORKER, tmp_path)
 
     single = ConfusionMatrix(5, seen=[0, 1, 2], unseen=[3, 4])
     for scores, target in _random_batches(n=5):
