@@ -294,6 +294,18 @@ class CLIPBackbone(nn.Module):
         dense: bool = False,
         prompt_fn: Optional[PromptFn] = None,
     ) -> ImageFeatures:
+        """Runs the vision transformer and collects tokens: the module's ``forward`` (see there)."""
+        # Through __call__, so that hooks (FlopCounterMode's per-module breakdown) see the backbone.
+        return self(images, layers=layers, dense=dense, prompt_fn=prompt_fn)
+
+    def forward(
+        self,
+        images: Tensor,
+        *,
+        layers: Optional[Sequence[int]] = None,
+        dense: bool = False,
+        prompt_fn: Optional[PromptFn] = None,
+    ) -> ImageFeatures:
         """Runs the vision transformer and collects tokens.
 
         Args:
