@@ -79,12 +79,13 @@ def _check_inputs(logits: object, targets: object, ignore_index: object) -> tupl
 
 
 def one_hot_targets(targets: Tensor, num_classes: int, ignore_index: int = 255) -> Tensor:
-    """(B, H, W) int64 labels -> (B, C, H, W) bool one-hot masks; ignored pixels are all False."""
+    """(B, H, W) int64 labels -> (B, C, H, W) bool one-hot masks; ignored pixels are all False (also
+    when ``ignore_index`` is itself a class index, e.g. 0 for "background is not a class")."""
     check_tensor("targets", targets, ndim=(3,), dtypes=(torch.int64,))
     check_int("num_classes", num_classes, minimum=1)
     check_int("ignore_index", ignore_index)
     classes = torch.arange(num_classes, device=targets.device).view(1, -1, 1, 1)
-    return targets.unsqueeze(1) == classes
+    return (targets.unsqueeze(1) == classes) & (targets != ignore_index).unsqueeze(1)
 
 
 def _reduce_elements(loss: Tensor, count: Tensor, reduction: str) -> Tensor:
@@ -134,7 +135,7 @@ def sigmoid_focal_loss(
     check_float("gamma", gamma, minimum=0.0)
     check_choice("reduction", reduction, _MASK_REDUCTIONS)
     c = logits.shape[1]
-    onehot = one_hot_targets(targets, c)
+    onehot = one_hot_targets(targets, c, ignore_index)
     y = onehot.to(logits.dtype)
     ce = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
     p = torch.sigmoid(logits)
@@ -175,7 +176,7 @@ def dice_loss(
     logits, valid = _check_inputs(logits, targets, ignore_index)
     check_float("smooth", smooth, minimum=0.0)
     check_choice("reduction", reduction, _MASK_REDUCTIONS)
-    onehot = one_hot_targets(targets, logits.shape[1])
+    onehot = one_hot_targets(targets, logits.shape[1], ignore_index)
     y = onehot.to(logits.dtype).flatten(2)
     p = (torch.sigmoid(logits) * valid.unsqueeze(1)).flatten(2)
     denom = p.sum(2) + y.sum(2) + smooth
@@ -218,7 +219,7 @@ def binary_cross_entropy(
         if pos_weight.device != logits.device:
             raise ValueError(f"pos_weight is on {pos_weight.device} but logits is on {logits.device}")
         pos_weight = pos_weight.to(logits.dtype).view(c, 1, 1)
-    y = one_hot_targets(targets, c).to(logits.dtype)
+    y = one_hot_targets(targets, c, ignore_index).to(logits.dtype)
     loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none", pos_weight=pos_weight)
     loss = loss * valid.unsqueeze(1)
     return _reduce_elements(loss, valid.sum() * c, reduction)

@@ -208,6 +208,14 @@ def test_ignored_logits_do_not_change_the_loss(loss_fn):
     torch.testing.assert_close(loss_fn(logits, targets), loss_fn(other, targets))
 
 
+@pytest.mark.parametrize("loss_fn", LOSSES)
+def test_ignore_index_inside_the_class_range(loss_fn):
+    logits, targets = _inputs(dtype=torch.float32, ignore_fraction=0.0)
+    as_255 = targets.clone()
+    as_255[targets == 1] = IGNORE
+    torch.testing.assert_close(loss_fn(logits, targets, ignore_index=1), loss_fn(logits, as_255))
+
+
 def test_bfloat16_logits_computed_in_float32():
     logits, targets = _inputs(dtype=torch.float32)
     low = logits.bfloat16()
