@@ -57,6 +57,9 @@ _PLACEHOLDER = "X"
 # Keys a TorchScript (OpenAI) archive's state dict carries beside the weights.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
+# Sequences per text-transformer call in encode_text.
+_TEXT_CHUNK = 1024
+
 _warned_random = False
 
 
@@ -456,7 +459,9 @@ class CLIPBackbone(nn.Module):
         elif self.text_deep_prompts is not None:
             inserts = dict(enumerate(self.text_deep_prompts))
         with torch.set_grad_enabled(need_graph):
-            emb = self._encode_tokens(tokens, inserts, start=1)
+            # In chunks: 80 templates x 171 classes at once would hold GBs of MLP activations.
+            chunks = tokens.split(_TEXT_CHUNK)
+            emb = torch.cat([self._encode_tokens(chunk, inserts, start=1) for chunk in chunks])
             emb = F.normalize(emb, dim=-1).view(len(temps), len(names), -1)
             emb = F.normalize(emb.mean(0), dim=-1)
         if not need_graph:

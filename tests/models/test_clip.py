@@ -221,6 +221,15 @@ def test_prompt_ensembling_averages_normalised_templates():
         bb.encode_text([])
 
 
+def test_text_is_encoded_in_chunks_with_the_same_result(monkeypatch):
+    bb = tiny()
+    with torch.no_grad():
+        whole = bb.encode_text(NAMES, "short")
+        monkeypatch.setattr(clip_module, "_TEXT_CHUNK", 4)  # 21 sequences in 6 calls of varying lengths
+        bb._text_cache.clear()
+        _close(bb.encode_text(NAMES, "short"), whole, scale=1.0)
+
+
 def test_text_cache_is_keyed_on_names_templates_and_weights():
     bb = tiny()
     first = bb.encode_text(NAMES)
