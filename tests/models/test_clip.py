@@ -9,15 +9,14 @@ import subprocess
 import sys
 import warnings
 
+import open_clip  # the models extra, part of dev (scripts/setup_env.sh installs it)
 import pytest
 import torch
 import torch.nn.functional as F
 
-open_clip = pytest.importorskip("open_clip")  # the models extra; tests/models need it (setup_env.sh installs it)
-
-from ovseg_fast.models import CLIPBackbone, create_model  # noqa: E402
-from ovseg_fast.models import clip as clip_module  # noqa: E402
-from ovseg_fast.models.clip import resolve_templates  # noqa: E402
+from ovseg_fast.models import CLIPBackbone, create_model
+from ovseg_fast.models import clip as clip_module
+from ovseg_fast.models.clip import resolve_templates
 
 # A ViT of width 64, 2 layers, patch 16 (4x4 grid at 64x64), text width 64, 2 layers.
 TINY = {
