@@ -16,6 +16,7 @@ timed in the same process right after the row's rounds, as ``ovseg-fast profile`
 from __future__ import annotations
 
 import functools
+import logging
 import statistics
 import time
 import warnings
@@ -43,7 +44,11 @@ def _models(name: str, size: int):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "CLIPBackbone.*RANDOM weights")
         ours = CLIPBackbone(name, image_size=size).eval()
-    theirs = open_clip.create_model(name, pretrained=None, force_image_size=size).eval()
+    logging.disable(logging.WARNING)  # open_clip logs that it loaded no weights: random ones are the point here
+    try:
+        theirs = open_clip.create_model(name, pretrained=None, force_image_size=size).eval()
+    finally:
+        logging.disable(logging.NOTSET)
     grid = size // ours.patch_size
     state = dict(ours.clip.state_dict(), **{"visual.positional_embedding": ours.positional_embedding((grid, grid))})
     theirs.load_state_dict(state)
