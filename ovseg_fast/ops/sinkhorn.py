@@ -212,8 +212,15 @@ def sinkhorn(
     ``row_marginals`` and column sums ``col_marginals``, by alternating normalisation in SwAV's
     order: every cluster (column) to its mass, then every sample (row) to its mass, ``n_iters``
     times. Rows sum to their marginal exactly after the last step; columns approach theirs as the
-    iterations converge. With the defaults this is SwAV's ``distributed_sinkhorn`` / PixelCLIP's
-    online clustering (Caron et al. 2020, eq. 3; Cuturi 2013).
+    iterations converge (Caron et al. 2020, eq. 3; Cuturi 2013).
+
+    Which call reproduces which method (see :mod:`ovseg_fast.compat.swav` for both as drop-ins):
+    SwAV's ``distributed_sinkhorn(out, epsilon, iters)`` is ``sinkhorn(out, epsilon=epsilon,
+    n_iters=iters)`` on its (N, K) scores. PixelCLIP starts from a softmax over the clusters of its
+    logits (``100 x`` cosine) and solves ONE problem over all masks of the batch:
+    ``sinkhorn(log_softmax(logits, -1), epsilon=1)`` on the (N_total, K) rows.
+    ``sinkhorn(cosine, epsilon=1/100)`` is SwAV at PixelCLIP's temperature, not PixelCLIP; and a
+    batched (B, N, K) call solves one problem per image, a different problem from PixelCLIP's.
 
     Args:
         scores: (B, N, K) similarities of N samples to K clusters, or (N, K) for one problem.
