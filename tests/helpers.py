@@ -1,4 +1,10 @@
-"""Test utilities shared by the op tests."""
+"""Test utilities shared by the op tests.
+
+Devices: Triton tests put their tensors on :func:`triton_device` (the GPU when present, else the CPU
+under Triton's interpreter; skipped when neither). Planted bugs: ``OVSEG_PLANT_BUG=<kernel>`` makes a
+C++ kernel return a wrong result (csrc/planted_bug.h); tests/ops/test_planted_bugs.py checks that
+each op's kernel-vs-reference tests then fail.
+"""
 
 from __future__ import annotations
 
