@@ -14,6 +14,7 @@ import importlib
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
@@ -40,6 +41,7 @@ register_op(
 )
 
 ROUTINGS = ("shared", "per_head")
+PADDINGS = ("masked", "biformer")
 _INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
@@ -342,9 +344,17 @@ def routed_attention(
 class RoutedAttention(nn.Module):
     """BiFormer's BiLevelRoutingAttention / LDVC's LCSA block on the fused op.
 
-    Input (B, H, W, C): ``qkv`` linear projection, routed attention over ``num_windows`` windows with
-    ``topk`` routing, LEPE (a ``lepe_kernel`` depthwise convolution of v, added to the attention
-    output; ``lepe_kernel=0`` disables it) and the output projection. Output (B, H, W, C).
+    Input (B, H, W, C) (or (B, C, H, W) with ``channels_first=True``, BiFormer's NCHW variant):
+    ``qkv`` linear projection, routed attention over ``num_windows`` windows with ``topk`` routing,
+    LEPE (a ``lepe_kernel`` depthwise convolution of v, added to the attention output;
+    ``lepe_kernel=0`` disables it) and the output projection. Output in the input's layout.
+
+    ``padding`` decides what happens when H or W is not a multiple of the window count:
+    ``"masked"`` (default) leaves the bottom/right windows short, and no padding enters the routing
+    means, the softmax or LEPE; ``"biformer"`` zero-pads the input before the projections and crops
+    the output, as BiFormer's ``auto_pad`` does, so the padded tokens (the projections' biases) take
+    part in the routing, the softmax and LEPE and BiFormer's outputs are reproduced. Both agree on
+    multiples of the window count. :meth:`from_biformer` builds one from a BiFormer module.
     """
 
     def __init__(
@@ -358,6 +368,8 @@ class RoutedAttention(nn.Module):
         *,
         routing: str = "shared",
         scale: Optional[float] = None,
+        padding: str = "masked",
+        channels_first: bool = False,
     ):
         super().__init__()
         dim = check_int("dim", dim, minimum=1)
@@ -373,14 +385,33 @@ class RoutedAttention(nn.Module):
         self.routing = check_choice("routing", routing, ROUTINGS)
         self.scale = None if scale is None else check_float("scale", scale)
         self.lepe_kernel = lepe_kernel
+        self.padding = check_choice("padding", padding, PADDINGS)
+        if not isinstance(channels_first, bool):
+            raise TypeError(f"channels_first must be a bool, got {type(channels_first).__name__}")
+        self.channels_first = channels_first
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.lepe = nn.Conv2d(dim, dim, lepe_kernel, padding=lepe_kernel // 2, groups=dim) if lepe_kernel else None
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         check_tensor("x", x, ndim=(4,))
-        if x.shape[-1] != self.dim:
-            raise ValueError(f"x must be (B, H, W, {self.dim}), got shape {tuple(x.shape)}")
+        if x.shape[1 if self.channels_first else -1] != self.dim:
+            want = f"(B, {self.dim}, H, W)" if self.channels_first else f"(B, H, W, {self.dim})"
+            raise ValueError(f"x must be {want}, got shape {tuple(x.shape)}")
+        if self.channels_first:
+            return self._forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[1:3]
+        if self.padding == "biformer":
+            nh, nw = self.num_windows
+            pad_b, pad_r = (-h) % nh, (-w) % nw
+            if pad_b or pad_r:
+                return self._attend(F.pad(x, (0, 0, 0, pad_r, 0, pad_b)))[:, :h, :w]
+        return self._attend(x)
+
+    def _attend(self, x: Tensor) -> Tensor:
         b, h, w, c = x.shape
         qkv = self.qkv(x).reshape(b, h, w, 3, self.num_heads, c // self.num_heads)
         # Strided views, no copies: the kernels read (B, heads, H, W, head_dim) through strides.
@@ -397,5 +428,159 @@ class RoutedAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, num_heads={self.num_heads}, num_windows={self.num_windows}, topk={self.topk}, "
-            f"routing={self.routing!r}, lepe_kernel={self.lepe_kernel}"
+            f"routing={self.routing!r}, lepe_kernel={self.lepe_kernel}, padding={self.padding!r}"
+            + (", channels_first=True" if self.channels_first else "")
         )
+
+    @classmethod
+    def from_biformer(cls, module: nn.Module, *, padding: str = "masked") -> RoutedAttention:
+        """A RoutedAttention computing what BiFormer's bi-level routing attention ``module`` computes.
+
+        ``module`` is BiFormer's ``BiLevelRoutingAttention`` ((B, H, W, C) input) or its NCHW variant
+        (``nchwBRA`` / ``BiLevelRoutingAttention_nchw``), recognised by their attributes. The result
+        holds the module's own parameters (the same ``nn.Parameter`` objects for the (B, H, W, C)
+        module; views of them for the NCHW one, whose projections are 1x1 convolutions), its scale
+        (``qk_dim ** -0.5`` unless set: BiFormer scales by the full width, not the head width), its
+        ``n_win``, ``topk``, heads and LEPE, in the module's layout and train/eval mode.
+
+        Supported settings (those of BiFormer's released models): identity K/V downsampling,
+        ``qk_dim == dim``, output projection ``wo`` a Linear (``param_attention="qkvo"``), no
+        parametric, differentiable or soft routing, any odd LEPE kernel (or none). Anything else
+        raises ``ValueError`` naming the setting. Routing ties (measure zero with real inputs) may
+        pick a different window than ``torch.topk``.
+
+        ``padding``: ``"masked"`` (default) or ``"biformer"`` (see the class docstring). With
+        ``"biformer"`` the (B, H, W, C) module is reproduced on any size (``auto_pad``); the NCHW
+        variant's own padding (regions of ``H // n_win`` rows, zeros after the projections) is a
+        different scheme, so for it both settings agree with BiFormer on multiples of ``n_win`` only.
+        """
+        spec = biformer_spec(module)
+        new = cls(
+            spec["dim"],
+            spec["num_heads"],
+            spec["n_win"],
+            spec["topk"],
+            qkv_bias=spec["qkv_bias"],
+            lepe_kernel=spec["lepe_kernel"],
+            scale=spec["scale"],
+            padding=padding,
+            channels_first=spec["channels_first"],
+        )
+        for name, param in spec["params"].items():
+            owner, attr = name.split(".")
+            setattr(getattr(new, owner), attr, param)
+        new.train(module.training)
+        return new
+
+
+def _odd_depthwise(lepe, dim: int) -> int:
+    """LEPE's kernel size (0 when BiFormer's ``side_dwconv=0`` made it a zeros function), or raises."""
+    if not isinstance(lepe, nn.Module):
+        return 0
+    ok = (
+        isinstance(lepe, nn.Conv2d)
+        and lepe.in_channels == dim
+        and lepe.out_channels == dim
+        and lepe.groups == dim
+        and lepe.kernel_size[0] == lepe.kernel_size[1]
+        and lepe.kernel_size[0] % 2 == 1
+        and lepe.stride == (1, 1)
+        and lepe.dilation == (1, 1)
+        and lepe.padding == (lepe.kernel_size[0] // 2,) * 2
+        and lepe.padding_mode == "zeros"
+        and lepe.bias is not None
+    )
+    if not ok:
+        raise ValueError(
+            f"BiFormer setting lepe={lepe!r}: only a depthwise odd-kernel 'same' Conv2d with bias is supported"
+        )
+    return lepe.kernel_size[0]
+
+
+def biformer_spec(module: nn.Module) -> dict:
+    """The RoutedAttention settings and parameters of BiFormer module ``module``; raises ``ValueError``
+    naming the first unsupported setting (see :meth:`RoutedAttention.from_biformer`)."""
+    variant = biformer_variant(module)
+    if variant is None:
+        raise TypeError(
+            f"module must be BiFormer's bi-level routing attention (BiLevelRoutingAttention or its NCHW variant), "
+            f"got {type(module).__name__}"
+        )
+    dim, heads, n_win, topk = module.dim, module.num_heads, module.n_win, module.topk
+    if isinstance(n_win, (tuple, list)) or isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise ValueError(
+            f"BiFormer setting n_win={n_win!r}, topk={topk!r}: an int window count and topk >= 1 are needed"
+        )
+    if dim % heads:
+        raise ValueError(f"BiFormer setting dim={dim}, num_heads={heads}: dim must be divisible by num_heads")
+    scale = float(module.scale)
+    lepe_kernel = _odd_depthwise(module.lepe, dim)
+    params = {}
+    if variant == "nhwc":
+        if module.qk_dim != dim:
+            raise ValueError(f"BiFormer setting qk_dim={module.qk_dim}: only qk_dim == dim ({dim}) is supported")
+        mode = getattr(module, "kv_downsample_mode", "identity")
+        if mode != "identity" or not isinstance(getattr(module, "kv_down", nn.Identity()), nn.Identity):
+            raise ValueError(f"BiFormer setting kv_downsample_mode={mode!r}: only 'identity' is supported")
+        for flag in ("param_routing", "diff_routing", "soft_routing"):
+            if getattr(module, flag, False):
+                raise ValueError(f"BiFormer setting {flag}=True: only hard, non-parametric top-k routing is supported")
+        qkv = getattr(module.qkv, "qkv", None)
+        if not isinstance(qkv, nn.Linear) or qkv.in_features != dim or qkv.out_features != 3 * dim:
+            raise ValueError(
+                f"BiFormer setting qkv={module.qkv!r}: a QKVLinear over Linear({dim}, {3 * dim}) is needed"
+            )
+        if not isinstance(module.wo, nn.Linear):
+            raise ValueError(
+                f"BiFormer setting param_attention={getattr(module, 'param_attention', '?')!r} (wo={module.wo!r}): "
+                "only 'qkvo' (a Linear output projection) is supported"
+            )
+        params["qkv.weight"], params["qkv.bias"] = qkv.weight, qkv.bias
+        params["proj.weight"], params["proj.bias"] = module.wo.weight, module.wo.bias
+    else:
+        for name, out in (("qkv_linear", 3 * dim), ("output_linear", dim)):
+            conv = getattr(module, name)
+            if not (
+                isinstance(conv, nn.Conv2d)
+                and conv.kernel_size == (1, 1)
+                and conv.groups == 1
+                and conv.in_channels == dim
+                and conv.out_channels == out
+                and conv.stride == (1, 1)
+            ):
+                raise ValueError(f"BiFormer setting {name}={conv!r}: a 1x1 Conv2d({dim}, {out}) is needed")
+        # Views share the storage, so the conv weights stay the ones that are trained.
+        params["qkv.weight"] = nn.Parameter(module.qkv_linear.weight.detach().view(3 * dim, dim))
+        params["qkv.bias"] = module.qkv_linear.bias
+        params["proj.weight"] = nn.Parameter(module.output_linear.weight.detach().view(dim, dim))
+        params["proj.bias"] = module.output_linear.bias
+        if params["proj.bias"] is None:
+            raise ValueError("BiFormer setting output_linear bias=False: an output projection with bias is needed")
+    if params["proj.bias"] is None:
+        raise ValueError("BiFormer setting wo bias=False: an output projection with bias is needed")
+    if lepe_kernel:
+        params["lepe.weight"], params["lepe.bias"] = module.lepe.weight, module.lepe.bias
+    return dict(
+        dim=dim,
+        num_heads=heads,
+        n_win=n_win,
+        topk=topk,
+        scale=scale,
+        lepe_kernel=lepe_kernel,
+        qkv_bias=params["qkv.bias"] is not None,
+        channels_first=variant == "nchw",
+        params=params,
+    )
+
+
+def biformer_variant(module: nn.Module) -> Optional[str]:
+    """``"nhwc"`` for BiFormer's BiLevelRoutingAttention, ``"nchw"`` for its NCHW variant, else None
+    (recognised by attributes, so BiFormer need not be importable)."""
+    common = all(hasattr(module, a) for a in ("n_win", "topk", "num_heads", "dim", "scale", "lepe"))
+    if not common:
+        return None
+    if all(hasattr(module, a) for a in ("qkv", "wo", "router", "kv_gather")):
+        return "nhwc"
+    if all(hasattr(module, a) for a in ("qkv_linear", "output_linear")):
+        return "nchw"
+    return None
