@@ -229,11 +229,12 @@ def test_patched_equals_original_on_multiples_of_the_window_count(variant, paddi
     assert_same(run(patched, x), run(original, x))
 
 
-@pytest.mark.parametrize("size", [(13, 10), (15, 17), (5, 9)])
-def test_biformer_padding_reproduces_auto_pad_on_other_sizes(size):
-    original = make("nhwc", n_win=4, topk=3)
+@pytest.mark.parametrize("variant", ["nhwc", "nchw"])
+@pytest.mark.parametrize("n_win, size", [(4, (13, 10)), (4, (15, 17)), (4, (5, 9)), (2, (9, 7))])
+def test_biformer_padding_reproduces_biformer_on_other_sizes(variant, n_win, size):
+    original = make(variant, n_win=n_win, topk=3)
     patched = RoutedAttention.from_biformer(copy.deepcopy(original), padding="biformer")
-    x = inputs("nhwc", *size)
+    x = inputs(variant, *size)
     assert_same(run(patched, x), run(original, x))
     # The default masks the padding, which the original lets into the routing, softmax and LEPE.
     masked = RoutedAttention.from_biformer(copy.deepcopy(original))
@@ -303,6 +304,21 @@ def test_counts_every_module_and_leaves_others_alone():
         (lambda: RoutedAttention.from_biformer(nn.Linear(2, 2)), TypeError, "module must be BiFormer"),
         (lambda: RoutedAttention(8, 2, 2, 1, padding="reflect"), ValueError, "padding"),
         (lambda: RoutedAttention(8, 2, 2, 1, channels_first=1), TypeError, "channels_first must be a bool"),
+        (
+            lambda: RoutedAttention(8, 2, 2, 1, routing="per_head", padding="biformer", channels_first=True),
+            ValueError,
+            "needs routing='shared'",
+        ),
+        (
+            lambda: RoutedAttention(8, 2, 4, 1, padding="biformer", channels_first=True)(torch.randn(1, 8, 3, 8)),
+            ValueError,
+            "needs H >= 4",
+        ),
+        (
+            lambda: RoutedAttention(8, 2, 2, 5, padding="biformer", channels_first=True)(torch.randn(1, 8, 4, 4)),
+            ValueError,
+            "topk=5 exceeds the 4 regions",
+        ),
         (
             lambda: RoutedAttention(8, 2, 2, 1, channels_first=True)(torch.randn(1, 4, 4, 8)),
             ValueError,

@@ -353,8 +353,12 @@ class RoutedAttention(nn.Module):
     ``"masked"`` (default) leaves the bottom/right windows short, and no padding enters the routing
     means, the softmax or LEPE; ``"biformer"`` zero-pads the input before the projections and crops
     the output, as BiFormer's ``auto_pad`` does, so the padded tokens (the projections' biases) take
-    part in the routing, the softmax and LEPE and BiFormer's outputs are reproduced. Both agree on
-    multiples of the window count. :meth:`from_biformer` builds one from a BiFormer module.
+    part in the routing, the softmax and LEPE and BiFormer's outputs are reproduced. With
+    ``channels_first=True``, ``"biformer"`` is BiFormer's NCHW module's scheme instead: regions of
+    ``H // nh x W // nw`` tokens (as many as cover the grid), routed on their real tokens' means,
+    q, k, v zero-padded after the projections (the padded keys enter the softmax with score 0).
+    Both settings agree on multiples of the window count. :meth:`from_biformer` builds one from a
+    BiFormer module.
     """
 
     def __init__(
@@ -389,6 +393,10 @@ class RoutedAttention(nn.Module):
         if not isinstance(channels_first, bool):
             raise TypeError(f"channels_first must be a bool, got {type(channels_first).__name__}")
         self.channels_first = channels_first
+        if padding == "biformer" and channels_first and routing != "shared":
+            raise ValueError(
+                "padding='biformer' with channels_first=True (BiFormer's NCHW module) needs routing='shared'"
+            )
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.lepe = nn.Conv2d(dim, dim, lepe_kernel, padding=lepe_kernel // 2, groups=dim) if lepe_kernel else None
         self.proj = nn.Linear(dim, dim)
@@ -404,6 +412,8 @@ class RoutedAttention(nn.Module):
 
     def _forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[1:3]
+        if self.padding == "biformer" and self.channels_first:
+            return self._attend_regions(x)
         if self.padding == "biformer":
             nh, nw = self.num_windows
             pad_b, pad_r = (-h) % nh, (-w) % nw
@@ -423,6 +433,37 @@ class RoutedAttention(nn.Module):
         if self.lepe is not None:
             lepe = self.lepe(qkv.select(3, 2).reshape(b, h, w, c).permute(0, 3, 1, 2))
             out = out + lepe.permute(0, 2, 3, 1)
+        return self.proj(out)
+
+    def _attend_regions(self, x: Tensor) -> Tensor:
+        """BiFormer's NCHW module: regions of ``H // nh x W // nw`` tokens (as many as it takes to cover
+        the grid), routed on the means of their real tokens; q, k, v zero-padded after the projections,
+        so the padded keys enter the softmax with score 0 and value 0; LEPE on the unpadded v."""
+        b, h, w, c = x.shape
+        nh, nw = self.num_windows
+        rh, rw = h // nh, w // nw
+        if rh == 0 or rw == 0:
+            raise ValueError(
+                f"padding='biformer' (BiFormer's NCHW regions of H // {nh} x W // {nw} tokens) needs H >= {nh} and "
+                f"W >= {nw}, got {h}x{w}"
+            )
+        gh, gw = -(-h // rh), -(-w // rw)
+        if self.topk > gh * gw:
+            raise ValueError(f"topk={self.topk} exceeds the {gh * gw} regions of {rh}x{rw} tokens of a {h}x{w} grid")
+        heads, d = self.num_heads, c // self.num_heads
+        qkv = self.qkv(x)
+        with torch.no_grad():  # routing is a hard selection, no gradient (BiFormer detaches q and k)
+            means = F.avg_pool2d(
+                qkv[..., : 2 * c].permute(0, 3, 1, 2), (rh, rw), ceil_mode=True, count_include_pad=False
+            ).flatten(2)
+            q_r, k_r = means.split(c, dim=1)
+            indices = torch.topk(q_r.transpose(1, 2) @ k_r, self.topk, dim=-1).indices
+        padded = F.pad(qkv, (0, 0, 0, gw * rw - w, 0, gh * rh - h)).reshape(b, gh * rh, gw * rw, 3, heads, d)
+        q, k, v = (padded.select(3, i).permute(0, 3, 1, 2, 4) for i in range(3))
+        out = routed_attention(q, k, v, num_windows=(gh, gw), topk=self.topk, scale=self.scale, indices=indices)
+        out = out[:, :, :h, :w].permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
+        if self.lepe is not None:
+            out = out + self.lepe(qkv[..., 2 * c :].permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return self.proj(out)
 
     def extra_repr(self) -> str:
@@ -450,9 +491,9 @@ class RoutedAttention(nn.Module):
         pick a different window than ``torch.topk``.
 
         ``padding``: ``"masked"`` (default) or ``"biformer"`` (see the class docstring). With
-        ``"biformer"`` the (B, H, W, C) module is reproduced on any size (``auto_pad``); the NCHW
-        variant's own padding (regions of ``H // n_win`` rows, zeros after the projections) is a
-        different scheme, so for it both settings agree with BiFormer on multiples of ``n_win`` only.
+        ``"biformer"`` either module is reproduced on any size: the (B, H, W, C) one with ``auto_pad``
+        (zero-padding of the input), the NCHW one with its regions of ``H // n_win`` rows and zeros
+        after the projections. With ``"masked"`` both agree with BiFormer on multiples of ``n_win``.
         """
         spec = biformer_spec(module)
         new = cls(
