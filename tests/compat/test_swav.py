@@ -100,6 +100,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.distributed
 def test_two_gloo_processes_equal_the_loops_on_all_rows(tmp_path):
     results = run_gloo_workers(WORKER, tmp_path)
     scores = torch.randn(2 * 48, 30, generator=torch.Generator().manual_seed(3))
