@@ -80,7 +80,10 @@ class BiLevelRoutingAttention(nn.Module):
         self.qk_dim = qk_dim or dim
         self.scale = qk_scale or self.qk_dim**-0.5
         self.param_routing, self.diff_routing, self.soft_routing = param_routing, diff_routing, soft_routing
-        self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
+        # side_dwconv=0 turns LEPE off with a zeros function, not a module, as BiFormer does.
+        self.lepe = (
+            nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim) if side_dwconv else torch.zeros_like
+        )
         self.router = TopkRouting(self.qk_dim, topk, self.scale, param_routing, diff_routing)
         self.kv_gather = KVGather()
         self.param_attention = param_attention
@@ -171,7 +174,12 @@ def run(module, x):
         roles = {"qkv": module.qkv.qkv, "proj": module.wo, "lepe": module.lepe}
     else:
         roles = {"qkv": module.qkv_linear, "proj": module.output_linear, "lepe": module.lepe}
-    grads = {f"{r}.{n}": p.grad.reshape(p.shape[0], -1) for r, mod in roles.items() for n, p in mod.named_parameters()}
+    grads = {
+        f"{r}.{n}": p.grad.reshape(p.shape[0], -1)
+        for r, mod in roles.items()
+        if isinstance(mod, nn.Module)
+        for n, p in mod.named_parameters()
+    }
     return out, x.grad, grads
 
 
@@ -253,6 +261,15 @@ def test_masked_padding_on_other_sizes_is_the_gather_reference_with_the_modules_
     expected.backward(torch.cos(torch.arange(expected.numel(), dtype=expected.dtype)).reshape(expected.shape))
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=2e-5)
     torch.testing.assert_close(dx, xr.grad, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("size", [(16, 12), (13, 10)])
+def test_without_lepe(size):
+    original = make("nhwc", side_dwconv=0)
+    patched = RoutedAttention.from_biformer(copy.deepcopy(original), padding="biformer")
+    assert patched.lepe is None
+    x = inputs("nhwc", *size)
+    assert_same(run(patched, x), run(original, x))
 
 
 def test_parameters_are_kept_and_mode_follows():
