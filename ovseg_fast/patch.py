@@ -3,9 +3,9 @@
     import ovseg_fast.patch
     ovseg_fast.patch.biformer(model)   # every bi-level routing attention now runs the fused kernel
 
-The modules are swapped in place and keep their parameters, so patch after loading a checkpoint and
-before building the optimizer (the NCHW variant's 1x1-conv weights become new ``nn.Parameter``
-views of the same storage).
+The modules are swapped in place and keep their parameters; build the optimizer after patching (the
+NCHW variant's 1x1-conv weights become new ``nn.Parameter`` views of the same storage). State dicts
+keep BiFormer's keys and shapes, so checkpoints load into and out of a patched model.
 """
 
 from __future__ import annotations

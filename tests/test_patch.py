@@ -16,6 +16,7 @@ with its attribute names, so the patch recognises them as it would BiFormer's ow
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -346,3 +347,24 @@ def test_counts_every_module_and_leaves_others_alone():
 def test_bad_inputs(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("variant", ["nhwc", "nchw"])
+def test_checkpoints_move_between_the_original_and_the_patched_model(variant):
+    original = Net(make(variant))
+    patched = copy.deepcopy(original)
+    ovseg_fast.patch.biformer(patched)
+    saved = original.state_dict()
+    assert {k: v.shape for k, v in patched.state_dict().items()} == {k: v.shape for k, v in saved.items()}
+    # A BiFormer checkpoint (other weights) loads into the patched model, and back into a fresh original.
+    other = Net(make(variant, seed=5))
+    patched.load_state_dict(other.state_dict())
+    fresh = Net(make(variant, seed=7))
+    fresh.load_state_dict(patched.state_dict())
+    x = inputs(variant, 16, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), other(x), rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(fresh(x), other(x), rtol=1e-4, atol=2e-5)
+    # The hooks survive pickling (torch.save of a whole model).
+    clone = pickle.loads(pickle.dumps(patched))
+    assert clone.state_dict().keys() == saved.keys()

@@ -10,6 +10,7 @@ formulas) and backend dispatch to the C++ kernel (``csrc/routed_attention.cpp``)
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Optional, Union
 
@@ -490,6 +491,10 @@ class RoutedAttention(nn.Module):
         raises ``ValueError`` naming the setting. Routing ties (measure zero with real inputs) may
         pick a different window than ``torch.topk``.
 
+        Its ``state_dict`` keeps the module's keys and shapes (``qkv.qkv.weight``, ``wo.weight``, ...;
+        ``qkv_linear.weight`` (3C, C, 1, 1), ... for NCHW) and ``load_state_dict`` takes them, so
+        checkpoints move between the patched and the original model.
+
         ``padding``: ``"masked"`` (default) or ``"biformer"`` (see the class docstring). With
         ``"biformer"`` either module is reproduced on any size: the (B, H, W, C) one with ``auto_pad``
         (zero-padding of the input), the NCHW one with its regions of ``H // n_win`` rows and zeros
@@ -511,7 +516,26 @@ class RoutedAttention(nn.Module):
             owner, attr = name.split(".")
             setattr(getattr(new, owner), attr, param)
         new.train(module.training)
+        # Checkpoints keep BiFormer's keys and shapes both ways, so a patched model saves what BiFormer
+        # loads and loads what BiFormer saved (partials of module-level functions: picklable).
+        names = spec["state_dict_names"]
+        new.register_state_dict_post_hook(functools.partial(_to_biformer_state, names=names))
+        new.register_load_state_dict_pre_hook(functools.partial(_from_biformer_state, names=names))
         return new
+
+
+def _to_biformer_state(module, state_dict, prefix, local_metadata, *, names):
+    for ours, (theirs, shape) in names.items():
+        if prefix + ours in state_dict:
+            value = state_dict.pop(prefix + ours)
+            state_dict[prefix + theirs] = value if shape is None else value.reshape(shape)
+
+
+def _from_biformer_state(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors, *, names):
+    for ours, (theirs, _) in names.items():
+        if prefix + theirs in state_dict and prefix + ours not in state_dict:
+            value = state_dict.pop(prefix + theirs)
+            state_dict[prefix + ours] = value.reshape(value.shape[:2]) if value.dim() == 4 else value
 
 
 def _odd_depthwise(lepe, dim: int) -> int:
@@ -601,7 +625,18 @@ def biformer_spec(module: nn.Module) -> dict:
         raise ValueError("BiFormer setting wo bias=False: an output projection with bias is needed")
     if lepe_kernel:
         params["lepe.weight"], params["lepe.bias"] = module.lepe.weight, module.lepe.bias
+    if variant == "nhwc":
+        renames = {"qkv": ("qkv.qkv", None), "proj": ("wo", None)}
+    else:
+        renames = {"qkv": ("qkv_linear", (3 * dim, dim, 1, 1)), "proj": ("output_linear", (dim, dim, 1, 1))}
+    state_dict_names = {
+        f"{ours}.{attr}": (f"{theirs}.{attr}", shape if attr == "weight" else None)
+        for ours, (theirs, shape) in renames.items()
+        for attr in ("weight", "bias")
+        if params[f"{ours}.{attr}"] is not None
+    }
     return dict(
+        state_dict_names=state_dict_names,
         dim=dim,
         num_heads=heads,
         n_win=n_win,
