@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -27,6 +25,7 @@ from tests.helpers import (
     max_abs_err,
     on,
     require_backend,
+    run_gloo_workers,
     run_under_capability,
     tolerances,
 )
@@ -412,22 +411,7 @@ _DIST_WORKER = textwrap.dedent(
 
 @pytest.mark.distributed
 def test_process_group_equals_single_process(tmp_path):
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    script = tmp_path / "worker.py"
-    script.write_text(_DIST_WORKER)
-    out = str(tmp_path / "result")
-    procs = [
-        subprocess.Popen([sys.executable, str(script), str(r), port, out], stderr=subprocess.PIPE, text=True)
-        for r in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=240)
-        assert p.returncode == 0, err[-3000:]
-    parts = [torch.load(f"{out}.{r}") for r in range(2)]
+    parts = run_gloo_workers(_DIST_WORKER, tmp_path)
 
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(2, 21, 6, generator=gen, dtype=torch.float64)
