@@ -475,7 +475,11 @@ def format_profile(results: Union[ProfileResult, Sequence[ProfileResult]], *, br
             lines.append(
                 f"| {r.model}, ovseg-fast ops on the reference backend | {shape} | {r.dtype} | | | "
                 f"{_ms(r.reference_latency_ms)} | {r.batch / r.reference_latency_ms * 1e3:.3g} | | | "
-                f"ovseg-fast {r.speedup:.2f}x faster |"
+                + (
+                    f"ovseg-fast {r.speedup:.2f}x faster |"
+                    if r.custom_op_calls
+                    else f"{r.speedup:.2f}x: noise, no ovseg-fast op is called |"
+                )
             )
     for q in results[0].quoted:
         params = f"{q.params_m:.1f} trainable" if q.trainable_only else f"{q.params_m:.1f}"
