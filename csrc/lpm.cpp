@@ -848,13 +848,15 @@ LpmTensor6 logits_backward_kernel(const at::Tensor& grad_in, const at::Tensor& p
   at::Tensor g_x = at::empty({B, D, N}, opts).transpose(1, 2);
   const int64_t R = chunk_rows(N, Do);
   const int64_t chunks = (N + R - 1) / R;
-  // Z = G xhat (B, C, Do), per chunk while the chunk of xhat is in cache for the LayerNorm backward.
-  at::Tensor z_part = at::empty({B, chunks, C, Do}, opts);
   // d V and d v0 are sums over all tasks: one partial per thread, reduced once at the end. In the Gram
   // form the partials are S (D x D, lower block triangle), s = sum_n w_n x_n and t = sum_n q_n x_n, and
   // per image and chunk T1 = (G * rstd) x.
   const int64_t P = task_slots(B * chunks);
   const bool gram = gram_weight_grad(B, C, N, D, Do);
+  // Z = G xhat (B, C, Do), per chunk while the chunk of xhat is in cache for the LayerNorm backward. The
+  // Gram form needs none: xhat_n = rstd_n (Vc x_n + v0c), so Z = T1 Vc^T + (G rstd) v0c^T from the T1
+  // it computes anyway (C-sized per image instead of C * Do multiply-adds per pixel).
+  at::Tensor z_part = gram ? at::Tensor() : at::empty({B, chunks, C, Do}, opts);
   at::Tensor g_w_part, g_b_part, s_part;
   serial([&] {
     g_w_part = at::zeros({P, gram ? D : Do, D}, opts);
@@ -883,8 +885,10 @@ LpmTensor6 logits_backward_kernel(const at::Tensor& grad_in, const at::Tensor& p
         at::Tensor ub = u.narrow(0, 0, r);
         const at::Tensor gc = g[b].narrow(1, n0, r);
         const at::Tensor xc = x[b].narrow(0, n0, r);
-        at::Tensor zc = z_part[b][task % chunks];
-        at::mm_out(zc, gc, xhat[b].narrow(0, n0, r));
+        if (!gram) {
+          at::Tensor zc = z_part[b][task % chunks];
+          at::mm_out(zc, gc, xhat[b].narrow(0, n0, r));
+        }
         at::mm_out(ub, gc.t(), ep[b]);  // d p * gamma for the chunk's pixels
         scalar_t* pu = ub.data_ptr<scalar_t>();
         const scalar_t* pxh = px + (b * N + n0) * Do;
@@ -950,9 +954,25 @@ LpmTensor6 logits_backward_kernel(const at::Tensor& grad_in, const at::Tensor& p
       }
     });
   });
-  at::Tensor g_e, g_gamma, g_beta = empty(), g_w, g_b, sm, sums, t1, vc, v0c;
+  at::Tensor g_e, g_gamma, g_beta = empty(), g_w, g_b, sm, sums, t1, vc, v0c, z, gr;
   serial([&] {
-    const at::Tensor z = chunks == 1 ? z_part.select(1, 0) : z_part.sum(1);
+    if (gram) {
+      t1 = (chunks == 1 ? t1_part.select(1, 0) : t1_part.sum(1)).reshape({B * C, D});
+      vc = w - w.mean(0, true);
+      if (has_bias) {
+        const at::Tensor b0 = as_compute(*bias_in, ct);
+        v0c = b0 - b0.mean();
+        gr = at::bmm(g, rstd.unsqueeze(2));  // G rstd, (B, C, 1)
+      }
+    } else {
+      z = chunks == 1 ? z_part.select(1, 0) : z_part.sum(1);
+    }
+  });
+  if (gram) {
+    z = at::mm(t1, vc.t()).view({B, C, Do});  // B * C * Do * D: worth MKL's threads
+    if (has_bias) z.add_(gr * v0c);
+  }
+  serial([&] {
     g_e = z * gamma;
     if (nb_in.has_value()) {
       g_e.add_(rows.unsqueeze(2) * as_compute(*nb_in, ct));
@@ -964,12 +984,6 @@ LpmTensor6 logits_backward_kernel(const at::Tensor& grad_in, const at::Tensor& p
     if (gram) {
       sm = g_w.tril().add_(g_w.tril(-1).t());  // S mirrored from its lower block triangle
       sums = P == 1 ? s_part[0] : s_part.sum(0);
-      t1 = (chunks == 1 ? t1_part.select(1, 0) : t1_part.sum(1)).reshape({B * C, D});
-      vc = w - w.mean(0, true);
-      if (has_bias) {
-        const at::Tensor b0 = as_compute(*bias_in, ct);
-        v0c = b0 - b0.mean();
-      }
     }
   });
   if (gram) {
