@@ -48,6 +48,17 @@ _REDUCTIONS = ("mean", "sum", "none")
 _MASK_REDUCTIONS = ("masks", "mean", "sum", "none")
 
 
+def _class_weights(name: str, weight: Tensor, logits: Tensor) -> Tensor:
+    """A (C,) per-class weight checked against ``logits`` (B, C, H, W), in the logits' dtype."""
+    c = logits.shape[1]
+    check_tensor(name, weight, ndim=(1,))
+    if weight.shape[0] != c:
+        raise ValueError(f"{name} must have shape (C,) = ({c},), got {tuple(weight.shape)}")
+    if weight.device != logits.device:
+        raise ValueError(f"{name} is on {weight.device} but logits is on {logits.device}")
+    return weight.to(logits.dtype)
+
+
 def _check_inputs(logits: object, targets: object, ignore_index: object) -> tuple[Tensor, Tensor]:
     """Checks shapes, dtypes, devices and label values; returns float logits (at least float32)
     and the valid-pixel mask (B, H, W)."""
@@ -213,12 +224,7 @@ def binary_cross_entropy(
     check_choice("reduction", reduction, _REDUCTIONS)
     c = logits.shape[1]
     if pos_weight is not None:
-        check_tensor("pos_weight", pos_weight, ndim=(1,))
-        if pos_weight.shape[0] != c:
-            raise ValueError(f"pos_weight must have shape (C,) = ({c},), got {tuple(pos_weight.shape)}")
-        if pos_weight.device != logits.device:
-            raise ValueError(f"pos_weight is on {pos_weight.device} but logits is on {logits.device}")
-        pos_weight = pos_weight.to(logits.dtype).view(c, 1, 1)
+        pos_weight = _class_weights("pos_weight", pos_weight, logits).view(c, 1, 1)
     y = one_hot_targets(targets, c, ignore_index).to(logits.dtype)
     loss = F.binary_cross_entropy_with_logits(logits, y, reduction="none", pos_weight=pos_weight)
     loss = loss * valid.unsqueeze(1)
@@ -250,14 +256,8 @@ def cross_entropy(
     check_float("label_smoothing", label_smoothing, minimum=0.0)
     if label_smoothing > 1:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    c = logits.shape[1]
     if weight is not None:
-        check_tensor("weight", weight, ndim=(1,))
-        if weight.shape[0] != c:
-            raise ValueError(f"weight must have shape (C,) = ({c},), got {tuple(weight.shape)}")
-        if weight.device != logits.device:
-            raise ValueError(f"weight is on {weight.device} but logits is on {logits.device}")
-        weight = weight.to(logits.dtype)
+        weight = _class_weights("weight", weight, logits)
     # F.cross_entropy's own ignore_index must be a valid Python int; the safe labels keep gather in range.
     safe = torch.where(valid, targets, 0)
     loss = F.cross_entropy(logits, safe, weight=weight, reduction="none", label_smoothing=label_smoothing)

@@ -9,11 +9,10 @@ from ovseg_fast.compat.swav import distributed_sinkhorn, pixelclip_sinkhorn
 from tests.helpers import run_gloo_workers
 
 
-def swav_loop(out: torch.Tensor, epsilon: float, iterations: int, world: int = 1, all_reduce=None) -> torch.Tensor:
-    """SwAV (Caron et al. 2020, Algorithm 1 / appendix): Q = exp(scores / eps)^T, total mass 1, then
-    alternately every prototype row to 1/K and every sample column to 1/B; finally columns sum to 1."""
+def _swav_iterations(q: torch.Tensor, iterations: int, world: int, all_reduce) -> torch.Tensor:
+    """SwAV's normalisation of Q^T (K, B_local): total mass 1, then alternately every prototype row to 1/K
+    and every sample column to 1/B; finally columns sum to 1. Returns (B_local, K)."""
     reduce = all_reduce or (lambda t: t)
-    q = torch.exp(out.double() / epsilon).t()
     k, b = q.shape[0], q.shape[1] * world
     q /= reduce(q.sum())
     for _ in range(iterations):
@@ -22,21 +21,17 @@ def swav_loop(out: torch.Tensor, epsilon: float, iterations: int, world: int = 1
         q /= q.sum(dim=0, keepdim=True)
         q /= b
     return (q * b).t()
+
+
+def swav_loop(out: torch.Tensor, epsilon: float, iterations: int, world: int = 1, all_reduce=None) -> torch.Tensor:
+    """SwAV (Caron et al. 2020, Algorithm 1 / appendix): Q = exp(scores / eps)^T, then SwAV's iterations."""
+    return _swav_iterations(torch.exp(out.double() / epsilon).t(), iterations, world, all_reduce)
 
 
 def pixelclip_loop(logits: torch.Tensor, iterations: int, world: int = 1, all_reduce=None) -> torch.Tensor:
     """PixelCLIP: the softmax over the clusters replaces exp(scores / eps), then SwAV's iterations over
     all masks of the batch as one problem."""
-    reduce = all_reduce or (lambda t: t)
-    q = torch.softmax(logits.double(), -1).t()
-    k, b = q.shape[0], q.shape[1] * world
-    q /= reduce(q.sum())
-    for _ in range(iterations):
-        q /= reduce(q.sum(dim=1, keepdim=True))
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= b
-    return (q * b).t()
+    return _swav_iterations(torch.softmax(logits.double(), -1).t(), iterations, world, all_reduce)
 
 
 @pytest.mark.parametrize("shape, epsilon, iterations", [((64, 10), 0.05, 3), ((37, 128), 0.1, 5), ((5, 3), 1.0, 1)])
