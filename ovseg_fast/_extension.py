@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["extension", "extension_error", "extension_loaded"]
+__all__ = ["CAPABILITY_RANK", "extension", "extension_error", "extension_loaded", "requested_capability"]
 
 _REBUILD_HINT = (
     "Rebuild it against the installed torch with `pip install --no-build-isolation --force-reinstall "
@@ -45,7 +45,13 @@ def _load() -> tuple[Optional[ModuleType], Optional[str]]:
     return _C, None
 
 
-_CAPABILITY_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
+#: The kernel copies (csrc/cpu_dispatch.h) from the narrowest to the widest vectors.
+CAPABILITY_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
+
+
+def requested_capability() -> str:
+    """The kernel copy torch asks for: ``ATEN_CPU_CAPABILITY`` when set, else torch's own choice (upper case)."""
+    return (os.environ.get("ATEN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()).upper()
 
 
 def _limit_capability_to_cpu(ext: ModuleType) -> None:
@@ -57,18 +63,18 @@ def _limit_capability_to_cpu(ext: ModuleType) -> None:
     it here also saves torch's kernels whenever ovseg_fast is imported before any such kernel ran.
     """
     requested_env = os.environ.get("ATEN_CPU_CAPABILITY")
-    requested = (requested_env or torch.backends.cpu.get_cpu_capability()).upper()
-    if requested not in _CAPABILITY_RANK:  # another architecture's names (vsx, zvector, sve...)
+    requested = requested_capability()
+    if requested not in CAPABILITY_RANK:  # another architecture's names (vsx, zvector, sve...)
         return
     supported = ext.supported_capability()
-    if _CAPABILITY_RANK[requested] <= _CAPABILITY_RANK[supported]:
+    if CAPABILITY_RANK[requested] <= CAPABILITY_RANK[supported]:
         return
     missing = [name for name, present in ext.cpu_features().items() if not present]
     masked = list(ext.masked_cpu_features())
     source = f"ATEN_CPU_CAPABILITY={requested_env}" if requested_env else "torch"
     why = f"this CPU lacks {', '.join(missing)}" + (f" (hidden by OVSEG_CPU_MASK={','.join(masked)})" if masked else "")
     cpu_best = ext.supported_capability(apply_mask=False)
-    if requested_env and _CAPABILITY_RANK[requested] > _CAPABILITY_RANK[cpu_best]:
+    if requested_env and CAPABILITY_RANK[requested] > CAPABILITY_RANK[cpu_best]:
         os.environ["ATEN_CPU_CAPABILITY"] = cpu_best.lower()
         torch_note = f"; ATEN_CPU_CAPABILITY is lowered to {cpu_best.lower()} for torch's own kernels too"
     else:

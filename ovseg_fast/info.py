@@ -65,9 +65,7 @@ def collect() -> dict[str, Any]:
         extension.update(
             built_for_torch=ext.built_for_torch(),
             kernel_capability=ext.kernel_capability(),
-            requested_capability=(
-                os.environ.get("ATEN_CPU_CAPABILITY") or torch.backends.cpu.get_cpu_capability()
-            ).upper(),
+            requested_capability=_extension.requested_capability(),
             supported_capability=ext.supported_capability(),
             cpu_features=dict(ext.cpu_features()),
             masked_cpu_features=list(ext.masked_cpu_features()),

@@ -20,6 +20,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from ovseg_fast._extension import CAPABILITY_RANK
 from ovseg_fast.backends import backend_report, registered_ops
 
 #: Backends that are exercised by kernel-vs-reference tests, with the marks they need.
@@ -119,7 +120,6 @@ def raises(exc: type[BaseException], match: Optional[str], fn: Callable[[], obje
 
 #: The copies of every C++ kernel (see csrc/cpu_dispatch.h), as torch's ATEN_CPU_CAPABILITY names them.
 CPU_CAPABILITIES = ["default", "avx2", "avx512"]
-_CAPABILITY_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
 
 
 def cpu_capability_skip_reason(capability: str) -> Optional[str]:
@@ -130,7 +130,7 @@ def cpu_capability_skip_reason(capability: str) -> Optional[str]:
     if name not in ext.compiled_capabilities():
         return f"the {capability} copy is not compiled on this architecture"
     supported = ext.supported_capability(apply_mask=False)
-    if _CAPABILITY_RANK[name] > _CAPABILITY_RANK[supported]:
+    if CAPABILITY_RANK[name] > CAPABILITY_RANK[supported]:
         # Only a CPU that has the copy's instructions can check its values; what such a request does on
         # this CPU (fall back with a warning) is tested by tests/test_cpu_dispatch.py on every machine.
         return f"this CPU cannot execute the {capability} copy (it supports up to {supported})"

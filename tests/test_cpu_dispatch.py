@@ -19,7 +19,7 @@ from tests.helpers import child_env, require_backend
 
 pytestmark = pytest.mark.skipif(not _extension.extension_loaded(), reason="the C++ extension is not loaded")
 
-_RANK = ["DEFAULT", "AVX2", "AVX512"]
+_RANK = sorted(_extension.CAPABILITY_RANK, key=_extension.CAPABILITY_RANK.get)
 _FEATURES = {"AVX2": ["avx2", "fma", "f16c"], "AVX512": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]}
 
 # The user's command from the report, plus the copy that ran and a check against the reference.
