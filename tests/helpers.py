@@ -188,3 +188,17 @@ def run_gloo_workers(worker_code: str, tmp_path, world: int = 2, timeout: float 
         _, err = p.communicate(timeout=timeout)
         assert p.returncode == 0, err[-3000:]
     return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
+
+
+def tiny_clip(image_size: int = 64, *, layers: int = 2, text_layers: int = 2, context_length: int = 77) -> dict:
+    """An open_clip config dict of a tiny ViT (width 64, patch 16, ``layers`` blocks; text width 64,
+    ``text_layers`` blocks): a whole CLIP in milliseconds, for the model tests (``CLIPBackbone(
+    tiny_clip(), image_size=64)`` or a model config's ``clip=tiny_clip()``). ``context_length`` 77 lets
+    text prompts of any realistic template fit."""
+    return {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": image_size, "layers": layers, "width": 64, "patch_size": 16, "head_width": 32},
+        "text_cfg": {
+            "context_length": context_length, "vocab_size": 49408, "width": 64, "heads": 2, "layers": text_layers,
+        },
+    }

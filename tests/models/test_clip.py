@@ -17,13 +17,10 @@ import torch.nn.functional as F
 from ovseg_fast.models import CLIPBackbone, create_model
 from ovseg_fast.models import clip as clip_module
 from ovseg_fast.models.clip import resolve_templates
+from tests.helpers import tiny_clip
 
 # A ViT of width 64, 2 layers, patch 16 (4x4 grid at 64x64), text width 64, 2 layers.
-TINY = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
+TINY = tiny_clip(64)
 NAMES = ["cat", "traffic light", "dog"]
 
 
@@ -31,13 +28,6 @@ def _close(actual, expected, scale=None):
     """Equal to float32 rounding of a few-layer network: relative to the tensor's magnitude."""
     scale = expected.abs().max().item() if scale is None else scale
     torch.testing.assert_close(actual, expected, rtol=0, atol=2e-6 * max(scale, 1.0))
-
-
-@pytest.fixture(autouse=True)
-def _quiet_random_weights():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "CLIPBackbone.*RANDOM weights")
-        yield
 
 
 def tiny(**kwargs) -> CLIPBackbone:

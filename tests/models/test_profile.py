@@ -10,13 +10,10 @@ from torch import nn
 from ovseg_fast.cli import main as cli_main
 from ovseg_fast.models.profile import ZEGCLIP, format_profile, profile
 from ovseg_fast.ops import lpm_logits, lpm_logits_flops
+from tests.helpers import tiny_clip
 
 # A ViT of width 64, 2 layers, patch 16: the whole CLIP in a few milliseconds.
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
+TINY_CLIP = tiny_clip(32, text_layers=1, context_length=16)
 FAST = dict(min_runs=1, min_seconds=0.0)
 
 

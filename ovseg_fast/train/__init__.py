@@ -1,0 +1,1 @@
+"""Training: the torchrun/DDP loop and checkpoints (atomic save, exact resume)."""
