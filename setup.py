@@ -34,7 +34,7 @@ CSRC = ROOT / "csrc"
 PACKAGE_DIR = {"ovseg_fast.kernels": "kernels", "ovseg_fast.bench": "bench"}
 PACKAGES = [
     "ovseg_fast", "ovseg_fast.cli", "ovseg_fast.models", "ovseg_fast.ops", "ovseg_fast.kernels", "ovseg_fast.bench",
-    "ovseg_fast.compat", "ovseg_fast.compat.pydensecrf",
+    "ovseg_fast.compat", "ovseg_fast.compat.pydensecrf", "ovseg_fast.data", "ovseg_fast.train",
 ]
 
 # Flags of the extra copies; the macros are the ones ATen's vec headers select Vectorized<T> by.
