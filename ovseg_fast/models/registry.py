@@ -114,4 +114,7 @@ def _load_builtin_models() -> None:
 
 
 # Each model issue adds its module here.
-_BUILTIN_MODULES: tuple[str, ...] = ("ovseg_fast.models.clip",)
+_BUILTIN_MODULES: tuple[str, ...] = (
+    "ovseg_fast.models.clip",
+    "ovseg_fast.models.ldvc",
+)
