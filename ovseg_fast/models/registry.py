@@ -117,4 +117,5 @@ def _load_builtin_models() -> None:
 _BUILTIN_MODULES: tuple[str, ...] = (
     "ovseg_fast.models.clip",
     "ovseg_fast.models.ldvc",
+    "ovseg_fast.models.pixelclip",
 )
