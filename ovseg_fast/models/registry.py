@@ -118,4 +118,5 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "ovseg_fast.models.clip",
     "ovseg_fast.models.ldvc",
     "ovseg_fast.models.pixelclip",
+    "ovseg_fast.models.rpn",
 )
