@@ -762,12 +762,15 @@ class CLIPSegmentorConfig:
     """Config of ``clip``: training-free MaskCLIP segmentation with a frozen CLIP.
 
     ``clip``: open_clip model name or config dict; ``image_size``: working input size;
-    ``templates``: prompt templates for the class names (see :func:`resolve_templates`).
+    ``templates``: prompt templates for the class names (see :func:`resolve_templates`);
+    ``frozen``: freeze CLIP (MaskCLIP's setting); False trains every weight (e.g. a tiny CLIP from
+    scratch on the synthetic shapes data, configs/shapes_clip.toml).
     """
 
     clip: Union[str, dict] = "ViT-B-16"
     image_size: int = 512
     templates: Union[str, tuple[str, ...]] = "imagenet"
+    frozen: bool = True
 
 
 @register_model("clip")
@@ -782,7 +785,7 @@ class CLIPSegmentor(Segmentor):
     def __init__(self, config: CLIPSegmentorConfig, *, pretrained: Optional[str] = None) -> None:
         super().__init__()
         self.config = config
-        self.backbone = CLIPBackbone(config.clip, pretrained, image_size=config.image_size, frozen=True)
+        self.backbone = CLIPBackbone(config.clip, pretrained, image_size=config.image_size, frozen=config.frozen)
         self.patch_size = self.output_stride = self.backbone.patch_size
 
     def encode_classes(self, class_names: Sequence[str]) -> TextEmbeddings:
