@@ -12,6 +12,9 @@
                                     README.md`` writes each into its class's slot, ``--plot PATH``
                                     redraws a run's speed-ups.
 ``ovseg-fast models [NAME ...]``    the registered models and their config fields and defaults.
+``ovseg-fast convert MODEL IN OUT`` a model's published checkpoint (e.g. ``pixelclip`` .pth of the
+                                    authors' code) -> a safetensors file ``create_model(MODEL,
+                                    pretrained=OUT)`` loads, checked strictly first.
 
 Each command is a module of this package exposing ``add_parser(subparsers)`` and ``run(args)``;
 adding a command is adding its module and naming it in ``_COMMANDS``.
@@ -29,7 +32,7 @@ from ovseg_fast.cli.report import add_speedups, format_markdown, format_table, p
 __all__ = ["add_speedups", "benchmark_files", "format_markdown", "format_table", "main", "plot", "run_benchmarks"]
 
 # Module names under ovseg_fast.cli, in the order `ovseg-fast --help` lists them.
-_COMMANDS = ("info", "bench", "report", "profile", "models")
+_COMMANDS = ("info", "bench", "report", "profile", "models", "convert")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -63,8 +63,11 @@ __all__ = [
     "MaskDecoder",
     "PixelCLIP",
     "PixelCLIPConfig",
+    "check_pixelclip_state_dict",
     "convert_pixelclip_state_dict",
     "interpolation_matrix",
+    "pixelclip_config_overrides",
+    "read_pixelclip_checkpoint",
 ]
 
 log = logging.getLogger(__name__)
@@ -648,3 +651,70 @@ def read_pixelclip_checkpoint(path: Union[str, os.PathLike]) -> dict[str, Tensor
     if any(k.startswith(_THEIR_PREFIXES) for k in sd):
         sd = convert_pixelclip_state_dict(sd)
     return sd
+
+
+def pixelclip_config_overrides(state_dict: dict[str, Tensor]) -> dict:
+    """The ``create_model("pixelclip", **overrides)`` whose parameters have the shapes of
+    ``state_dict`` (this model's keys): the CLIP architecture as an open_clip config dict (heads =
+    width / 64, as OpenAI's CLIP), the prompts' k and n, and the decoder's channels. Used to check
+    a converted checkpoint; attention heads and activations do not change shapes and are not known."""
+
+    def get(key: str) -> Tensor:
+        if key not in state_dict:
+            raise ValueError(f"not a PixelCLIP checkpoint: it has no {key}")
+        return state_dict[key]
+
+    def count(prefix: str) -> int:
+        return len({k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)})
+
+    conv1 = get("backbone.clip.visual.conv1.weight")
+    width, patch = int(conv1.shape[0]), int(conv1.shape[-1])
+    grid = round((get("backbone.clip.visual.positional_embedding").shape[0] - 1) ** 0.5)
+    mlp = get("backbone.clip.visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0]
+    text_width = int(get("backbone.clip.ln_final.weight").shape[0])
+    text_mlp = get("backbone.clip.transformer.resblocks.0.mlp.c_fc.weight").shape[0]
+    clip = {
+        "embed_dim": int(get("backbone.clip.visual.proj").shape[1]),
+        "vision_cfg": {
+            "image_size": patch * grid,
+            "layers": count("backbone.clip.visual.transformer.resblocks."),
+            "width": width,
+            "patch_size": patch,
+            "mlp_ratio": mlp / width,
+            "head_width": min(64, width),
+        },
+        "text_cfg": {
+            "context_length": int(get("backbone.clip.positional_embedding").shape[0]),
+            "vocab_size": int(get("backbone.clip.token_embedding.weight").shape[0]),
+            "width": text_width,
+            "heads": max(1, text_width // 64),
+            "layers": count("backbone.clip.transformer.resblocks."),
+            "mlp_ratio": text_mlp / text_width,
+        },
+    }
+    prompts = get("prompt_words")
+    channels = (
+        int(get("decoder.stem.weight").shape[0]),
+        int(get("decoder.up1.weight").shape[1]),
+        int(get("decoder.up2.weight").shape[1]),
+    )
+    return {
+        "clip": clip,
+        "image_size": patch * grid,
+        "num_concepts": int(prompts.shape[0]),
+        "prompt_length": int(prompts.shape[1]),
+        "decoder_channels": channels,
+    }
+
+
+def check_pixelclip_state_dict(state_dict: dict[str, Tensor], source: str = "state_dict") -> dict:
+    """Builds the PixelCLIP that ``state_dict`` (this model's keys) describes and loads it strictly:
+    a ``ValueError`` lists what does not fit. Returns the config overrides (see
+    :func:`pixelclip_config_overrides`)."""
+    from ovseg_fast.models.registry import create_model
+
+    overrides = pixelclip_config_overrides(state_dict)
+    with _quiet_random_weights(True):
+        model = create_model("pixelclip", **overrides)
+    _load_strict(model, state_dict, source)
+    return overrides

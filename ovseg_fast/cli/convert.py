@@ -1,0 +1,74 @@
+"""``ovseg-fast convert MODEL IN OUT``: a published checkpoint of a model's original code -> a
+safetensors file of this library's keys, loadable with ``create_model(MODEL, pretrained=OUT)``.
+
+``ovseg-fast convert pixelclip pixelclip_vit_base.pth pixelclip_vit_base.safetensors``: the authors'
+detectron2 checkpoint of PixelCLIP (ViT) -> ours. The keys are mapped
+(:func:`ovseg_fast.models.pixelclip.convert_pixelclip_state_dict`), the model the checkpoint
+describes is built and loaded strictly (every tensor used, none missing, shapes checked), and only
+then is OUT written. A checkpoint that does not fit exits with status 1 and a message listing what
+does not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# The models whose published checkpoints convert.
+_CONVERTERS = ("pixelclip",)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a model's published checkpoint to a safetensors file of ours",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", choices=_CONVERTERS, help="the model whose checkpoint IN is")
+    parser.add_argument("input", metavar="IN", help="the published checkpoint (.pth)")
+    parser.add_argument("output", metavar="OUT", help="the file to write (.safetensors)")
+    parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    return parser
+
+
+def convert(model: str, src, dst, *, force: bool = False) -> dict:
+    """Converts checkpoint ``src`` of ``model`` to the safetensors file ``dst``; returns the config
+    overrides the checkpoint needs (its architecture, e.g. ``num_concepts``)."""
+    if model not in _CONVERTERS:
+        raise ValueError(f"model must be one of {', '.join(_CONVERTERS)}, got {model!r}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"IN: no such file {src}")
+    if dst.suffix != ".safetensors":
+        raise ValueError(f"OUT must end in .safetensors, got {dst}")
+    if not dst.parent.is_dir():
+        raise FileNotFoundError(f"OUT: directory {dst.parent} does not exist")
+    if dst.exists() and not force:
+        raise FileExistsError(f"OUT: {dst} exists (pass --force to overwrite)")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError("OUT must not be IN")
+    from safetensors.torch import save_file
+
+    from ovseg_fast.models.pixelclip import check_pixelclip_state_dict, read_pixelclip_checkpoint
+
+    state = read_pixelclip_checkpoint(src)
+    overrides = check_pixelclip_state_dict(state, str(src))
+    # safetensors refuses tensors sharing storage (a checkpoint may hold views): one copy each.
+    state = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    tmp = dst.with_name(dst.name + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "model": model, "source": src.name})
+    tmp.replace(dst)
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        overrides = convert(args.model, args.input, args.output, force=args.force)
+    except (OSError, ValueError, TypeError) as exc:
+        print(f"ovseg-fast convert: {exc}", file=sys.stderr)
+        return 1
+    shown = {k: v for k, v in overrides.items() if k != "clip"}
+    print(f"wrote {args.output}: create_model({args.model!r}, pretrained={args.output!r}) loads it ({shown})")
+    return 0
