@@ -48,13 +48,14 @@ input dtype before ``tl.dot`` as the plain-PyTorch spec rounds them.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._gpu import INTERPRET, fp32_precision, num_sms
 
 __all__ = ["hcl_backward", "hcl_forward", "logits_backward", "logits_forward"]
 
@@ -63,14 +64,21 @@ MAX_ROW_TILE = 512
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
-# Triton's interpreter multiplies bfloat16 tiles in tl.dot as raw integers (Triton 3.8), so under
-# TRITON_INTERPRET=1 every tile product is taken in float32 instead; on a GPU reduced-precision
-# tiles go to the tensor cores.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# tl.dot modes (the DOT constexpr): float32 tiles with exact products (CUDA cores) or TF32 (tensor
+# cores), or both operands rounded to the op's reduced-precision dtype (tensor cores).
+DOT_IEEE, DOT_TF32, DOT_BF16, DOT_FP16 = 0, 1, 2, 3
 
 
-def _ieee(*dtypes: torch.dtype) -> bool:
-    return _INTERPRET or torch.float32 in dtypes
+def _dot_mode(*dtypes: torch.dtype) -> int:
+    """The tensor-core dtype of the lowest-precision operand, else float32 as torch's matmul setting says.
+
+    Workspaces (gradients, ``xhat``) are float32 while the op's tensors may be bfloat16: the product is
+    taken in the op's dtype, as the plain-PyTorch spec run in that dtype takes it."""
+    if torch.bfloat16 in dtypes:
+        return DOT_BF16
+    if torch.float16 in dtypes:
+        return DOT_FP16
+    return DOT_TF32 if fp32_precision() == "tf32" else DOT_IEEE
 
 
 def _ct(dtype: torch.dtype) -> torch.dtype:
@@ -93,13 +101,27 @@ def _check(*tensors: Tensor) -> None:
 
 
 @triton.jit
-def _mma(a, b, IEEE: tl.constexpr):
-    """A tile product accumulated in float32: exact float32 products (no TF32) when IEEE, else the
-    inputs' tensor-core dtype."""
-    if IEEE:
+def _mma(a, b, DOT: tl.constexpr, INTERP: tl.constexpr):
+    """``a @ b`` accumulated in float32 (``DOT`` in ``DOT_IEEE, DOT_TF32, DOT_BF16, DOT_FP16``).
+
+    Reduced precision: both tiles rounded to bfloat16 / float16, then tensor cores (``mma`` / ``wgmma``).
+    Triton's interpreter multiplies bfloat16 tiles in ``tl.dot`` as raw integers (Triton 3.8), so under
+    ``INTERP`` the rounded tiles are multiplied in float32: the same rounding as on a GPU."""
+    if DOT == 0:
         r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DOT == 1:
+        r = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     else:
-        r = tl.dot(a.to(b.dtype), b)
+        if DOT == 2:
+            a16 = a.to(tl.bfloat16)
+            b16 = b.to(tl.bfloat16)
+        else:
+            a16 = a.to(tl.float16)
+            b16 = b.to(tl.float16)
+        if INTERP:
+            r = tl.dot(a16.to(tl.float32), b16.to(tl.float32), input_precision="ieee")
+        else:
+            r = tl.dot(a16, b16)
     return r
 
 
@@ -136,7 +158,8 @@ def _linear_ln_kernel(
     NORM: tl.constexpr,
     FULL_ROW: tl.constexpr,
     HAS_GAMMA_BETA: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT: tl.constexpr,
+    INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -158,19 +181,19 @@ def _linear_ln_kernel(
         )
         w1 = tl.load(W + rn[None, :] * s_wn + kk[:, None] * s_wk, mask=n_ok[None, :] & k_ok[:, None], other=0.0)
         if MODE == 0:
-            acc += _mma(a, w1, IEEE)
+            acc += _mma(a, w1, DOT, INTERP)
         else:
             s = tl.load(S + g * s_sg + kk * s_sk, mask=k_ok, other=0.0)
             # the Hadamard product, formed in registers as the A tile is loaded
             ah = (a.to(tl.float32) * s.to(tl.float32)[None, :]).to(a.dtype)
-            acc += _mma(ah, w1, IEEE)
+            acc += _mma(ah, w1, DOT, INTERP)
             if MODE == 2:
                 w2 = tl.load(
                     W + rn[None, :] * s_wn + (kk[:, None] + K2_OFFSET) * s_wk,
                     mask=n_ok[None, :] & k_ok[:, None],
                     other=0.0,
                 )
-                acc += _mma(a, w2, IEEE)
+                acc += _mma(a, w2, DOT, INTERP)
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if NORM:
@@ -291,7 +314,8 @@ def _logits_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_BETA: tl.constexpr,
     SAVE: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT: tl.constexpr,
+    INTERP: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -312,7 +336,7 @@ def _logits_kernel(
                 X + b * s_xb + rp[:, None] * s_xn + kk[None, :] * s_xk, mask=p_ok[:, None] & k_ok[None, :], other=0.0
             )
             w = tl.load(W + ro[None, :] * s_wn + kk[:, None] * s_wk, mask=o_ok[None, :] & k_ok[:, None], other=0.0)
-            acc += _mma(x, w, IEEE)
+            acc += _mma(x, w, DOT, INTERP)
         if HAS_BIAS:
             acc += tl.load(BIAS + ro, mask=o_ok, other=0.0).to(tl.float32)[None, :]
         if NORM:
@@ -343,7 +367,7 @@ def _logits_kernel(
         ep = e * scale
         if NORM:
             ep = ep * gamma[None, :]
-        lg = _mma(ep, xt, IEEE)
+        lg = _mma(ep, xt, DOT, INTERP)
         if HAS_BETA:
             lg += (tl.sum(e * beta[None, :], axis=1) * scale)[:, None]
         tl.store(
@@ -380,18 +404,32 @@ def _gemm_kernel(
     s_sg,
     s_sr,
     s_sn,
+    s_os,
     s_og,
     s_om,
     s_on,
+    STEPS,
     HAS_S: tl.constexpr,
     ACCUMULATE: tl.constexpr,
-    IEEE: tl.constexpr,
+    DOT: tl.constexpr,
+    INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """out[g] (+)= alpha * sum_r A[g, r] @ (B[g, r] * S[g, r][None, :]); the r loop stays in the program."""
+    """out[g] (+)= alpha * sum_r A[g, r] @ (B[g, r] * S[g, r][None, :]).
+
+    The reduction over (r, k) is one flat loop of ``R * cdiv(K, BLOCK_K)`` steps; program ``(tile, g,
+    s)`` runs steps ``[s * STEPS, (s + 1) * STEPS)`` (split-K: with more than one split OUT is a float32
+    workspace (splits, G, M, N) that ``_mul_reduce_kernel`` sums, so the result does not depend on
+    timing, no atomics).
+
+    Grid: ``tiles x G x splits``, the splits chosen by ``_gemm_splits`` to reach the SM count; a launch
+    stays below it only when each split would keep fewer than ``MIN_SPLIT_STEPS`` K steps (a GEMM
+    smaller than one wave of the GPU, a few microseconds).
+    """
     g = tl.program_id(1)
+    split = tl.program_id(2)
     n_tiles = tl.cdiv(N, BLOCK_N)
     pid_m = tl.program_id(0) // n_tiles
     pid_n = tl.program_id(0) % n_tiles
@@ -400,27 +438,30 @@ def _gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     m_ok = rm < M
     n_ok = rn < N
+    k_steps = tl.cdiv(K, BLOCK_K)
+    lo = split * STEPS
+    hi = tl.minimum(lo + STEPS, R * k_steps)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r in range(0, R):
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            k_ok = kk < K
-            a = tl.load(
-                A + g * s_ag + r * s_ar + rm[:, None] * s_am + kk[None, :] * s_ak,
-                mask=m_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            bt = tl.load(
-                B + g * s_bg + r * s_br + kk[:, None] * s_bk + rn[None, :] * s_bn,
-                mask=k_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            )
-            if HAS_S:
-                s = tl.load(S + g * s_sg + r * s_sr + rn * s_sn, mask=n_ok, other=0.0)
-                bt = (bt.to(tl.float32) * s.to(tl.float32)[None, :]).to(bt.dtype)  # Hadamard on load
-            acc += _mma(a, bt, IEEE)
+    for step in range(lo, hi):
+        r = step // k_steps
+        kk = (step - r * k_steps) * BLOCK_K + rk
+        k_ok = kk < K
+        a = tl.load(
+            A + g * s_ag + r * s_ar + rm[:, None] * s_am + kk[None, :] * s_ak,
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        bt = tl.load(
+            B + g * s_bg + r * s_br + kk[:, None] * s_bk + rn[None, :] * s_bn,
+            mask=k_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        if HAS_S:
+            s = tl.load(S + g * s_sg + r * s_sr + rn * s_sn, mask=n_ok, other=0.0)
+            bt = (bt.to(tl.float32) * s.to(tl.float32)[None, :]).to(bt.dtype)  # Hadamard on load
+        acc += _mma(a, bt, DOT, INTERP)
     acc = acc * alpha
-    ptrs = OUT + g * s_og + rm[:, None] * s_om + rn[None, :] * s_on
+    ptrs = OUT + split * s_os + g * s_og + rm[:, None] * s_om + rn[None, :] * s_on
     mask = m_ok[:, None] & n_ok[None, :]
     if ACCUMULATE:
         acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -487,32 +528,76 @@ def _mul_reduce_kernel(
     s_yr,
     s_yi,
     s_yd,
+    s_os,
     s_og,
     s_oi,
     s_od,
+    STEPS,
+    SPLITS,
     HAS_Y: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """out[g, i, d] = sum_r X[g, r, i, d] * Y[g, r, i, d] (Y = 1 without HAS_Y); one program per tile."""
-    g = tl.program_id(2)
+    """out[s, g, i, d] (+)= sum_{r in split s} X[g, r, i, d] * Y[g, r, i, d] (Y = 1 without HAS_Y).
+
+    Program ``(i tile, d tile, g * SPLITS + s)`` sums rows ``[s * STEPS, (s + 1) * STEPS)`` of ``r``; with
+    ``SPLITS > 1`` OUT is a float32 workspace that a second launch (``R = SPLITS``) sums.
+
+    Grid: ``I tiles x D tiles x G x splits``; ``_reduce_splits`` splits ``r`` until the grid reaches the SM
+    count, keeping at least ``MIN_SPLIT_ROWS`` rows per split. Below it stay the second pass (at most
+    ``MAX_SPLITS`` rows per output tile) and reductions too small to split (a few microseconds).
+    """
+    g = tl.program_id(2) // SPLITS
+    split = tl.program_id(2) % SPLITS
     ri = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     rd = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (ri < ROWS)[:, None] & (rd < DD)[None, :]
     acc = tl.zeros((BLOCK_I, BLOCK_D), dtype=tl.float32)
-    for r in range(0, R):
+    lo = split * STEPS
+    hi = tl.minimum(lo + STEPS, R)
+    for r in range(lo, hi):
         x = tl.load(X + g * s_xg + r * s_xr + ri[:, None] * s_xi + rd[None, :] * s_xd, mask=mask, other=0.0)
         x = x.to(tl.float32)
         if HAS_Y:
             y = tl.load(Y + g * s_yg + r * s_yr + ri[:, None] * s_yi + rd[None, :] * s_yd, mask=mask, other=0.0)
             x = x * y.to(tl.float32)
         acc += x
-    tl.store(OUT + g * s_og + ri[:, None] * s_oi + rd[None, :] * s_od, acc.to(OUT.dtype.element_ty), mask=mask)
+    ptrs = OUT + split * s_os + g * s_og + ri[:, None] * s_oi + rd[None, :] * s_od
+    if ACCUMULATE:
+        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
 # Launch helpers
 # --------------------------------------------------------------------------------------------------
+
+
+#: fewest K steps (of BLOCK_K) per split of a GEMM, and fewest rows per split of a reduction
+MIN_SPLIT_STEPS = 4
+MIN_SPLIT_ROWS = 16
+#: most splits of one reduction (the second pass sums them per output element)
+MAX_SPLITS = 64
+
+
+def _splits(blocks: int, work: int, min_work: int, sms: int) -> int:
+    """Splits of a reduction of ``work`` steps so ``blocks * splits`` reaches ``sms`` (each split keeping
+    ``min_work`` steps)."""
+    if blocks >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, blocks), work // min_work, MAX_SPLITS))
+
+
+def _gemm_config(m: int, n: int, k: int, r: int, g: int, dot: int, sms: int) -> tuple[int, int, int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages)`` of ``_gemm_kernel``.
+
+    64 x 64 tiles, BLOCK_K 32 on tensor cores; float32 IEEE (CUDA cores) takes BLOCK_K 16 (the FMA
+    layout holds the B tile in registers); split-K as ``_splits`` says."""
+    bm, bn = min(64, _np2(m)), min(64, _np2(n))
+    bk = min(16 if dot == DOT_IEEE else 32, _np2(k))
+    splits = _splits(triton.cdiv(m, bm) * triton.cdiv(n, bn) * g, r * triton.cdiv(k, bk), MIN_SPLIT_STEPS, sms)
+    return bm, bn, bk, splits, 4, 3
 
 
 def _gemm(a4, b4, out3, *, s3=None, alpha=1.0, accumulate=False):
@@ -521,15 +606,19 @@ def _gemm(a4, b4, out3, *, s3=None, alpha=1.0, accumulate=False):
     n = b4.shape[3]
     if m == 0 or n == 0 or g == 0:
         return out3
-    bm, bn, bk = min(64, _np2(m)), min(64, _np2(n)), min(32, _np2(k))
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), g)
+    dot = _dot_mode(a4.dtype, b4.dtype)
+    bm, bn, bk, splits, warps, stages = _gemm_config(m, n, k, r, g, dot, num_sms(out3.device))
+    steps = triton.cdiv(r * triton.cdiv(k, bk), splits)
+    splits = triton.cdiv(r * triton.cdiv(k, bk), steps)
+    dst = out3 if splits == 1 else torch.empty((splits, g, m, n), dtype=torch.float32, device=out3.device)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), g, splits)
     s = s3 if s3 is not None else a4
     ss = s3.stride() if s3 is not None else (0, 0, 0)
     _gemm_kernel[grid](
         a4,
         b4,
         s,
-        out3,
+        dst,
         m,
         n,
         k,
@@ -538,39 +627,92 @@ def _gemm(a4, b4, out3, *, s3=None, alpha=1.0, accumulate=False):
         *a4.stride(),
         *b4.stride(),
         *ss,
-        *out3.stride(),
+        dst.stride(0) if splits > 1 else 0,
+        *dst.stride()[-3:],
+        steps,
         HAS_S=s3 is not None,
-        ACCUMULATE=accumulate,
-        IEEE=_ieee(a4.dtype, b4.dtype),
+        ACCUMULATE=accumulate and splits == 1,
+        DOT=dot,
+        INTERP=INTERPRET,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
+        num_warps=warps,
+        num_stages=stages,
     )
+    if splits > 1:
+        _mul_reduce(dst.transpose(0, 1), None, out3, accumulate=accumulate, split=False)
     return out3
 
 
-def _mul_reduce(x4, y4, out3):
+def _mul_reduce(x4, y4, out3, *, accumulate=False, split=True):
+    """out3[g, i, d] (+)= sum_r x4[g, r, i, d] * y4[g, r, i, d] (y4 None: 1); split over r when the
+    output has too few tiles to fill the GPU (float32 partials, summed by a second launch, never split)."""
     g, r, i, d = x4.shape
     if g == 0 or i == 0 or d == 0:
         return out3
     bi, bd = min(32, _np2(i, 1)), min(128, _np2(d, 1))
-    grid = (triton.cdiv(i, bi), triton.cdiv(d, bd), g)
+    blocks = triton.cdiv(i, bi) * triton.cdiv(d, bd) * g
+    splits = _splits(blocks, r, MIN_SPLIT_ROWS, num_sms(out3.device)) if split else 1
+    steps = triton.cdiv(r, splits) if r else 0
+    splits = triton.cdiv(r, steps) if r else 1
+    dst = out3 if splits == 1 else torch.empty((splits, g, i, d), dtype=torch.float32, device=out3.device)
     y = y4 if y4 is not None else x4
-    _mul_reduce_kernel[grid](
+    _mul_reduce_kernel[(triton.cdiv(i, bi), triton.cdiv(d, bd), g * splits)](
         x4,
         y,
-        out3,
+        dst,
         r,
         i,
         d,
         *x4.stride(),
         *(y4.stride() if y4 is not None else (0, 0, 0, 0)),
-        *out3.stride(),
+        dst.stride(0) if splits > 1 else 0,
+        *dst.stride()[-3:],
+        steps,
+        SPLITS=splits,
         HAS_Y=y4 is not None,
+        ACCUMULATE=accumulate and splits == 1,
         BLOCK_I=bi,
         BLOCK_D=bd,
     )
+    if splits > 1:
+        _mul_reduce(dst.transpose(0, 1), None, out3, accumulate=accumulate, split=False)
     return out3
+
+
+def _linear_ln_config(g: int, m: int, nout: int, dot: int, row_tile: int, sms: int) -> tuple[int, ...]:
+    """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` of ``_linear_ln_kernel``.
+
+    One tile per row (``BLOCK_N >= D_out``, LayerNorm in the epilogue) when ``D_out <= row_tile`` and
+    16-row tiles already give ``sms`` blocks; otherwise the widest of 128 / 64 / 32 columns (and 32 or 16
+    rows) that reaches ``sms`` blocks, with the partial-statistics LayerNorm. float32 IEEE runs on CUDA
+    cores, whose dot layout holds the whole B tile in registers: BLOCK_K 8 (16 for narrow tiles), 8 warps
+    for 512-wide rows, 2 stages (3 stages of 16 x 512 x 32 float32 tiles needed 268 KB of shared memory)."""
+    fma = dot == DOT_IEEE
+    blocks = lambda bm, bn: g * triton.cdiv(m, bm) * triton.cdiv(nout, bn)
+    if nout <= row_tile and (blocks(16, nout) >= sms or nout <= 32):
+        bm, bn = 16, _np2(nout)
+    else:
+        widths = [w for w in (128, 64, 32) if w <= max(row_tile, 32)]
+        bn = next((w for w in widths if blocks(16, w) >= sms), widths[-1])
+        bm = 32 if blocks(32, bn) >= sms else 16
+    bk = (8 if bn >= 256 else 16) if fma else (16 if dot == DOT_TF32 else 32)
+    warps = 8 if bn >= 256 else 4
+    return bm, bn, bk, warps, 3 if dot in (DOT_BF16, DOT_FP16) else 2
+
+
+def _logits_config(d_out: int, dot: int) -> tuple[int, ...]:
+    """``(BLOCK_P, BLOCK_O, BLOCK_K, BLOCK_C, num_warps, num_stages)`` of ``_logits_kernel``: the whole
+    projected row resident (``BLOCK_O >= D_out``), 16 pixels x 16 classes per step for rows >= 256 wide.
+    float32 (CUDA cores or TF32, whose tiles are twice as large in shared memory) takes BLOCK_K 8 / 16,
+    2 stages and 8 warps for wide rows (4 warps and BLOCK_K 32 gave 255 registers and spills)."""
+    bo = _np2(d_out)
+    bp = bc = 16 if bo >= 256 else 32
+    low = dot in (DOT_BF16, DOT_FP16)
+    bk = 32 if low else (8 if bo >= 256 else 16)
+    warps = 8 if (bo >= 256 and not low) else 4
+    return bp, bo, bk, bc, warps, 3 if low else 2
 
 
 def _linear_ln(a3, s2, w, bias, gamma, beta, mode, eps, norm, out_dtype, *, k2_offset=0, row_tile=MAX_ROW_TILE):
@@ -579,10 +721,9 @@ def _linear_ln(a3, s2, w, bias, gamma, beta, mode, eps, norm, out_dtype, *, k2_o
     nout = w.shape[0]
     dev = a3.device
     ct = torch.float32
-    full = nout <= row_tile
-    bn = _np2(nout) if full else min(row_tile, 128)
-    bm = 16 if bn >= 256 else 32
-    bk = 32
+    dot = _dot_mode(a3.dtype, w.dtype)
+    bm, bn, bk, warps, stages = _linear_ln_config(g, m, nout, dot, row_tile, num_sms(dev))
+    full = bn >= nout
     n_tiles = triton.cdiv(nout, bn)
     out = torch.empty((g, m, nout), dtype=out_dtype, device=dev)
     if norm:
@@ -626,10 +767,13 @@ def _linear_ln(a3, s2, w, bias, gamma, beta, mode, eps, norm, out_dtype, *, k2_o
         NORM=norm,
         FULL_ROW=full,
         HAS_GAMMA_BETA=has_gb,
-        IEEE=_ieee(a3.dtype),
+        DOT=dot,
+        INTERP=INTERPRET,
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
+        num_warps=warps,
+        num_stages=stages,
     )
     if norm and not full:
         rows = g * m
@@ -827,9 +971,8 @@ def logits_forward(
         else:
             proj, _, _ = _linear_ln(pixels, None, weight, bias, None, None, 0, eps, False, ct, row_tile=row_tile)
             xhat = proj
-    bo = _np2(d_out)
-    bp = 16 if bo >= 256 else 32
-    bc = 16 if bo >= 256 else 32
+    dot = _dot_mode(pixels.dtype)
+    bp, bo, bk, bc, warps, stages = _logits_config(d_out, dot)
     dummy = logits
     _logits_kernel[(b, triton.cdiv(n, bp))](
         pixels,
@@ -857,11 +1000,14 @@ def logits_forward(
         HAS_BIAS=bias is not None and fused,
         HAS_BETA=norm_bias is not None,
         SAVE=keep and fused,
-        IEEE=_ieee(pixels.dtype),
+        DOT=dot,
+        INTERP=INTERPRET,
         BLOCK_P=bp,
         BLOCK_O=bo,
-        BLOCK_K=32,
+        BLOCK_K=bk,
         BLOCK_C=bc,
+        num_warps=warps,
+        num_stages=stages,
     )
     if not (norm and save):
         return logits, pixels.new_empty((0,), dtype=ct), pixels.new_empty((0,), dtype=ct)

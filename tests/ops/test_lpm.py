@@ -223,6 +223,48 @@ def test_triton_partial_statistics_path():
         _assert_all_close([t.cpu() for t in got], exp, 1e-4, 1e-5, f"logits norm={norm}")
 
 
+@pytest.mark.triton
+def test_triton_split_k_gemm_and_split_reduction():
+    """Grids too small for the GPU split the reduction (float32 partials, summed by a second launch): the
+    split-K GEMM and the split-R reduction, with and without accumulating into the output."""
+    dev = require_backend("lpm", "triton")
+    from ovseg_fast.kernels import lpm as K
+
+    a, b = torch.randn(2, 3, 20, 70, dtype=torch.float64), torch.randn(2, 3, 70, 24, dtype=torch.float64)
+    assert K._gemm_config(20, 24, 70, 3, 2, K.DOT_IEEE, 132)[3] > 1  # 2 tiles, 15 K steps: 3 splits
+    exact = torch.einsum("grmk,grkn->gmn", a, b)
+    for accumulate in (False, True):
+        out = torch.randn(2, 20, 24, dtype=torch.float64)
+        expected = 0.5 * exact + (out if accumulate else 0)
+        got = on(dev, out.float())[0]
+        K._gemm(*on(dev, a.float(), b.float()), got, alpha=0.5, accumulate=accumulate)
+        torch.testing.assert_close(got.cpu().double(), expected, rtol=1e-5, atol=1e-4)
+    x, y = torch.randn(1, 200, 3, 5, dtype=torch.float64), torch.randn(1, 200, 3, 5, dtype=torch.float64)
+    assert K._splits(1, 200, K.MIN_SPLIT_ROWS, 132) == 12
+    got = on(dev, torch.zeros(1, 3, 5))[0]
+    K._mul_reduce(*on(dev, x.float(), y.float()), got)
+    torch.testing.assert_close(got.cpu().double(), (x * y).sum(1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.triton
+def test_triton_float32_dots_follow_torch_tf32_setting():
+    """float32 tl.dots are IEEE under torch's default and TF32 when torch allows TF32 matmuls; reduced
+    precision tiles always go to the tensor cores in their own dtype."""
+    from ovseg_fast.kernels import lpm as K
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert K._dot_mode(torch.float32) == K.DOT_IEEE
+        matmul.fp32_precision = "tf32"
+        assert K._dot_mode(torch.float32) == K.DOT_TF32
+        assert K._dot_mode(torch.float32, torch.bfloat16) == K.DOT_BF16
+        assert K._dot_mode(torch.float16, torch.float32) == K.DOT_FP16
+    finally:
+        matmul.fp32_precision = before
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("norm", [True, False], ids=["ln", "no_ln"])
 @pytest.mark.parametrize("shared_emb", [False, True], ids=["per_image_emb", "shared_emb"])
