@@ -119,4 +119,5 @@ _BUILTIN_MODULES: tuple[str, ...] = (
     "ovseg_fast.models.ldvc",
     "ovseg_fast.models.pixelclip",
     "ovseg_fast.models.rpn",
+    "ovseg_fast.models.pnp_ovss",
 )
