@@ -12,9 +12,15 @@
                                     README.md`` writes each into its class's slot, ``--plot PATH``
                                     redraws a run's speed-ups.
 ``ovseg-fast models [NAME ...]``    the registered models and their config fields and defaults.
+``ovseg-fast train CONFIG``         trains a model from a TOML config (configs/); --resume, --skip-bad,
+                                    --set KEY=VALUE; several processes through torchrun.
+``ovseg-fast eval CONFIG --weights W``  pAcc, mIoU, mIoU(seen/unseen), hIoU on the config's val split.
+``ovseg-fast segment IMAGE... --model M --classes "a,b"``  label and overlay PNGs per image.
 ``ovseg-fast convert MODEL IN OUT`` a model's published checkpoint (e.g. ``pixelclip`` .pth of the
                                     authors' code) -> a safetensors file ``create_model(MODEL,
                                     pretrained=OUT)`` loads, checked strictly first.
+``ovseg-fast tune MODEL IMAGES``    PnP-OVSS hyperparameters by the paper's CLIP reward and random
+                                    search over a folder of images (``--classes-from labels.json``).
 
 Each command is a module of this package exposing ``add_parser(subparsers)`` and ``run(args)``;
 adding a command is adding its module and naming it in ``_COMMANDS``.
@@ -32,7 +38,7 @@ from ovseg_fast.cli.report import add_speedups, format_markdown, format_table, p
 __all__ = ["add_speedups", "benchmark_files", "format_markdown", "format_table", "main", "plot", "run_benchmarks"]
 
 # Module names under ovseg_fast.cli, in the order `ovseg-fast --help` lists them.
-_COMMANDS = ("info", "bench", "report", "profile", "models", "convert")
+_COMMANDS = ("info", "bench", "report", "profile", "models", "convert", "tune", "train", "eval", "segment")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

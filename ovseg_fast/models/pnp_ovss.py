@@ -417,18 +417,40 @@ class PnPOVSS(Segmentor):
         return x * passed, ~passed.any(1, keepdim=True)
 
     def segment(self, images: Tensor, text: TextEmbeddings) -> Tensor:
-        """Logits (B, C, H, W) at the input size: ``log`` of the CRF marginals (``crf=True``) or the
-        scores of :meth:`scores` (background channel: 1 where no class passes, else 0)."""
-        cfg = self.config
-        _check_config(cfg, self.text_layers, self.num_heads)
-        names = list(text.class_names)
-        _check_unique(names)
-        bg = [i for i, n in enumerate(names) if n.strip().lower() == cfg.background.strip().lower()]
-        fg = [i for i in range(len(names)) if i not in bg]
+        """Logits (B, C, H, W) at the input size: :meth:`salience_maps` of the classes other than the
+        background, then :meth:`postprocess`."""
+        _check_config(self.config, self.text_layers, self.num_heads)
+        names = list(_check_unique(text.class_names))
+        return self.postprocess(self.salience_maps(images, self.foreground(names)), images, names)
+
+    def foreground(self, class_names: Sequence[str]) -> list[str]:
+        """``class_names`` without the background class (the classes BLIP is asked about)."""
+        bg = self.config.background.strip().lower()
+        fg = [n for n in class_names if n.strip().lower() != bg]
         if not fg:
-            raise ValueError(f"class_names has only the background class {cfg.background!r}: nothing to segment")
-        maps = self.salience_maps(images, [names[i] for i in fg])
+            raise ValueError(
+                f"class_names has only the background class {self.config.background!r}: nothing to segment"
+            )
+        return fg
+
+    def postprocess(self, maps: Tensor, images: Tensor, class_names: Sequence[str]) -> Tensor:
+        """Logits (B, C, H, W) from the salience ``maps`` (B, C_fg, h, w) of ``foreground(class_names)``.
+
+        Without the CRF they are the thresholded :meth:`blurred` maps, with a background channel of
+        1 where no class passes and 0 elsewhere (no background class: those pixels keep their
+        blurred maps, so they go to the highest one); with the CRF, ``log`` of the marginals of
+        :func:`~ovseg_fast.ops.dense_crf` run on the softmax of those scores and the de-normalised photo.
+        """
+        cfg = self.config
+        names = list(class_names)
+        bg_key = cfg.background.strip().lower()
+        bg = [i for i, n in enumerate(names) if n.strip().lower() == bg_key]
+        fg = [i for i in range(len(names)) if i not in bg]
         b, _, h, w = images.shape
+        if maps.dim() != 4 or maps.shape[:2] != (b, len(fg)):
+            raise ValueError(
+                f"maps must have shape ({b}, {len(fg)}, h, w) for {len(fg)} foreground classes, got {tuple(maps.shape)}"
+            )
         blurred = self.blurred(maps, (h, w))
         passed = blurred >= cfg.threshold
         scores, background = blurred * passed, ~passed.any(1, keepdim=True)
@@ -436,7 +458,7 @@ class PnPOVSS(Segmentor):
         if bg:
             logits[:, fg] = scores
             logits[:, bg[0]] = background[:, 0].float()
-        else:  # no background class: the unclaimed pixels go to the highest blurred map
+        else:
             logits[:, fg] = torch.where(background, blurred, scores)
         if cfg.crf:
             q = dense_crf(

@@ -14,10 +14,22 @@ from ovseg_fast.models.pnp_ovss import PnPOVSS
 # initializer_range 0.2: transformers' 0.02 gives maps of ~1e-7, too close to 0 to compare meaningfully
 _INIT = {"initializer_range": 0.2}
 TINY_BLIP = {
-    "vision_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
-                      "image_size": 64, "patch_size": 16, **_INIT},
-    "text_config": {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 64,
-                    **_INIT},
+    "vision_config": {
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "image_size": 64,
+        "patch_size": 16,
+        **_INIT,
+    },
+    "text_config": {
+        "hidden_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        **_INIT,
+    },
     **_INIT,
 }
 CLASSES = ["cat", "dog", "traffic light"]
@@ -58,7 +70,9 @@ def test_gradcam_equals_hand_computed():
     handle = layer.register_forward_hook(keep)
     try:
         out = model.blip(
-            input_ids=prompts.ids, pixel_values=x.requires_grad_(), attention_mask=prompts.mask,
+            input_ids=prompts.ids,
+            pixel_values=x.requires_grad_(),
+            attention_mask=prompts.mask,
             interpolate_pos_encoding=True,
         )
         out.itm_score[0, 1].backward()
