@@ -82,8 +82,9 @@ ATTENTIONS = ("lcsa", "dense")
 
 @dataclasses.dataclass
 class LDVCConfig:
-    """Config of ``ldvc`` / ``ldvc_voc`` (the VOC setting; ``ldvc_coco``/``ldvc_coco_full`` change
-    ``visual_prompts`` to 100).
+    """Config of ``ldvc`` and ``ldvc_voc``: LDVC on ViT-B/16 at 512x512, PASCAL VOC's 40 visual prompts.
+
+    ``ldvc_coco`` and ``ldvc_coco_full`` differ only in ``visual_prompts`` (100).
 
     - ``clip``, ``image_size``: open_clip model name (or config dict) and working input size.
     - ``vlpt``: which towers get deep prompts: ``"both"``, ``"visual"``, ``"text"`` or ``"off"``.
