@@ -347,7 +347,8 @@ def build_key(launch: Launch, capability: int) -> str:
 
 _ENCODING = re.compile(r"^(#[\w.]+) = (#[\w.]+)<", re.M)
 _DOT = re.compile(
-    r"= (tt\.dot|ttng\.warp_group_dot|tt\.dot_scaled) .*?: tensor<[\dx]+x(\w+)(?:,| ).*?-> tensor<[^,>]+, (#\w+)"
+    r"= (tt\.dot|ttng\.warp_group_dot|tt\.dot_scaled) .*?: (?:tensor|!ttg\.memdesc)<[\dx]+x(\w+)[,>].*?"
+    r"-> tensor<[^,>]+, (#\w+)"
 )
 
 
@@ -457,10 +458,10 @@ def findings(launch: Launch, info: dict, target: Target) -> list[tuple[str, str]
     for d in info["dots"]:
         if d["dtype"] in ("bf16", "f16") and d["unit"] == "fma":
             out.append(("fma", f"a {d['dtype']} tl.dot runs on FFMA, not on tensor cores"))
-        if d["dtype"] == "tf32" and d["unit"] == "fma":
-            out.append(("fma", "a TF32 tl.dot runs on FFMA"))
-    if any(d["dtype"] in ("bf16", "f16") for d in info["dots"]) and not (info["hmma"] or info["hgmma"]):
-        out.append(("fma", "no HMMA/HGMMA instruction in the SASS of a kernel with bf16/f16 dots"))
+        if launch.dtype == "tf32" and d["dtype"] == "f32" and d["unit"] == "fma":
+            out.append(("fma", "a float32 tl.dot runs on FFMA although torch allows TF32"))
+    if any(d["unit"] != "fma" for d in info["dots"]) and not (info["hmma"] or info["hgmma"]):
+        out.append(("fma", "tensor-core dots in the TTGIR but no HMMA/HGMMA instruction in the SASS"))
     if launch.blocks < target.sms:
         note = _grid_note(launch.kernel)
         msg = f"{launch.blocks} blocks for {target.sms} SMs"

@@ -94,9 +94,10 @@ usual FlashAttention rounding of ``P`` to bf16 alone would make bf16 results 2-4
 The extra MMA is cheap here: with 16-row tiles a step does ``2 * 16 * BLOCK_N * D`` multiply-adds
 per ``2 * BLOCK_N * D`` loaded K/V elements (~8 FLOP/byte in 16-bit), far below any GPU's
 compute/bandwidth ridge, so the kernels are bound by loading K/V, not by the tensor cores.
-``split_probs=False`` gives the plain FlashAttention rounding. float32 inputs use
-``input_precision="ieee"`` so results meet the float32 contract (``allow_tf32=True`` trades that for
-TF32 tensor cores).
+``split_probs=False`` gives the plain FlashAttention rounding. float32 dots follow torch's float32
+matmul setting (``ovseg_fast.kernels._gpu.fp32_precision``): ``input_precision="ieee"`` under torch's
+default, which meets the float32 contract, TF32 tensor cores when
+``torch.backends.cuda.matmul.fp32_precision == "tf32"`` (``allow_tf32=True`` / ``False`` overrides it).
 
 Tiles (``_tile_config``)
 ------------------------
@@ -126,6 +127,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._gpu import fp32_precision
 
 __all__ = ["routed_attention_backward", "routed_attention_forward"]
 
@@ -468,7 +471,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, nh: int, nw: int) -
         )
 
 
-def _tile_config(T: int, D: int, topk: int, block_m, block_n) -> tuple[int, int, int, int, int, int]:
+def _tile_config(T: int, D: int, topk: int, block_m, block_n, fma: bool = False) -> tuple[int, ...]:
     """``(BLOCK_M, BLOCK_N, BLOCK_D, warps_q, warps_kv, num_stages)`` for windows of ``T`` tokens;
     ``warps_q`` for the forward and dQ kernels, ``warps_kv`` for the dK/dV kernel.
 
@@ -493,8 +496,10 @@ def _tile_config(T: int, D: int, topk: int, block_m, block_n) -> tuple[int, int,
             raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {val}")
     if pack > 1 and block_n < block_m:
         raise ValueError(f"block_n ({block_n}) must be >= block_m ({block_m}) when windows are packed")
-    warps_q = 8 if BLOCK_D >= 128 else 4
-    warps_kv = 8 if (BLOCK_D >= 128 or block_n >= 64) else 4
+    # float32 IEEE dots run on CUDA cores, whose layout keeps both operand tiles in registers: 8 warps
+    # (the LDVC forward spilled 168 B per thread with 4 on sm_90)
+    warps_q = 8 if (BLOCK_D >= 128 or fma) else 4
+    warps_kv = 8 if (BLOCK_D >= 128 or block_n >= 64 or fma) else 4
     return block_m, block_n, BLOCK_D, warps_q, warps_kv, 2
 
 
@@ -523,13 +528,22 @@ def _idx_strides(indices: Tensor) -> tuple[int, int, int, int]:
     return sib, (sig if indices.shape[1] > 1 else 0), sip, sik
 
 
-def _meta(dtype, BLOCK_M, BLOCK_N, BLOCK_D, allow_tf32, split_probs, num_warps, num_stages) -> dict:
+def _precision(dtype: torch.dtype, allow_tf32: bool | None) -> str:
+    """``input_precision`` of the float32 dots: torch's setting unless ``allow_tf32`` says otherwise."""
+    if dtype != torch.float32:
+        return "ieee"  # not used: reduced-precision operands go to the tensor cores in their dtype
+    if allow_tf32 is None:
+        return fp32_precision()
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def _meta(dtype, BLOCK_M, BLOCK_N, BLOCK_D, precision, split_probs, num_warps, num_stages) -> dict:
     """Compile-time parameters and launch options shared by the three kernels."""
     return dict(
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         BLOCK_D=BLOCK_D,
-        PRECISION="tf32" if (dtype == torch.float32 and allow_tf32) else "ieee",
+        PRECISION=precision,
         # bfloat16 under the interpreter only: see _mm / _to_out
         INTERP_BF16=dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1",
         SPLIT=bool(split_probs) and dtype != torch.float32,
@@ -551,7 +565,7 @@ def routed_attention_forward(
     nw: int,
     scale: float,
     *,
-    allow_tf32: bool = False,
+    allow_tf32: bool | None = None,
     split_probs: bool = True,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -559,7 +573,8 @@ def routed_attention_forward(
     """``(out, lse)`` of routed attention (kernel contract in the module docstring).
 
     ``block_m`` / ``block_n`` force the tile sizes (tests use them to exercise packing and
-    splitting); ``allow_tf32`` lets float32 matmuls use TF32 tensor cores.
+    splitting); ``allow_tf32`` True / False forces TF32 / IEEE float32 dots, None follows torch's
+    ``torch.backends.cuda.matmul.fp32_precision``.
     """
     _check(q, k, v, indices, nh, nw)
     B, Hh, H, W, D = q.shape
@@ -571,7 +586,9 @@ def routed_attention_forward(
     lse = torch.empty((B, Hh, H, W), dtype=torch.float32, device=q.device)
     wh, ww = triton.cdiv(H, nh), triton.cdiv(W, nw)
     T = wh * ww
-    BLOCK_M, BLOCK_N, BLOCK_D, warps_q, _, num_stages = _tile_config(T, D, topk, block_m, block_n)
+    precision = _precision(q.dtype, allow_tf32)
+    fma = q.dtype == torch.float32 and precision == "ieee"
+    BLOCK_M, BLOCK_N, BLOCK_D, warps_q, _, num_stages = _tile_config(T, D, topk, block_m, block_n, fma)
     lay = _layout(T, P, BLOCK_M, BLOCK_N)
     _fwd_kernel[(lay["n_tiles"] * B * Hh,)](
         q, k, v, indices, out, lse,
@@ -579,7 +596,7 @@ def routed_attention_forward(
         Hh, H, W, D, nw, wh, ww, P, topk, T,
         lay["PACK"], lay["RPS"], lay["NSUB"], lay["CPS"], lay["KVP"], lay["KC"], lay["NKC"], lay["n_tiles"],
         float(scale) * LOG2E,
-        **_meta(q.dtype, BLOCK_M, BLOCK_N, BLOCK_D, allow_tf32, split_probs, warps_q, num_stages),
+        **_meta(q.dtype, BLOCK_M, BLOCK_N, BLOCK_D, precision, split_probs, warps_q, num_stages),
     )  # fmt: skip
     return out, lse
 
@@ -615,7 +632,7 @@ def routed_attention_backward(
     nw: int,
     scale: float,
     *,
-    allow_tf32: bool = False,
+    allow_tf32: bool | None = None,
     split_probs: bool = True,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -642,11 +659,13 @@ def routed_attention_backward(
     lse = lse.contiguous()
     wh, ww = triton.cdiv(H, nh), triton.cdiv(W, nw)
     T = wh * ww
-    BLOCK_M, BLOCK_N, BLOCK_D, warps_q, warps_kv, num_stages = _tile_config(T, D, topk, block_m, block_n)
+    precision = _precision(q.dtype, allow_tf32)
+    fma = q.dtype == torch.float32 and precision == "ieee"
+    BLOCK_M, BLOCK_N, BLOCK_D, warps_q, warps_kv, num_stages = _tile_config(T, D, topk, block_m, block_n, fma)
     lay = _layout(T, P, BLOCK_M, BLOCK_N)
     ints = (lay["PACK"], lay["RPS"], lay["NSUB"], lay["CPS"], lay["KVP"], lay["KC"], lay["NKC"], lay["n_tiles"])
-    meta_q = _meta(q.dtype, BLOCK_M, BLOCK_N, BLOCK_D, allow_tf32, split_probs, warps_q, num_stages)
-    meta_kv = _meta(q.dtype, BLOCK_M, BLOCK_N, BLOCK_D, allow_tf32, split_probs, warps_kv, num_stages)
+    meta_q = _meta(q.dtype, BLOCK_M, BLOCK_N, BLOCK_D, precision, split_probs, warps_q, num_stages)
+    meta_kv = _meta(q.dtype, BLOCK_M, BLOCK_N, BLOCK_D, precision, split_probs, warps_kv, num_stages)
     delta = torch.empty((B, Hh, H, W), dtype=torch.float32, device=q.device)
     _bwd_dq_kernel[(lay["n_tiles"] * B * Hh,)](
         q, k, v, grad_out, out, lse, delta, indices, dq,
