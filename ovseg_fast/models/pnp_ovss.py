@@ -57,6 +57,7 @@ uint8 RGB.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -64,7 +65,7 @@ import os
 import re
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -77,7 +78,15 @@ from ovseg_fast.models.registry import register_model
 from ovseg_fast.ops import dense_crf, gaussian_blur
 from ovseg_fast.ops._checks import check_float, check_int
 
-__all__ = ["PnPOVSS", "PnPOVSSBase", "PnPOVSSBaseConfig", "PnPOVSSConfig", "blip_config", "denormalize"]
+__all__ = [
+    "PnPOVSS",
+    "PnPOVSSBase",
+    "PnPOVSSBaseConfig",
+    "PnPOVSSConfig",
+    "blip_config",
+    "denormalize",
+    "image_mask",
+]
 
 WEIGHTS_DIR_ENV = "OVSEG_WEIGHTS_DIR"
 # CLIP's (and BLIP's) image normalisation, to recover the photo for the CRF.
@@ -337,24 +346,20 @@ class PnPOVSS(Segmentor):
             logit, ``w`` the class-token weights; the image [CLS] token's column is left out.
         """
         cfg = self.config
-        c = keep.shape[0]
-        # A leaf that requires grad makes the cross-attentions part of the graph while the frozen
-        # weights keep every parameter gradient from being computed.
-        enc = image_embeds.detach().unsqueeze(0).expand(c, -1, -1).requires_grad_()
-        enc_mask = torch.cat([keep.new_ones(c, 1), keep], 1).long()
+        # The image tokens go in once (batch 1): every cross-attention computes their keys and values
+        # once and broadcasts them over the C prompts, instead of once per class. A leaf that
+        # requires grad puts the cross-attentions in the graph while the frozen weights keep every
+        # parameter gradient from being computed.
+        enc = image_embeds.detach().unsqueeze(0).requires_grad_()
         captured: list[Tensor] = []
-        layers = self.blip.text_encoder.encoder.layer
-        handles = [layers[cfg.layer].crossattention.self.register_forward_hook(lambda _m, _i, o: captured.append(o[1]))]
-        handles += [
-            lay.crossattention.self.register_forward_pre_hook(_route_encoder_mask, with_kwargs=True) for lay in layers
-        ]
+        layer = self.blip.text_encoder.encoder.layer[cfg.layer].crossattention.self
+        handles = [layer.register_forward_hook(lambda _m, _i, out: captured.append(out[1]))]
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), image_mask(self.blip, keep):
                 out = self.blip.text_encoder(
                     input_ids=prompts.ids.to(enc.device),
                     attention_mask=prompts.mask.to(enc.device),
                     encoder_hidden_states=enc,
-                    encoder_attention_mask=enc_mask,
                 )
                 score = self.blip.itm_head(out.last_hidden_state[:, 0])[:, 1]
                 (grad,) = torch.autograd.grad(score.sum(), captured[0])
@@ -503,13 +508,36 @@ class PnPOVSSBase(PnPOVSS):
     config_class = PnPOVSSBaseConfig
 
 
-def _route_encoder_mask(_module, args, kwargs):
-    # transformers 5.x: BlipTextAttention hands the image mask to its BlipTextSelfAttention as
-    # ``attention_mask``, which the cross-attention then discards in favour of its own (unset)
-    # ``encoder_attention_mask``, so a mask on the image tokens is silently ignored. Route it through.
-    if kwargs.get("encoder_hidden_states") is not None and kwargs.get("encoder_attention_mask") is None:
-        kwargs = dict(kwargs, encoder_attention_mask=kwargs.get("attention_mask"))
-    return args, kwargs
+@contextlib.contextmanager
+def image_mask(blip, keep: Tensor) -> Iterator[None]:
+    """Within the block, every cross-attention of ``blip``'s text encoder sees only the image
+    patches ``keep`` (C, N) bool allows (the image [CLS] token always): the dropped ones get an
+    additive -inf-like bias, so their attention is exactly 0.
+
+    A forward pre-hook hands the bias to each ``BlipTextSelfAttention`` as its
+    ``encoder_attention_mask``: transformers 5.x's ``BlipTextAttention`` passes the model's image
+    mask on as ``attention_mask``, which the cross-attention discards in favour of its own (unset)
+    ``encoder_attention_mask``, so a mask given to the model is silently ignored.
+    """
+    c, n = keep.shape
+    dtype = blip.text_encoder.embeddings.word_embeddings.weight.dtype
+    bias = torch.zeros(c, 1, 1, 1 + n, dtype=dtype, device=keep.device)
+    bias[:, 0, 0, 1:].masked_fill_(~keep, torch.finfo(dtype).min)
+
+    def hook(_module, args, kwargs):
+        if kwargs.get("encoder_hidden_states") is not None:
+            kwargs = dict(kwargs, encoder_attention_mask=bias)
+        return args, kwargs
+
+    handles = [
+        layer.crossattention.self.register_forward_pre_hook(hook, with_kwargs=True)
+        for layer in blip.text_encoder.encoder.layer
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _minmax(x: Tensor) -> Tensor:
