@@ -99,3 +99,156 @@ def test_clip_image_tower(benchmark, case, provider):
     gemm_rate = _gemm_rate(tokens, ours.width, 4 * ours.width)
     achieved = flops / benchmark.stats.stats.median / 1e9
     benchmark.extra_info.update(gemm_gflops_per_s=gemm_rate, efficiency=achieved / gemm_rate)
+
+
+# -- PnP-OVSS (pnp_ovss_base: BLIP ViT-B/16, random weights, 384x384, 5 classes + background, 4 Salience
+# DropOut passes, CRF on), per image. ovseg_fast: the model (image tower once, one text-encoder
+# forward and one backward per pass for all classes, ops.gaussian_blur, ops.dense_crf). public_loop:
+# the same pipeline run as the public code runs it: per pass, per class, the whole BLIP forward
+# and loss.backward() through every weight, the GradCAM read off saved attention gradients, then per
+# class scipy's gaussian_filter, and pydensecrf2. Same weights, prompts and settings; the labels'
+# agreement is recorded in extra_info["label_agreement_vs_public_loop"]. Goal: >= 3x, agreement >= 0.98.
+import numpy as np  # noqa: E402
+
+PNP_CASES = {"pnp_ovss_base 384x384 C=5+bg T=4 crf": ("pnp_ovss_base", 384, 5)}
+PNP_PROVIDERS = ("ovseg_fast", "public_loop")
+PNP_CLASSES = ("person", "rocket", "flag", "helmet", "sky", "background")
+
+
+@functools.lru_cache(maxsize=1)
+def _pnp(name: str):
+    from ovseg_fast.models import create_model
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*RANDOM weights")
+        return create_model(name, passes=4, crf=True).eval()
+
+
+@functools.lru_cache(maxsize=1)
+def _pnp_image(size: int) -> torch.Tensor:
+    """scikit-image's astronaut, resized to size x size and CLIP-normalised (1, 3, size, size)."""
+    from ovseg_fast.bench._crf_inputs import photo
+    from ovseg_fast.models.pnp_ovss import CLIP_MEAN, CLIP_STD
+
+    img = torch.from_numpy(photo("astronaut")).permute(2, 0, 1)[None].float() / 255
+    img = torch.nn.functional.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return (img - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+def pnp_ovss_public_loop(model, image: torch.Tensor, names) -> np.ndarray:
+    """(H, W) labels of ``image`` (1, 3, H, W) as the public code computes them, one class at a time."""
+    from scipy.ndimage import gaussian_filter
+
+    from ovseg_fast.bench._crf_inputs import pydensecrf_marginals
+    from ovseg_fast.models.pnp_ovss import denormalize, image_mask
+
+    cfg, blip = model.config, model.blip
+    fg = model.foreground(list(names))
+    h, w = image.shape[-2:]
+    gh, gw = h // model.patch_size, w // model.patch_size
+    keep = torch.ones(gh * gw, dtype=torch.bool)
+    total = torch.zeros(len(fg), gh * gw)
+    cross = blip.text_encoder.encoder.layer[cfg.layer].crossattention.self
+    blip.requires_grad_(True)  # the public model's weights take gradients: loss.backward() reaches them all
+    try:
+        for p in range(cfg.passes):
+            for c, name in enumerate(fg):
+                prompts = model.prompts([name])
+                saved = []
+
+                def save(_m, _i, out, saved=saved):
+                    out[1].retain_grad()
+                    saved.append(out[1])
+
+                handle = cross.register_forward_hook(save)
+                try:
+                    with torch.enable_grad(), image_mask(blip, keep[None]):
+                        blip.zero_grad()
+                        embeds = blip.vision_model(pixel_values=image, interpolate_pos_encoding=True).last_hidden_state
+                        out = blip.text_encoder(
+                            input_ids=prompts.ids, attention_mask=prompts.mask, encoder_hidden_states=embeds
+                        )
+                        blip.itm_head(out.last_hidden_state[:, 0])[:, 1].sum().backward()
+                finally:
+                    handle.remove()
+                attn, grad = saved[0].detach(), saved[0].grad
+                cam = (attn * grad.clamp(min=0))[0, cfg.head, :, 1:]
+                total[c] += (cam * prompts.weights[0][:, None]).sum(0)
+            if p + 1 < cfg.passes:
+                remaining = int(keep.sum())
+                drop = min(round(cfg.drop_fraction * remaining), remaining - 1)
+                if drop > 0:
+                    keep[total.sum(0).masked_fill(~keep, -float("inf")).topk(drop).indices] = False
+    finally:
+        blip.requires_grad_(False)
+        blip.zero_grad(set_to_none=True)
+    blurred = []
+    for c in range(len(fg)):
+        m = torch.nn.functional.interpolate(
+            total[c].view(1, 1, gh, gw), size=(h, w), mode="bilinear", align_corners=False
+        )[0, 0]
+        m = m.double().numpy()
+        m = (m - m.min()) / (m.max() - m.min())
+        b = gaussian_filter(m, cfg.blur_sigma * max(h, w))
+        blurred.append((b - b.min()) / (b.max() - b.min()))
+    blurred = np.stack(blurred)
+    passed = blurred >= cfg.threshold
+    scores = np.zeros((len(names), h, w))
+    fg_idx = [i for i, n in enumerate(names) if n in fg]
+    scores[fg_idx] = blurred * passed
+    scores[names.index(cfg.background)] = ~passed.any(0)
+    probs = np.exp(scores - scores.max(0))
+    probs = (probs / probs.sum(0)).astype(np.float32)
+    photo = np.ascontiguousarray(denormalize(image)[0].permute(1, 2, 0).numpy())
+    crf = dict(
+        gaussian_sxy=cfg.crf_gaussian_sxy,
+        gaussian_compat=cfg.crf_gaussian_compat,
+        bilateral_sxy=cfg.crf_bilateral_sxy,
+        bilateral_srgb=cfg.crf_bilateral_srgb,
+        bilateral_compat=cfg.crf_bilateral_compat,
+    )
+    return pydensecrf_marginals(probs, photo, cfg.crf_iters, crf).argmax(0)
+
+
+_PNP_LABELS: dict[tuple[str, str], np.ndarray] = {}
+
+
+def _pnp_labels(case: str, provider: str) -> np.ndarray:
+    """Each provider's labels, computed once per case and shared by the agreement check."""
+    if (case, provider) not in _PNP_LABELS:
+        name, size, _ = PNP_CASES[case]
+        model, image = _pnp(name), _pnp_image(size)
+        if provider == "ovseg_fast":
+            _PNP_LABELS[case, provider] = model.predict(image, list(PNP_CLASSES))[0].argmax(0).numpy()
+        else:
+            _PNP_LABELS[case, provider] = pnp_ovss_public_loop(model, image, list(PNP_CLASSES))
+    return _PNP_LABELS[case, provider]
+
+
+@pytest.mark.parametrize("provider", PNP_PROVIDERS)
+@pytest.mark.parametrize("case", list(PNP_CASES))
+def test_pnp_ovss(benchmark, case, provider):
+    name, size, _ = PNP_CASES[case]
+    model, image = _pnp(name), _pnp_image(size)
+    names = list(PNP_CLASSES)
+    agreement = float((_pnp_labels(case, provider) == _pnp_labels(case, "public_loop")).mean())
+    if provider == "ovseg_fast":
+        record(
+            benchmark,
+            lambda: model.predict(image, names),
+            op="pnp_ovss",
+            case=case,
+            mode="fwd",
+            provider=provider,
+            warmup=1,
+        )
+    else:
+        # A call is minutes on 2 cores (20 whole-model forwards and backwards): one timed round, no
+        # warm-up (its labels were computed above), no separate peak-memory call.
+        benchmark.group = f"pnp_ovss | {case} | fwd"
+        benchmark.extra_info.update(
+            op="pnp_ovss", case=case, mode="fwd", provider=provider, flops=None, peak_memory=None
+        )
+        benchmark.pedantic(lambda: pnp_ovss_public_loop(model, image, names), rounds=1, iterations=1)
+    benchmark.extra_info["label_agreement_vs_public_loop"] = agreement
