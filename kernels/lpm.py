@@ -164,6 +164,12 @@ def _linear_ln_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """Rows of ``A`` (times ``S``) through the weight, bias and LayerNorm (module docstring: Forward).
+
+    Grid: ``G x cdiv(M, BLOCK_M) x cdiv(D_out, BLOCK_N)``; ``_linear_ln_config`` narrows the tiles (one row
+    per tile, then 128 / 64 / 32 columns) until it reaches the SM count. Fewer blocks remain only for
+    fewer than ~8 rows per SM at 32 columns (e.g. one image's 20 classes): a GEMM of a few MFLOP.
+    """
     g = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -251,7 +257,12 @@ def _ln_finish_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Merges the per-tile (mean, M2) partials of each row (Chan) and normalises the row in place."""
+    """Merges the per-tile (mean, M2) partials of each row (Chan) and normalises the row in place.
+
+    Grid: ``cdiv(rows, BLOCK_R)``, ``BLOCK_R`` from 16 down to 2 until the grid reaches the SM count
+    (``_row_block``); fewer than two rows per SM (a text branch of a few hundred rows) launch fewer blocks:
+    a pass over a few hundred KB.
+    """
     rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rr < ROWS
     n_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -321,6 +332,11 @@ def _logits_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """Projection, LayerNorm and class logits of ``BLOCK_P`` pixels of one image (module docstring).
+
+    Grid: ``B x cdiv(N, BLOCK_P)`` (512 blocks for 8 images of 32 x 32); fewer than the SM count only for
+    fewer than ~2,000 pixels in the batch, where the whole head is a few tens of MFLOP.
+    """
     b = tl.program_id(0)
     rp = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     ro = tl.arange(0, BLOCK_O)
@@ -481,7 +497,11 @@ def _ln_backward_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """In place: g <- rstd * (g' - mean(g') - xhat * mean(g' xhat)), g' = g * gamma."""
+    """In place: g <- rstd * (g' - mean(g') - xhat * mean(g' xhat)), g' = g * gamma.
+
+    Grid: ``cdiv(rows, BLOCK_R)``, ``BLOCK_R`` from 16 down to 2 until the grid reaches the SM count
+    (``_row_block``); fewer than two rows per SM (the text branch's B x C rows) launch fewer blocks.
+    """
     rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = rr < ROWS
     s1 = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -681,6 +701,12 @@ def _mul_reduce(x4, y4, out3, *, accumulate=False, split=True):
     return out3
 
 
+def _row_block(rows: int, device: torch.device) -> int:
+    """Rows per program of the LayerNorm row passes: 16, fewer (down to 2) while that leaves SMs idle."""
+    per_sm = max(1, rows // num_sms(device))
+    return max(2, min(16, 1 << (per_sm.bit_length() - 1)))
+
+
 def _linear_ln_config(g: int, m: int, nout: int, dot: int, row_tile: int, sms: int) -> tuple[int, ...]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` of ``_linear_ln_kernel``.
 
@@ -777,7 +803,8 @@ def _linear_ln(a3, s2, w, bias, gamma, beta, mode, eps, norm, out_dtype, *, k2_o
     )
     if norm and not full:
         rows = g * m
-        _ln_finish_kernel[(triton.cdiv(rows, 16),)](
+        br = _row_block(rows, dev)
+        _ln_finish_kernel[(triton.cdiv(rows, br),)](
             xhat,
             rstd,
             part,
@@ -791,7 +818,7 @@ def _linear_ln(a3, s2, w, bias, gamma, beta, mode, eps, norm, out_dtype, *, k2_o
             N_TILES=n_tiles,
             TILE=bn,
             HAS_GAMMA_BETA=has_gb,
-            BLOCK_R=16,
+            BLOCK_R=br,
             BLOCK_C=128,
         )
     return (out if (not norm or has_gb) else None), (xhat if norm else None), (rstd if norm else None)
@@ -891,8 +918,9 @@ def hcl_backward(
                 go.reshape(1, rows, 1, d_out), None, torch.empty((1, 1, d_out), dtype=dt, device=dev)
             ).view(d_out)
         g = go.to(ct).clone()
-        _ln_backward_kernel[(triton.cdiv(rows, 16),)](
-            g, xhat, rstd, norm_weight, rows, d_out, g.stride(0), HAS_GAMMA=True, BLOCK_R=16, BLOCK_C=128
+        br = _row_block(rows, dev)
+        _ln_backward_kernel[(triton.cdiv(rows, br),)](
+            g, xhat, rstd, norm_weight, rows, d_out, g.stride(0), HAS_GAMMA=True, BLOCK_R=br, BLOCK_C=128
         )
     else:
         g = go
@@ -1065,8 +1093,9 @@ def logits_backward(
     _gemm(g.transpose(1, 2).unsqueeze(1), e.unsqueeze(1), u, alpha=scale)
     rws = b * n
     u2 = u.view(rws, d_out)
-    _ln_backward_kernel[(triton.cdiv(rws, 16),)](
-        u2, xhat, rstd, norm_weight, rws, d_out, u2.stride(0), HAS_GAMMA=True, BLOCK_R=16, BLOCK_C=128
+    br = _row_block(rws, dev)
+    _ln_backward_kernel[(triton.cdiv(rws, br),)](
+        u2, xhat, rstd, norm_weight, rws, d_out, u2.stride(0), HAS_GAMMA=True, BLOCK_R=br, BLOCK_C=128
     )
     g_x = torch.empty((b, n, d), dtype=dt, device=dev)
     _gemm(u.unsqueeze(1), weight.unsqueeze(0).unsqueeze(0).expand(b, 1, d_out, d), g_x)

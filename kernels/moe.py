@@ -48,14 +48,23 @@ from torch import Tensor
 
 from ovseg_fast.ops.moe_reference import NOISE_EPSILON, compute_dtype, cv_squared, cv_squared_grad
 
+from ._gpu import num_sms
+
 _NOISE_EPS = tl.constexpr(NOISE_EPSILON)
 _INV_SQRT2 = tl.constexpr(1.0 / math.sqrt(2.0))
 _INV_SQRT2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 
 
-def _block_t(block_e: int) -> int:
-    # ~4K elements per tile: registers for the tile, its probabilities and the selection mask.
-    return max(1, min(128, 4096 // block_e))
+def _rows_per_block(rows: int, cap: int, sms: int, lo: int = 1) -> int:
+    """The largest power of two <= ``cap`` (and >= ``lo``) that still gives ``sms`` blocks over ``rows``."""
+    per_sm = max(1, rows // max(sms, 1))
+    return max(lo, min(cap, 1 << (per_sm.bit_length() - 1)))
+
+
+def _block_t(block_e: int, t: int, sms: int) -> int:
+    # ~4K elements per tile at most (registers for the tile, its probabilities and the selection mask),
+    # fewer rows when that leaves SMs idle
+    return _rows_per_block(t, max(1, min(128, 4096 // block_e)), sms)
 
 
 @triton.jit
@@ -83,6 +92,11 @@ def _gating_fwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
+    """Noisy top-k gating forward of ``BLOCK_T`` rows (module docstring).
+
+    Grid: ``cdiv(T, BLOCK_T)``, ``BLOCK_T`` lowered until the grid reaches the SM count (``_block_t``);
+    fewer tokens than SMs (RPN's 16) launch fewer blocks: microseconds of latency-bound work.
+    """
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
@@ -177,7 +191,7 @@ def gating_forward(logits: Tensor, noise, noise_logits, k: int, normalize: bool)
     row_lse = torch.empty((t, 2), dtype=ct, device=dev)
     next_index = torch.empty((t,), dtype=torch.int64, device=dev)
     block_e = triton.next_power_of_2(e)
-    block_t = _block_t(block_e)
+    block_t = _block_t(block_e, t, num_sms(dev))
     n_prog = triton.cdiv(t, block_t)
     part = torch.zeros((max(n_prog, 1), 5, e), dtype=ct, device=dev)
     noisy = noise is not None
@@ -247,6 +261,10 @@ def _gating_bwd_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
+    """Gating backward of ``BLOCK_T`` rows (module docstring).
+
+    Grid: as the forward's: fewer tokens than SMs (RPN's 16) launch fewer blocks than SMs.
+    """
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_E)
@@ -346,7 +364,7 @@ def gating_backward(
     dp_lb = (g[0] * e * counts.to(ct) / (t * k) / t).contiguous()
     zc = float(g[3]) * 2.0 / t  # host scalar: one sync; on a GPU pass a pointer instead to stay async
     block_e = triton.next_power_of_2(e)
-    block_t = _block_t(block_e)
+    block_t = _block_t(block_e, t, num_sms(logits.device))
     _gating_bwd_kernel[(triton.cdiv(t, block_t),)](
         grad_weights.contiguous(),
         logits,
@@ -380,6 +398,11 @@ def gating_backward(
 
 @triton.jit
 def _hist_kernel(IDX, HIST, N, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One expert histogram per block of ``BLOCK_N`` (token, slot) pairs.
+
+    Grid: ``cdiv(T k, BLOCK_N)``, ``BLOCK_N`` (>= 16) lowered until the grid reaches the SM count; fewer
+    than 16 pairs per SM (RPN's 16 tokens) launch fewer blocks: microseconds of latency-bound work.
+    """
     pid = tl.program_id(0)
     p = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_E)
@@ -390,6 +413,10 @@ def _hist_kernel(IDX, HIST, N, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
 
 @triton.jit
 def _place_kernel(IDX, BASE, ORDER, INV, N, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    """``order`` / ``inverse`` of one block of pairs from its rank within the block and expert.
+
+    Grid: the histogram's (same ``BLOCK_N``): fewer blocks than SMs only for a few hundred pairs.
+    """
     pid = tl.program_id(0)
     p = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     inb = p < N
@@ -405,6 +432,11 @@ def _place_kernel(IDX, BASE, ORDER, INV, N, E, BLOCK_N: tl.constexpr, BLOCK_E: t
 
 @triton.jit
 def _gather_rows_kernel(X, ORDER, OUT, N, D, K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``out[r] = x[order[r] // K]`` for ``BLOCK_R`` rows and ``BLOCK_D`` features.
+
+    Grid: ``cdiv(T k, BLOCK_R) x cdiv(D, BLOCK_D)``: below the SM count only for tiny batches (RPN's 16
+    tokens), a copy of a few KB.
+    """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     rin = r < N
@@ -429,7 +461,7 @@ def dispatch_forward(x: Tensor, indices: Tensor, num_experts: int):
     if n == 0:
         return x_sorted, torch.zeros(num_experts + 1, dtype=torch.int64, device=dev), order, inverse
     block_e = triton.next_power_of_2(num_experts)
-    block_n = max(16, min(1024, 8192 // block_e))
+    block_n = _rows_per_block(n, max(16, min(1024, 8192 // block_e)), num_sms(dev), lo=16)
     n_prog = triton.cdiv(n, block_n)
     flat = indices.reshape(-1)
     hist = torch.empty((num_experts, n_prog), dtype=torch.int64, device=dev)
@@ -449,7 +481,10 @@ def dispatch_forward(x: Tensor, indices: Tensor, num_experts: int):
 
 @triton.jit
 def _gather_sum_kernel(G, INV, W, OUT, T, D, K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[t] = sum_j (w[t, j] *) g[inv[t K + j]]: dispatch backward and combine forward."""
+    """out[t] = sum_j (w[t, j] *) g[inv[t K + j]]: dispatch backward and combine forward.
+
+    Grid: one block per (token, feature tile): fewer tokens than SMs (RPN's 16) launch fewer blocks.
+    """
     t = tl.program_id(0)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dm = d < D
@@ -483,6 +518,11 @@ def dispatch_backward(grad_sorted: Tensor, inverse: Tensor, tokens: int, k: int)
 
 @triton.jit
 def _inverse_kernel(ORDER, INV, N, BLOCK: tl.constexpr):
+    """``inverse[order[r]] = r`` for ``BLOCK`` rows.
+
+    Grid: ``cdiv(N, BLOCK)``, ``BLOCK`` (>= 128) lowered until the grid reaches the SM count: fewer blocks
+    only for fewer than 128 rows per SM, a write of a few KB.
+    """
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = r < N
     o = tl.load(ORDER + r, mask=m, other=0)
@@ -494,7 +534,8 @@ def combine_inverse(order: Tensor) -> Tensor:
     n = order.numel()
     inverse = torch.full_like(order, -1)
     if n:
-        _inverse_kernel[(triton.cdiv(n, 1024),)](order, inverse, n, BLOCK=1024)
+        block = _rows_per_block(n, 1024, num_sms(order.device), lo=128)
+        _inverse_kernel[(triton.cdiv(n, block),)](order, inverse, n, BLOCK=block)
     return inverse
 
 
@@ -515,6 +556,11 @@ def combine_forward(y_sorted: Tensor, weights: Tensor, inverse: Tensor) -> Tenso
 
 @triton.jit
 def _combine_bwd_y_kernel(GO, W, ORDER, GY, N, D, K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``grad_y[r] = w[order[r]] * grad_out[order[r] // K]`` for ``BLOCK_R`` rows.
+
+    Grid: ``cdiv(N, BLOCK_R) x cdiv(D, BLOCK_D)``: below the SM count only for tiny batches (RPN's 16
+    tokens).
+    """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     rin = r < N
@@ -527,6 +573,10 @@ def _combine_bwd_y_kernel(GO, W, ORDER, GY, N, D, K: tl.constexpr, BLOCK_R: tl.c
 
 @triton.jit
 def _combine_bwd_w_kernel(GO, Y, INV, GW, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``grad_w[t, j] = grad_out[t] . y[inverse[t K + j]]``, one program per token.
+
+    Grid: one block per token: fewer tokens than SMs (RPN's 16) launch fewer blocks than SMs.
+    """
     t = tl.program_id(0)
     for j in tl.static_range(K):
         r = tl.load(INV + t * K + j)
