@@ -89,7 +89,8 @@ def read_image(path: Union[str, os.PathLike]) -> Tensor:
 
 def read_label_map(path: Union[str, os.PathLike], lut: Optional[np.ndarray] = None) -> Tensor:
     """A label PNG (one channel, 8 or 16 bit; palette images give their indices) as int64 (H, W),
-    mapped through ``lut`` (an int array indexed by the raw value) when given."""
+    mapped through ``lut`` (an int array indexed by the raw value; -1 marks raw values the dataset
+    does not use, a :class:`BadSampleError`) when given."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -104,7 +105,11 @@ def read_label_map(path: Union[str, os.PathLike], lut: Optional[np.ndarray] = No
     if lut is not None:
         if raw.size and (raw.min() < 0 or raw.max() >= len(lut)):
             raise BadSampleError(path, f"raw label {int(raw.max())} is outside the expected range [0, {len(lut)})")
-        raw = lut[raw]
+        mapped = lut[raw]
+        invalid = mapped < 0
+        if invalid.any():
+            raise BadSampleError(path, f"raw label {int(raw[invalid][0])} is not a label of this dataset")
+        raw = mapped
     return torch.from_numpy(raw)
 
 

@@ -57,15 +57,22 @@ __all__ = [
 PathLike = Union[str, os.PathLike]
 
 
-def _shift_lut(num_classes: int) -> np.ndarray:
-    """0 -> 255 and k -> k - 1 (mmseg's ``reduce_zero_label``); 255 stays 255."""
-    lut = np.full(256, IGNORE_INDEX, dtype=np.int64)
-    lut[1 : num_classes + 1] = np.arange(num_classes)
+# Raw label values a dataset does not use map to -1 (read_label_map reports them as bad samples).
+def _lut(mapping: dict[int, int]) -> np.ndarray:
+    lut = np.full(256, -1, dtype=np.int64)
+    lut[IGNORE_INDEX] = IGNORE_INDEX
+    for raw, label in mapping.items():
+        lut[raw] = label
     return lut
 
 
-def _identity_lut() -> np.ndarray:
-    return np.arange(256, dtype=np.int64)
+def _shift_lut(num_classes: int) -> np.ndarray:
+    """0 -> 255 and k -> k - 1 for k in 1..C (mmseg's ``reduce_zero_label``); 255 stays 255."""
+    return _lut({0: IGNORE_INDEX, **{k + 1: k for k in range(num_classes)}})
+
+
+def _identity_lut(num_classes: int) -> np.ndarray:
+    return _lut({k: k for k in range(num_classes)})
 
 
 class SegmentationFolder(Dataset):
@@ -159,7 +166,7 @@ class VOCDataset(SegmentationFolder):
         lut = _shift_lut(len(names))
         if background:
             names = ("background", *names)
-            lut = _identity_lut()  # raw values above 20 (other than 255) are caught by check_labels
+            lut = _identity_lut(len(names))
         items = [(images / f"{i}.jpg", masks / f"{i}.png") for i in ids]
         super().__init__(items, names, lut, what=what, **kwargs)
 
@@ -186,12 +193,12 @@ class COCOStuffDataset(SegmentationFolder):
         converted = any(masks.glob("*_labelTrainIds.png"))
         names = class_names("coco_stuff")
         if converted:
-            lut = _identity_lut()
+            lut = _identity_lut(len(names))
             items = [(f, masks / f"{f.stem}_labelTrainIds.png") for f in files]
         else:
-            lut = np.full(256, IGNORE_INDEX, dtype=np.int64)
+            # The unused ids never occur in COCO's maps; were they there, they would be ignored as mmseg does.
             used = [i for i in range(182) if i not in self.UNUSED_RAW]
-            lut[used] = np.arange(len(used))
+            lut = _lut({**{i: IGNORE_INDEX for i in self.UNUSED_RAW}, **{raw: k for k, raw in enumerate(used)}})
             items = [(f, masks / f"{f.stem}.png") for f in files]
         super().__init__(items, names, lut, what=f"{what} ({images})", **kwargs)
 
@@ -250,11 +257,10 @@ class CityscapesDataset(SegmentationFolder):
         converted = any(masks.glob("*/*_gtFine_labelTrainIds.png"))
         suffix = "_gtFine_labelTrainIds.png" if converted else "_gtFine_labelIds.png"
         if converted:
-            lut = _identity_lut()
+            lut = _identity_lut(19)
         else:
-            lut = np.full(256, IGNORE_INDEX, dtype=np.int64)
-            for raw, train in self.TRAIN_IDS.items():
-                lut[raw] = train
+            # labelIds 0..33: the 19 evaluated classes keep a train id, the others are ignored.
+            lut = _lut({**{i: IGNORE_INDEX for i in range(34)}, **self.TRAIN_IDS})
         stem = len("_leftImg8bit")
         items = [(f, masks / f.parent.name / (f.stem[:-stem] + suffix)) for f in files]
         super().__init__(items, class_names("cityscapes"), lut, what=f"{what} ({images})", **kwargs)
