@@ -497,9 +497,11 @@ def _tile_config(T: int, D: int, topk: int, block_m, block_n, fma: bool = False)
     if pack > 1 and block_n < block_m:
         raise ValueError(f"block_n ({block_n}) must be >= block_m ({block_m}) when windows are packed")
     # float32 IEEE dots run on CUDA cores, whose layout keeps both operand tiles in registers: 8 warps
-    # (the LDVC forward spilled 168 B per thread with 4 on sm_90)
-    warps_q = 8 if (BLOCK_D >= 128 or fma) else 4
-    warps_kv = 8 if (BLOCK_D >= 128 or block_n >= 64 or fma) else 4
+    # from head_dim 64 (the LDVC forward spilled 168 B per thread with 4 on sm_90; at head_dim 32,
+    # BiFormer's, 4 warps do not spill and 8 spilled 8 B in the forward)
+    wide = BLOCK_D >= 128 or (fma and BLOCK_D >= 64)
+    warps_q = 8 if wide else 4
+    warps_kv = 8 if (wide or block_n >= 64 or fma) else 4
     return block_m, block_n, BLOCK_D, warps_q, warps_kv, 2
 
 
