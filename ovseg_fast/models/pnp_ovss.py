@@ -122,7 +122,8 @@ def blip_config(blip: Union[str, dict]):
         if blip not in _BLIP_VISION:
             raise ValueError(f"blip must be 'base', 'large' or a dict of BlipConfig arguments, got {blip!r}")
         vision = dict(_BLIP_VISION[blip], image_size=384, patch_size=16)
-        kwargs: dict[str, Any] = {"vision_config": vision, "text_config": {}}
+        # BERT-base: transformers' BlipTextConfig defaults to 8 heads, the checkpoints have 12
+        kwargs: dict[str, Any] = {"vision_config": vision, "text_config": {"num_attention_heads": 12}}
     elif isinstance(blip, dict):
         kwargs = copy.deepcopy(blip)
         kwargs.setdefault("vision_config", {})

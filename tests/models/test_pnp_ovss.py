@@ -243,4 +243,5 @@ def test_paper_configs_build():
         model = create_model(name)
         assert model.blip.config.vision_config.hidden_size == width
         assert model.blip.config.text_config.encoder_hidden_size == width
+        assert model.num_heads == 12 and model.text_layers == 12  # BERT-base, the checkpoints' text encoder
         del model
