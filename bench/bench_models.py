@@ -23,6 +23,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ovseg_fast.bench._common import record, setup_threads
 
@@ -99,6 +100,254 @@ def test_clip_image_tower(benchmark, case, provider):
     gemm_rate = _gemm_rate(tokens, ours.width, 4 * ours.width)
     achieved = flops / benchmark.stats.stats.median / 1e9
     benchmark.extra_info.update(gemm_gflops_per_s=gemm_rate, efficiency=achieved / gemm_rate)
+
+
+# -- PixelCLIP ---------------------------------------------------------------------------------------
+# One training step at batch 4 (320x320, up to 32 masks per image, k = 64; ViT-B-16, random
+# weights): teacher and student forwards, clustering, decoder, BCE, backward and the EMA update.
+# And the clustering step alone at the paper's full batch (48 images x up to 128 masks x 64
+# concepts; teacher features of a 320x320 ViT-B/16 (20x20x512), masks at 256x256):
+#   ovseg_fast  ovseg_fast.models.pixelclip.cluster_masks: pooling on the 20x20 grid through the
+#               separable bilinear weights, ops.sinkhorn (one problem), argmax, one index_add_;
+#   eager       the public code's prepare_clusters written plainly: features upsampled bilinearly to
+#               256x256, per image the masks' mean by a matmul with the binary masks, 100 x cosine,
+#               softmax + SwAV's 3-iteration loop, argmax, per-image targets. (The upsampling runs per
+#               image, not as one 6.4 GB batch as on the authors' GPUs: same work, bounded memory.)
+PIXELCLIP_STEP = {"B=4 320x320 M<=32 k=64": (4, 320, 32, 64)}
+PIXELCLIP_CLUSTER = {"48 images x M<=128 x k=64": (48, 128, 64)}
+CLUSTER_PROVIDERS = ("ovseg_fast", "eager")
+
+
+def _pixelclip_masks(batch: int, max_masks: int, size: int, seed: int = 0):
+    """Random rectangles, between max_masks / 2 and max_masks per image: (B, M, S, S) bool + (B, M) valid."""
+    gen = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(batch, max_masks, size, size, dtype=torch.bool)
+    valid = torch.zeros(batch, max_masks, dtype=torch.bool)
+    for b in range(batch):
+        n = int(torch.randint(max_masks // 2, max_masks + 1, (1,), generator=gen))
+        valid[b, :n] = True
+        corners = torch.randint(0, size - 8, (n, 2), generator=gen)
+        sides = torch.randint(8, size // 2, (n, 2), generator=gen)
+        for i in range(n):
+            y, x = corners[i].tolist()
+            h, w = sides[i].tolist()
+            masks[b, i, y : y + h, x : x + w] = True
+    return masks, valid
+
+
+@functools.lru_cache(maxsize=1)
+def _pixelclip(k: int):
+    from ovseg_fast.models import create_model
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*RANDOM weights")
+        return create_model("pixelclip", num_concepts=k)
+
+
+@pytest.mark.parametrize("case", list(PIXELCLIP_STEP))
+def test_pixelclip_training_step(benchmark, case):
+    batch, size, max_masks, k = PIXELCLIP_STEP[case]
+    model = _pixelclip(k).train()
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    masks, valid = _pixelclip_masks(batch, max_masks, model.config.mask_size)
+    params = list(model.trainable_parameters())
+    optimizer = torch.optim.SGD(params, lr=0.0)  # lr 0: the step's cost, weights left as they are
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model.training_step(images, masks, valid)["loss_masks"].backward()
+        optimizer.step()
+        model.update_teacher()
+
+    # Seconds a step on 2 cores: the minimum rounds and no extra warm-up.
+    record(benchmark, step, op="pixelclip_train", case=case, mode="fwd_bwd", provider="ovseg_fast", warmup=0)
+
+
+def pixelclip_cluster_eager(teacher_feats, masks, valid, concepts, *, mask_size=256, eps=100.0, n_iters=3):
+    """The public code's clustering (PixelCLIP.prepare_clusters + distributed_sinkhorn), one process."""
+    b, k = teacher_feats.shape[0], concepts.shape[0]
+    feats = teacher_feats.permute(0, 3, 1, 2)
+    targets = torch.zeros(b, k, mask_size, mask_size)
+    logits, kept = [], []
+    for i in range(b):
+        up = F.interpolate(feats[i : i + 1], size=(mask_size, mask_size), mode="bilinear")[0].permute(1, 2, 0)
+        m = F.interpolate(masks[i][valid[i]].float().unsqueeze(0), size=(mask_size, mask_size), mode="nearest")[0]
+        m = m[m.sum(dim=[1, 2]) > 1]
+        pooled = torch.einsum("hwc,nhw->nc", up, m / m.sum(dim=[1, 2], keepdim=True))
+        logits.append(eps * F.normalize(pooled, dim=-1) @ F.normalize(concepts, dim=-1).T)
+        kept.append(m)
+    q = torch.cat(logits).softmax(dim=-1).T  # (K, N)
+    q /= q.sum()
+    n_total = q.shape[1]
+    for _ in range(n_iters):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n_total
+    hard = (q * n_total).T.argmax(dim=-1)
+    start = 0
+    for i, m in enumerate(kept):
+        assign = hard[start : start + len(m)]
+        start += len(m)
+        targets[i, assign] += m
+        targets[i].index_add_(0, assign, m)
+    return targets.clamp(0, 1)
+
+
+@functools.lru_cache(maxsize=1)
+def _cluster_inputs(batch: int, max_masks: int, k: int):
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(batch, 20, 20, 512, generator=gen)
+    concepts = F.normalize(torch.randn(k, 512, generator=gen), dim=-1)
+    masks, valid = _pixelclip_masks(batch, max_masks, 256, seed=1)
+    return feats, masks, valid, concepts
+
+
+@pytest.mark.parametrize("provider", CLUSTER_PROVIDERS)
+@pytest.mark.parametrize("case", list(PIXELCLIP_CLUSTER))
+def test_pixelclip_clustering(benchmark, case, provider):
+    from ovseg_fast.models.pixelclip import cluster_masks
+
+    feats, masks, valid, concepts = _cluster_inputs(*PIXELCLIP_CLUSTER[case])
+    if provider == "ovseg_fast":
+
+        def fn():
+            return cluster_masks(feats, masks, valid, concepts).targets
+
+    else:
+
+        def fn():
+            with torch.no_grad():
+                return pixelclip_cluster_eager(feats, masks, valid, concepts)
+
+    record(benchmark, fn, op="pixelclip_cluster", case=case, mode="fwd", provider=provider, warmup=1)
+
+
+# -- LDVC (ldvc_voc at 512x512: batch 2, 20 classes) ------------------------------------------------
+# The local consensus decoder alone (where the routed attention lives: 2 blocks on the 32x32 grid,
+# 8x8 windows, top-16) and the whole model, inference (class embeddings encoded once, outside the
+# timed call, as profile does) and one training step (text prompts encoded, focal + dice loss,
+# backward into the prompts, adapter and decoder); every ovseg-fast op on its kernel (``ovseg_fast``)
+# against the same calls on the reference backend (``reference``), same weights, same process.
+# Goals: decoder fwd_bwd >= 3x over the reference; whole-model inference efficiency >= 0.7.
+from ovseg_fast import ops  # noqa: E402
+from ovseg_fast.models import create_model  # noqa: E402
+
+LDVC_CASES = {"ldvc_voc B=2 512x512 C=20": ("ldvc_voc", 2, 512, 20)}
+LDVC_PROVIDERS = {"ovseg_fast": "auto", "reference": "reference"}
+
+
+@functools.lru_cache(maxsize=1)
+def _ldvc(name: str):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "CLIPBackbone.*RANDOM weights")
+        return create_model(name)
+
+
+def _ldvc_inputs(case: str):
+    name, batch, size, classes = LDVC_CASES[case]
+    model = _ldvc(name)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, size, size, generator=gen)
+    names = [f"class {i}" for i in range(classes)]
+    targets = torch.randint(0, classes, (batch, size, size), generator=gen)
+    return model, images, names, targets
+
+
+_LDVC_FLOPS: dict[tuple[str, str, str], int] = {}
+
+
+def _count_flops(key: tuple[str, str, str], fn) -> int:
+    """The FLOPs of ``fn`` (run on the kernels: the useful work), counted once per (bench, case, mode)
+    and used for both providers' GFLOP/s."""
+    if key not in _LDVC_FLOPS:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        _LDVC_FLOPS[key] = counter.get_total_flops()
+    return _LDVC_FLOPS[key]
+
+
+def _ldvc_efficiency(benchmark, flops: int, model, batch: int, size: int) -> None:
+    bb = model.backbone
+    prompts = 0 if bb.visual_prompts is None else bb.visual_prompts.shape[1]
+    tokens = batch * (1 + prompts + (size // bb.patch_size) ** 2)
+    gemm_rate = _gemm_rate(tokens, bb.width, 4 * bb.width)  # the image tower's MLP GEMM, its largest
+    achieved = flops / benchmark.stats.stats.median / 1e9
+    benchmark.extra_info.update(gemm_gflops_per_s=gemm_rate, efficiency=achieved / gemm_rate)
+
+
+def _decoder_inputs(model, batch: int, size: int, classes: int):
+    bb = model.backbone
+    g = size // bb.patch_size
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, g, g, bb.embed_dim, generator=gen)
+    zs = [torch.randn(batch, g, g, bb.width, generator=gen) for _ in model.decoder_layers]
+    t = torch.randn(batch, classes, bb.embed_dim, generator=gen)
+    return x, zs, t
+
+
+@pytest.mark.parametrize("provider", list(LDVC_PROVIDERS))
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("case", list(LDVC_CASES))
+def test_ldvc_decoder(benchmark, case, mode, provider):
+    name, batch, size, classes = LDVC_CASES[case]
+    model = _ldvc(name)
+    decoder = model.decoder.train(mode == "fwd_bwd")
+    x, zs, t = _decoder_inputs(model, batch, size, classes)
+    x.requires_grad_(mode == "fwd_bwd")
+    grad = torch.randn(batch, *x.shape[1:3], x.shape[3], generator=torch.Generator().manual_seed(2))
+
+    def step(backend: str):
+        with ops.use_backend(backend):
+            if mode == "fwd":
+                with torch.no_grad():
+                    return decoder(x, zs, t)
+            decoder.zero_grad(set_to_none=True)
+            out = decoder(x, zs, t)
+            out.backward(grad)
+            return None
+
+    def fn():
+        return step(LDVC_PROVIDERS[provider])
+
+    flops = _count_flops(("decoder", case, mode), lambda: step("auto"))
+    record(benchmark, fn, op="ldvc_decoder", case=case, mode=mode, provider=provider, flops=flops, warmup=2)
+    _ldvc_efficiency(benchmark, flops, model, batch, size)
+
+
+@pytest.mark.parametrize("provider", list(LDVC_PROVIDERS))
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("case", list(LDVC_CASES))
+def test_ldvc_model(benchmark, case, mode, provider):
+    model, images, names, targets = _ldvc_inputs(case)
+    _, batch, size, _ = LDVC_CASES[case]
+    with torch.no_grad():
+        text = model.encode(names)
+
+    def step(backend: str):
+        with ops.use_backend(backend):
+            if mode == "fwd":
+                model.eval()
+                with torch.no_grad():
+                    return model(images, text)
+            model.train()
+            model.zero_grad(set_to_none=True)
+            loss = sum(model.loss(model(images, names), targets).values())
+            loss.backward()
+            return None
+
+    def fn():
+        return step(LDVC_PROVIDERS[provider])
+
+    flops = _count_flops(("model", case, mode), lambda: step("auto"))
+    # Seconds a call on 2 cores: one warm-up call and the minimum rounds.
+    record(benchmark, fn, op="ldvc", case=case, mode=mode, provider=provider, flops=flops, warmup=1)
+    _ldvc_efficiency(benchmark, flops, model, batch, size)
 
 
 # -- PnP-OVSS (pnp_ovss_base: BLIP ViT-B/16, random weights, 384x384, 5 classes + background, 4 Salience
