@@ -501,3 +501,55 @@ def test_pnp_ovss(benchmark, case, provider):
         )
         benchmark.pedantic(lambda: pnp_ovss_public_loop(model, image, names), rounds=1, iterations=1)
     benchmark.extra_info["label_agreement_vs_public_loop"] = agreement
+
+
+# -- RPN (rpn_voc at 512x512: batch 2, 20 classes, random ViT-B-16) -------------------------------------
+# The whole model, inference (class embeddings encoded once, outside the timed call) and one training
+# step (focal + dice + the gates' balancing loss, backward into the prompts, P, the M2oE and the LPMc
+# head through the frozen tower); every ovseg-fast op (topk_gating, moe_dispatch, moe_combine,
+# hadamard_concat_linear, lpm_logits) on its kernel (``ovseg_fast``) against the same calls on the
+# reference backend (``reference``), same weights, same process. The 20 classes are all scored, so
+# the training loss keeps the 15 seen ones. Goal: inference efficiency >= 0.7 in float32.
+RPN_CASES = {"rpn_voc B=2 512x512 C=20": ("rpn_voc", 2, 512, 20)}
+
+
+@functools.lru_cache(maxsize=1)
+def _rpn(name: str):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "CLIPBackbone.*RANDOM weights")
+        return create_model(name)
+
+
+@pytest.mark.parametrize("provider", list(LDVC_PROVIDERS))
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("case", list(RPN_CASES))
+def test_rpn_model(benchmark, case, mode, provider):
+    name, batch, size, classes = RPN_CASES[case]
+    model = _rpn(name)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, size, size, generator=gen)
+    targets = torch.randint(0, classes, (batch, size, size), generator=gen)
+    with torch.no_grad():
+        text = model.encode([f"class {i}" for i in range(classes)])
+
+    def step(backend: str):
+        with ops.use_backend(backend):
+            if mode == "fwd":
+                model.eval()
+                with torch.no_grad():
+                    return model(images, text)
+            model.train()
+            model.zero_grad(set_to_none=True)
+            # The same gate noise and dropout masks in every call.
+            torch.manual_seed(1)
+            loss = sum(model.loss(model(images, text), targets).values())
+            loss.backward()
+            return None
+
+    def fn():
+        return step(LDVC_PROVIDERS[provider])
+
+    flops = _count_flops(("rpn", case, mode), lambda: step("auto"))
+    record(benchmark, fn, op="rpn", case=case, mode=mode, provider=provider, flops=flops, warmup=1)
+    _ldvc_efficiency(benchmark, flops, model, batch, size)

@@ -64,6 +64,7 @@ __all__ = [
     "PixelCLIP",
     "PixelCLIPConfig",
     "check_pixelclip_state_dict",
+    "cluster_masks",
     "convert_pixelclip_state_dict",
     "interpolation_matrix",
     "pixelclip_config_overrides",
@@ -130,7 +131,7 @@ class ClusterResult:
     - ``keep``: (B, M) bool, the masks that took part (valid and at least ``min_mask_area`` pixels);
     - ``assignment``: (B, M) int64, the concept of each kept mask, -1 elsewhere;
     - ``plan``: (N, k) the Sinkhorn plan of the N kept masks, in ``keep``'s row-major order;
-    - ``targets``: (B, k, S, S) float 0/1, the union of each concept's masks per image;
+    - ``targets``: (B, k, S, S) bool, the union of each concept's masks per image;
     - ``masks``: (B, M, S, S) bool, the masks at the mask resolution.
     """
 
@@ -305,41 +306,18 @@ class PixelCLIP(Segmentor):
                 (default: the world when initialised).
         """
         cfg = self.config
-        b, h, w, d = teacher_features.shape
-        masks, valid = self._check_masks(masks, valid, b)
-        size = cfg.mask_size
-        if tuple(masks.shape[-2:]) != (size, size):
-            masks = F.interpolate(masks.to(torch.uint8), size=(size, size), mode="nearest").bool()
-        else:
-            masks = masks.bool()
-        area = masks.sum((-2, -1))
-        keep = valid & (area >= cfg.min_mask_area)
-
-        feats = teacher_features.float()
-        wy = interpolation_matrix(h, size, device=feats.device)  # (S, h)
-        wx = interpolation_matrix(w, size, device=feats.device)  # (S, w)
-        pooled = feats.new_zeros((b, masks.shape[1], d))
-        # Pooling of the S x S upsampled features, done on the h x w grid (exact, see
-        # interpolation_matrix), a few images at a time to bound the float copy of the masks.
-        for i in range(0, b, 8):
-            m = masks[i : i + 8].float()
-            weights = wy.T @ (m @ wx)  # (b', M, h, w)
-            pooled[i : i + 8] = torch.einsum("bmhw,bhwd->bmd", weights, feats[i : i + 8])
-        pooled = pooled / area.clamp(min=1).unsqueeze(-1)
-        logits = cfg.clustering_scale * (F.normalize(pooled, dim=-1) @ F.normalize(concepts.float(), dim=-1).T)
-        logits = logits * keep.unsqueeze(-1)
-
-        group = _process_group(process_group)
-        plan = pixelclip_sinkhorn(logits[keep], cfg.sinkhorn_iters, process_group=group)
-        assignment = torch.full((b, masks.shape[1]), -1, dtype=torch.long, device=masks.device)
-        assignment[keep] = plan.argmax(-1)
-
-        k = concepts.shape[0]
-        targets = feats.new_zeros((b * k, size * size))
-        rows = torch.arange(b, device=masks.device).unsqueeze(1) * k + assignment
-        targets.index_add_(0, rows[keep], masks[keep].flatten(1).to(targets.dtype))
-        targets = targets.clamp_(max=1.0).view(b, k, size, size)
-        return ClusterResult(logits, keep, assignment, plan, targets, masks)
+        masks, valid = self._check_masks(masks, valid, teacher_features.shape[0])
+        return cluster_masks(
+            teacher_features,
+            masks,
+            valid,
+            concepts,
+            mask_size=cfg.mask_size,
+            min_mask_area=cfg.min_mask_area,
+            scale=cfg.clustering_scale,
+            n_iters=cfg.sinkhorn_iters,
+            process_group=process_group,
+        )
 
     def mask_logits(self, student_features: Tensor, concepts: Tensor) -> Tensor:
         """Step 6: (B, k, S, S) mask logits from the student's (B, h, w, D) features: the cosine
@@ -396,8 +374,9 @@ class PixelCLIP(Segmentor):
         clusters = self.cluster(teacher_features, masks, valid, concepts.detach(), process_group=process_group)
         predictions = self.mask_logits(self.dense_features(student_in), concepts)
 
-        covered = clusters.targets.sum(1) > 0  # (B, S, S)
-        bce = F.binary_cross_entropy_with_logits(predictions.float(), clusters.targets, reduction="none")
+        covered = clusters.targets.any(1)  # (B, S, S)
+        targets = clusters.targets.float()
+        bce = F.binary_cross_entropy_with_logits(predictions.float(), targets, reduction="none")
         total = (bce * covered.unsqueeze(1)).sum()
         count = covered.sum().to(torch.float64) * predictions.shape[1]
         group = _process_group(process_group)
@@ -464,6 +443,84 @@ class PixelCLIP(Segmentor):
         if masks.device != valid.device:
             raise ValueError(f"valid is on {valid.device} but masks is on {masks.device}")
         return masks, valid
+
+
+@torch.no_grad()
+def cluster_masks(
+    teacher_features: Tensor,
+    masks: Tensor,
+    valid: Tensor,
+    concepts: Tensor,
+    *,
+    mask_size: int = 256,
+    min_mask_area: int = 2,
+    scale: float = 100.0,
+    n_iters: int = 3,
+    process_group=None,
+) -> ClusterResult:
+    """PixelCLIP's online clustering (steps 3-5 of the module docstring) on checked inputs.
+
+    ``teacher_features`` (B, h, w, D); ``masks`` (B, M, Hm, Wm) bool or 0/1 float; ``valid`` (B, M)
+    bool; ``concepts`` (k, D). Masks are resized (nearest) to ``mask_size``; the features are pooled
+    as if upsampled bilinearly to ``mask_size`` (the authors' order), computed on the h x w grid.
+    """
+    b, h, w, d = teacher_features.shape
+    n_slots = masks.shape[1]
+    size = mask_size
+    if tuple(masks.shape[-2:]) != (size, size):
+        masks = F.interpolate(masks.to(torch.uint8), size=(size, size), mode="nearest").bool()
+    else:
+        masks = masks.bool()
+    masks = masks.contiguous()
+    device = masks.device
+
+    # Pooling: sum_p m(p) up(F)(p) = sum_q (W_h^T m W_w)(q) F(q), so each mask is reduced to its
+    # h x w weights and the features are never upsampled. The masks are the big tensor (48 x 128 x
+    # 256 x 256 at the paper's batch): each valid one is read once, through a small reused float
+    # buffer. Bilinear weights sum to 1 per output pixel, so the weights also sum to the area.
+    feats = teacher_features.float()
+    wy = interpolation_matrix(h, size, device=feats.device)  # (S, h)
+    wx = interpolation_matrix(w, size, device=feats.device)  # (S, w)
+    flat = masks.view(b * n_slots, size, size)
+    weights = feats.new_zeros((b * n_slots, h, w))
+    chunk = max(1, (1 << 21) // (size * size))  # ~8 MB of float masks
+    buffer = feats.new_empty((chunk, size, size))
+    for start, stop in _runs(valid.flatten(), chunk):
+        m = buffer[: stop - start]
+        m.copy_(flat[start:stop])
+        weights[start:stop] = wy.T @ (m @ wx)
+    area = weights.sum((-2, -1)).round_().view(b, n_slots)
+    keep = valid & (area >= min_mask_area)
+    pooled = torch.bmm(weights.view(b, n_slots, h * w), feats.view(b, h * w, d))
+    pooled = pooled / area.clamp(min=1).unsqueeze(-1)
+    logits = scale * (F.normalize(pooled, dim=-1) @ F.normalize(concepts.float(), dim=-1).T)
+    logits = logits * keep.unsqueeze(-1)
+
+    plan = pixelclip_sinkhorn(logits[keep], n_iters, process_group=_process_group(process_group))
+    assignment = torch.full((b, n_slots), -1, dtype=torch.long, device=device)
+    assignment[keep] = plan.argmax(-1)
+
+    # Targets: the union (bitwise OR) of each concept's masks, on the bool bytes read 8 at a time.
+    k = concepts.shape[0]
+    targets = torch.zeros((b * k, size * size), dtype=torch.bool, device=device)
+    aligned = (size * size) % 8 == 0 and masks.storage_offset() % 8 == 0
+    word = torch.int64 if aligned else torch.uint8
+    out_words, mask_words = targets.view(word), flat.view(b * n_slots, size * size).view(word)
+    rows = (torch.arange(b, device=device).unsqueeze(1) * k + assignment)[keep].tolist()
+    for row, slot in zip(rows, keep.flatten().nonzero().flatten().tolist()):
+        out_words[row].bitwise_or_(mask_words[slot])
+    return ClusterResult(logits, keep, assignment, plan, targets.view(b, k, size, size), masks)
+
+
+def _runs(flags: Tensor, longest: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges of the True entries of a 1-D bool tensor, each at most ``longest`` long
+    (padding sits at the end of each image's slots, so the valid masks are read as plain slices)."""
+    padded = torch.cat([flags.new_zeros(1), flags, flags.new_zeros(1)]).to(torch.int8)
+    edges = torch.diff(padded).nonzero().flatten().tolist()
+    out = []
+    for start, stop in zip(edges[::2], edges[1::2]):
+        out.extend((i, min(i + longest, stop)) for i in range(start, stop, longest))
+    return out
 
 
 def _dense(visual: nn.Module, images: Tensor, positional) -> Tensor:
