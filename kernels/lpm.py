@@ -441,8 +441,8 @@ def _gemm_kernel(
     timing, no atomics).
 
     Grid: ``tiles x G x splits``, the splits chosen by ``_gemm_splits`` to reach the SM count; a launch
-    stays below it only when each split would keep fewer than ``MIN_SPLIT_STEPS`` K steps (a GEMM
-    smaller than one wave of the GPU, a few microseconds).
+    stays below it only when each split would keep fewer than ``MIN_SPLIT_STEPS`` K steps even with
+    32 x 32 tiles (a GEMM smaller than one wave of the GPU, a few microseconds).
     """
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -613,10 +613,15 @@ def _gemm_config(m: int, n: int, k: int, r: int, g: int, dot: int, sms: int) -> 
     """``(BLOCK_M, BLOCK_N, BLOCK_K, splits, num_warps, num_stages)`` of ``_gemm_kernel``.
 
     64 x 64 tiles, BLOCK_K 32 on tensor cores; float32 IEEE (CUDA cores) takes BLOCK_K 16 (the FMA
-    layout holds the B tile in registers); split-K as ``_splits`` says."""
-    bm, bn = min(64, _np2(m)), min(64, _np2(n))
+    layout holds the B tile in registers); split-K as ``_splits`` says, and 32 x 32 tiles when even the
+    splits leave SMs idle (a reduction of a few K steps, e.g. over 20 classes)."""
     bk = min(16 if dot == DOT_IEEE else 32, _np2(k))
-    splits = _splits(triton.cdiv(m, bm) * triton.cdiv(n, bn) * g, r * triton.cdiv(k, bk), MIN_SPLIT_STEPS, sms)
+    for side in (64, 32):
+        bm, bn = min(side, _np2(m)), min(side, _np2(n))
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn) * g
+        splits = _splits(tiles, r * triton.cdiv(k, bk), MIN_SPLIT_STEPS, sms)
+        if tiles * splits >= sms:
+            break
     return bm, bn, bk, splits, 4, 3
 
 
@@ -722,7 +727,7 @@ def _linear_ln_config(g: int, m: int, nout: int, dot: int, row_tile: int, sms: i
     else:
         widths = [w for w in (128, 64, 32) if w <= max(row_tile, 32)]
         bn = next((w for w in widths if blocks(16, w) >= sms), widths[-1])
-        bm = 32 if blocks(32, bn) >= sms else 16
+        bm = 32 if (blocks(32, bn) >= sms and not fma) else 16
     bk = (8 if bn >= 256 else 16) if fma else (16 if dot == DOT_TF32 else 32)
     warps = 8 if bn >= 256 else 4
     return bm, bn, bk, warps, 3 if dot in (DOT_BF16, DOT_FP16) else 2

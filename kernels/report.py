@@ -15,16 +15,19 @@ ptxas; no driver) and read back:
               target (A100 166,912 B, H100 232,448 B), plus the 1 KiB the driver reserves per block;
 ``occ``       resident blocks per SM (registers, shared memory, threads and the 32-block limit) and the
               warp occupancy they give;
-``mma``       how each ``tl.dot`` lowers, from the TTGIR: ``wgmma`` (sm_90 warp-group MMA), ``mma``
+``dots``      how each ``tl.dot`` lowers, from the TTGIR: ``wgmma`` (sm_90 warp-group MMA), ``mma``
               (``mma.sync`` tensor cores), ``fma`` (CUDA cores; expected only for float32 with IEEE
-              precision); ``HMMA`` / ``HGMMA`` instruction counts of the SASS confirm it;
+              precision), with its operands' element type; ``HMMA`` / ``HGMMA`` instruction counts of
+              the SASS confirm it;
 ``grid``      blocks of the launch against the SM count (A100 108, H100 132).
 
 Findings (``python -m ovseg_fast.kernels.report`` exits 1 when any is an error; the CI test asserts none):
 
 - ``smem``: the build needs more shared memory than a block may have: it would not launch;
 - ``regs`` / ``spill``: more than 255 registers or any spill;
-- ``fma``: a float16 / bfloat16 ``tl.dot`` that does not run on tensor cores (and a TF32 dot that does not);
+- ``fma``: a ``tl.dot`` of a float16 / bfloat16 launch that does not run on tensor cores (whatever its
+  operands' type: float32 workspaces multiplied in float32 count), or a float32 dot on CUDA cores when
+  torch allows TF32 (the ``tf32`` pseudo-dtype);
 - ``grid``: a grid with fewer blocks than the GPU has SMs, unless the kernel's docstring has a ``Grid:``
   paragraph that says why (small problems, a sequential dependency); such rows are listed as ``documented``.
 
@@ -456,8 +459,9 @@ def findings(launch: Launch, info: dict, target: Target) -> list[tuple[str, str]
     if info["spill"]:
         out.append(("spill", f"{info['spill']} B of stack per thread (register spills)"))
     for d in info["dots"]:
-        if d["dtype"] in ("bf16", "f16") and d["unit"] == "fma":
-            out.append(("fma", f"a {d['dtype']} tl.dot runs on FFMA, not on tensor cores"))
+        # a bfloat16 op whose dot multiplies float32 tiles (a workspace mixed in) is off the tensor cores too
+        if d["unit"] == "fma" and (d["dtype"] in ("bf16", "f16") or launch.dtype in ("bfloat16", "float16")):
+            out.append(("fma", f"a {d['dtype']} tl.dot of a {launch.dtype} launch runs on FFMA, not tensor cores"))
         if launch.dtype == "tf32" and d["dtype"] == "f32" and d["unit"] == "fma":
             out.append(("fma", "a float32 tl.dot runs on FFMA although torch allows TF32"))
     if any(d["unit"] != "fma" for d in info["dots"]) and not (info["hmma"] or info["hgmma"]):
