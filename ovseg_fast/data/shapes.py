@@ -42,6 +42,8 @@ class ShapesDataset(Dataset):
         colors: colour names (keys of :data:`SHAPE_COLORS`).
         kinds: shape names (from :data:`SHAPE_KINDS`).
         max_shapes: at most this many shapes per image (at least 1).
+        radius_range: a shape's size (circle radius, square half-diagonal-ish), as fractions of
+            ``image_size``, drawn uniformly.
         seed: the generator seed.
         transform: applied to each sample dict (see :mod:`ovseg_fast.data.common`).
 
@@ -58,6 +60,7 @@ class ShapesDataset(Dataset):
         colors: Sequence[str] = ("red", "green", "blue"),
         kinds: Sequence[str] = SHAPE_KINDS,
         max_shapes: int = 3,
+        radius_range: Sequence[float] = (0.15, 0.3),
         seed: int = 0,
         transform: Optional[Callable[[dict], dict]] = None,
     ) -> None:
@@ -69,6 +72,8 @@ class ShapesDataset(Dataset):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < minimum:
                 raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        if len(radius_range) != 2 or not 0 < radius_range[0] <= radius_range[1] <= 0.5:
+            raise ValueError(f"radius_range must be (low, high) with 0 < low <= high <= 0.5, got {radius_range!r}")
         colors, kinds = tuple(colors), tuple(kinds)
         unknown = [c for c in colors if c not in SHAPE_COLORS]
         if unknown or not colors or len(set(colors)) != len(colors):
@@ -81,6 +86,7 @@ class ShapesDataset(Dataset):
         self.colors = colors
         self.kinds = kinds
         self.max_shapes = max_shapes
+        self.radius_range = (float(radius_range[0]), float(radius_range[1]))
         self.seed = seed
         self.transform = transform
         self.class_names: tuple[str, ...] = ("background", *(f"{c} {k}" for c in colors for k in kinds))
@@ -110,7 +116,7 @@ class ShapesDataset(Dataset):
         for _ in range(int(rng.integers(1, self.max_shapes + 1))):
             ci = int(rng.integers(len(self.colors)))
             ki = int(rng.integers(len(self.kinds)))
-            radius = rng.uniform(0.12, 0.25) * s
+            radius = rng.uniform(*self.radius_range) * s
             cy, cx = rng.uniform(radius * 0.6, s - radius * 0.6, size=2)
             inside = _shape(self.kinds[ki], yy - cy, xx - cx, radius, rng.uniform(0, 2 * np.pi))
             # A little brightness jitter per shape, so colour is a range and not one exact value.
