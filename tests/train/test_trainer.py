@@ -209,3 +209,25 @@ def test_two_gloo_processes_equal_one_with_the_same_global_batch(tmp_path):
             torch.testing.assert_close(r["weights"][k], v, rtol=0, atol=3 * 1e-3)
     assert results[0]["miou"] == results[1]["miou"]
     assert (tmp_path / "two" / "checkpoint.pt").exists()
+
+
+def test_shipped_configs_load_and_name_known_models_and_data():
+    from ovseg_fast.data import DATASETS
+    from ovseg_fast.models import list_models
+
+    configs = sorted((ROOT / "configs").glob("*.toml"))
+    assert {p.name for p in configs} >= {"shapes_clip.toml", "shapes_ldvc.toml", "voc_ldvc.toml", "voc_rpn.toml"}
+    for path in configs:
+        config = load_config(path)
+        assert config.model.name in list_models(), path
+        assert config.data.dataset in DATASETS, path
+
+
+@pytest.mark.slow
+def test_shapes_clip_loss_falls(tmp_path):
+    overrides = ["schedule.iterations=40", "schedule.warmup_iters=5", "eval.interval=0", "run.log_interval=1",
+                 "data.val_options={num_samples=4}", f"run.work_dir='{tmp_path}'"]
+    Trainer(load_config(ROOT / "configs" / "shapes_clip.toml", overrides), progress=False).run()
+    losses = [loss for _, loss in train_losses(tmp_path)]
+    assert len(losses) == 40
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
