@@ -195,17 +195,33 @@ class ScaleExpert(nn.Module):
         y = z
         if (ph, pw) != (h, w):
             if h % ph == 0 and w % pw == 0:
-                # Exact block means by a reshape: also valid for an expert that received no image.
-                y = z.reshape(*z.shape[:2], ph, h // ph, pw, w // pw).mean((3, 5))
+                y = F.avg_pool2d(z, (h // ph, w // pw))
             else:
                 y = F.adaptive_avg_pool2d(z, (ph, pw))
-        y = F.gelu(self.conv(y))
+        y = F.gelu(_depthwise3x3(y, self.conv.weight, self.conv.bias))
         if (ph, pw) != (h, w):
             y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False)
         return y
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
+
+
+def _depthwise3x3(z: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``F.conv2d(z, weight, bias, padding=1, groups=C)`` as nine shifted multiply-adds.
+
+    The experts' maps are small (at most the patch grid, r channels), so this costs little, and
+    unlike ``aten.convolution`` it compiles: inductor mis-plans the layout of a convolution whose
+    batch is a data-dependent expert group size (a stride assertion fails at run time).
+    """
+    h, w = z.shape[-2:]
+    zp = F.pad(z, (1, 1, 1, 1))
+    k = weight.reshape(1, -1, 9, 1, 1)
+    out = bias.view(1, -1, 1, 1) + zp[..., :h, :w] * k[:, :, 0]
+    for i in range(1, 9):
+        dy, dx = divmod(i, 3)
+        out = out + zp[..., dy : dy + h, dx : dx + w] * k[:, :, i]
+    return out
 
 
 class M2oE(nn.Module):
@@ -234,7 +250,9 @@ class M2oE(nn.Module):
 
     def forward(self, patches: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Optional[Tensor]]:
         b = patches.shape[0]
-        z = self.down(patches).transpose(1, 2).reshape(b, -1, *grid)
+        # Contiguous (B, r, h, w): the transposed view is channels-last, and inductor's layout plan for
+        # the experts' convolutions then disagrees with what moe_dispatch's copy really has.
+        z = self.down(patches).transpose(1, 2).reshape(b, -1, *grid).contiguous()
         loss = None
         if self.gate is None:
             y = torch.stack([expert(z) for expert in self.experts]).mean(0)
@@ -414,11 +432,15 @@ class RPN(Segmentor):
         return [names[i] for i in self.seen_classes]
 
     # -- the network ----------------------------------------------------------------------------
-    def _prompt_tokens(self, p: Tensor) -> Tensor:
-        """The shared projection of visual and relationship prompts: Linear (+ LayerNorm) + dropout."""
+    def _prompt_tokens(self, p: Tensor, batch: Optional[int] = None) -> Tensor:
+        """The shared projection of visual and relationship prompts: Linear (+ LayerNorm) + dropout.
+        With ``batch``, ``p`` (..., n, width) is projected once and repeated per image before the
+        dropout (independent masks per image, as the public code)."""
         p = self.prompt_proj(p)
         if self.prompt_norm is not None:
             p = self.prompt_norm(p)
+        if batch is not None:
+            p = p.unsqueeze(-3).expand(*p.shape[:-2], batch, *p.shape[-2:])
         return self.prompt_dropout(p)
 
     def _joint(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -479,7 +501,7 @@ class RPN(Segmentor):
 
         visual_prompts = None
         if bb.visual_prompts is not None:
-            visual_prompts = self._prompt_tokens(bb.visual_prompts.unsqueeze(1).expand(-1, b, -1, -1))
+            visual_prompts = self._prompt_tokens(bb.visual_prompts, batch=b)
         balance = []
         relation = None
         n_layers = len(visual.transformer.resblocks)
