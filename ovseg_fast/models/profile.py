@@ -127,6 +127,8 @@ class ProfileResult:
     reference_latency_ms: Optional[float] = None
     speedup: Optional[float] = None
     quoted: tuple[QuotedRow, ...] = (ZEGCLIP,)
+    params: Optional[int] = None  #: exact counts (papers quote trainable counts to the unit)
+    trainable_params: Optional[int] = None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -439,6 +441,8 @@ def _measure(
         efficiency=achieved / gemm_rate,
         reference_latency_ms=None if reference_latency is None else reference_latency * 1e3,
         speedup=speedup,
+        params=params,
+        trainable_params=trainable,
     )
 
 
@@ -495,6 +499,8 @@ def format_profile(results: Union[ProfileResult, Sequence[ProfileResult]], *, br
             if r.speedup is not None
             else "none"
         )
+        if r.params is not None and r.trainable_params is not None:
+            out.append(f"{r.model}: {r.params:,} parameters, {r.trainable_params:,} trainable.")
         out.append(
             f"{r.dtype}: {r.timed_runs} timed runs on {r.threads} threads; efficiency = achieved GFLOP/s / "
             f"{r.gemm_gflops_per_s:.1f} GFLOP/s of a float32 torch.mm ({m}x{k} @ {k}x{n}, the model's largest "
