@@ -2,7 +2,8 @@
 ``shapes`` dataset, and the joint image/mask augmentation. Imports nothing else of ovseg_fast.
 
 ``build_dataset(name, split, root=None, **options)`` opens any of them by name (what the training
-configs' ``[data]`` tables name); :data:`DATASETS` lists the names.
+configs' ``[data]`` tables name); :data:`DATASETS` lists the names. Unlabeled images with SA-1B-style
+mask files (PixelCLIP's data) are read by :mod:`ovseg_fast.data.masks` (``SA1BFolder``).
 """
 
 from __future__ import annotations

@@ -43,8 +43,9 @@ class BadSampleError(ValueError):
     """A sample that cannot be used: a corrupt image, a mask of another size, a label outside the
     class list. ``path`` names the file, ``reason`` says what is wrong."""
 
-    def __init__(self, path: Union[str, os.PathLike], reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
+    def __init__(self, path: Union[str, os.PathLike], reason: str = "") -> None:
+        # One-argument form: DataLoader workers re-raise an exception from its message alone.
+        super().__init__(f"{path}: {reason}" if reason else str(path))
         self.path = str(path)
         self.reason = reason
 
