@@ -41,9 +41,39 @@ it into the two following GEMMs would need the row-complete tile in both, which 
 persistent kernel; not implemented. A few C-sized (B x C x D_out) products of the logits backward
 (``Z * gamma + rows beta^T``) are PyTorch glue.
 
-Accumulation is in float32 for float32 / float16 / bfloat16 (``tl.dot`` with ``input_precision=
-"ieee"`` for float32, so no TF32 rounding); products of reduced-precision tiles are rounded to the
-input dtype before ``tl.dot`` as the plain-PyTorch spec rounds them.
+Accumulation is in float32 for float32 / float16 / bfloat16. float32 dots follow torch's float32 matmul
+setting (``ovseg_fast.kernels._gpu.fp32_precision``): ``input_precision="ieee"`` (CUDA cores, no TF32
+rounding) under torch's default, TF32 tensor cores when ``torch.backends.cuda.matmul.fp32_precision`` is
+``"tf32"``. For float16 / bfloat16 ops every dot runs on the tensor cores in the op's dtype: float32
+operands (the LayerNorm's ``xhat``, the gradient workspaces) are rounded to it first, as the plain-PyTorch
+spec run in that dtype rounds its intermediate tensors (flash-attention's rule against float64 holds).
+
+Tiles and grids come from ``_linear_ln_config``, ``_logits_config``, ``_gemm_config`` (split-K) and
+``_splits`` (split reductions), sized for ``_gpu.num_sms`` of the device; GEMMs and reductions whose
+output has too few tiles for the GPU split their reduction into float32 partials summed by a second,
+deterministic pass (no atomics).
+
+GPU resources
+-------------
+From the static check (``python -m ovseg_fast.kernels.report``: Triton 3.8 compiles for sm_80 = A100 and
+sm_90 = H100 with its bundled ptxas, at the launch configurations the launchers choose for the benchmark
+shapes; ``tests/ops/test_triton_static.py`` asserts them). Per kernel, the largest over those launches,
+written ``sm_80/sm_90``: registers per thread, shared memory per block (KB); float32 with torch's default
+(IEEE dots on CUDA cores, ``fma``), with TF32 allowed (``tf32``) and bfloat16 (float16 compiles the same
+tensor-core code). No build spills, every one fits the target's shared memory with at least one block per
+SM, and every bfloat16 / TF32 dot runs on tensor cores (``mma``; ``wgmma`` on sm_90 where the tile has
+64 rows). Grids reach the SM count at the benchmark shapes except where a kernel's ``Grid:`` paragraph
+says why. Speed is not shown by this: only a GPU run measures it.
+
+``_linear_ln_kernel``: registers fp32 168/168, tf32 112/96, bf16 128/110; shared KB fp32 18/18, tf32 18/18,
+  bf16 36/36; 4 warps; dots fp32 fma, tf32 mma, bf16 mma.
+``_ln_finish_kernel``: registers fp32 48/40, bf16 55/56; shared KB fp32 0/0, bf16 4/4; 4 warps.
+``_logits_kernel``: registers fp32 128/112, tf32 107/108, bf16 232/168; shared KB fp32 96/96, tf32 96/96, bf16
+  66/66; 4/8 warps; dots fp32 fma, tf32 mma, bf16 mma.
+``_mul_reduce_kernel``: registers fp32 72/72, bf16 64/64; shared KB fp32 0/0, bf16 0/0; 4 warps.
+``_gemm_kernel``: registers fp32 114/80, tf32 96/68, bf16 68/58; shared KB fp32 16/16, tf32 32/48, bf16 16/24;
+  4 warps; dots fp32 fma, tf32 mma+wgmma, bf16 mma+wgmma.
+``_ln_backward_kernel``: registers fp32 72/72, bf16 72/72; shared KB fp32 0/0, bf16 0/0; 4 warps.
 """
 
 from __future__ import annotations

@@ -117,6 +117,25 @@ interpreter are worked around behind the ``INTERP_BF16`` constexpr, which is nev
 ``tl.dot`` of bfloat16 operands multiplies their raw bit patterns (so operands are upcast to
 float32, which computes what the tensor cores compute), and its float32 -> bfloat16 cast truncates
 (so the stored outputs are rounded to nearest even by integer arithmetic first).
+
+GPU resources
+-------------
+From the static check (``python -m ovseg_fast.kernels.report``: Triton 3.8 compiles for sm_80 = A100 and
+sm_90 = H100 with its bundled ptxas, at the launch configurations the launchers choose for the benchmark
+shapes; ``tests/ops/test_triton_static.py`` asserts them). Per kernel, the largest over those launches,
+written ``sm_80/sm_90``: registers per thread, shared memory per block (KB); float32 with torch's default
+(IEEE dots on CUDA cores, ``fma``), with TF32 allowed (``tf32``) and bfloat16 (float16 compiles the same
+tensor-core code). No build spills, every one fits the target's shared memory with at least one block per
+SM, and every bfloat16 / TF32 dot runs on tensor cores (``mma``; ``wgmma`` on sm_90 where the tile has
+64 rows). Grids reach the SM count at the benchmark shapes except where a kernel's ``Grid:`` paragraph
+says why. Speed is not shown by this: only a GPU run measures it.
+
+``_fwd_kernel``: registers fp32 128/136, tf32 226/164, bf16 162/160; shared KB fp32 40/40, tf32 41/41, bf16
+  20/20; 4/8 warps; dots fp32 fma, tf32 mma, bf16 mma.
+``_bwd_dq_kernel``: registers fp32 128/134, tf32 168/182, bf16 168/148; shared KB fp32 44/44, tf32 48/48, bf16
+  22/22; 4/8 warps; dots fp32 fma, tf32 mma, bf16 mma.
+``_bwd_dkdv_kernel``: registers fp32 156/153, tf32 177/170, bf16 178/152; shared KB fp32 45/45, tf32 57/57,
+  bf16 23/23; 8 warps; dots fp32 fma, tf32 mma, bf16 mma.
 """
 
 from __future__ import annotations
