@@ -36,15 +36,15 @@ Registered names (config presets of one module, :class:`RPN`):
 Choices the issue left open (documented API):
 
 * The classes: the config holds ``num_classes`` and ``unseen_classes`` (dataset label ids), not
-  names; the caller passes the names in dataset order. ``loss`` takes targets in the dataset's label
-  space. Logits over all ``num_classes`` classes in training (or over the seen ones only, see
-  :meth:`RPN.seen_class_names`) are reduced to the seen classes, with unseen pixels ignored, unless
-  ``self_training`` is on: then the unseen pixels get pseudo-labels, the model's own argmax over the
-  unseen classes of its detached scores (ZegCLIP's and RPN's transductive rule; pixels whose best
-  unseen score is below ``pseudo_label_threshold`` are ignored, 0 keeps every one as they do).
-  Outputs with any other number of classes are trained on the targets as given (fully supervised).
-  Train zero-shot with ``model(images, model.seen_class_names(names))``: the relationship prompts
-  are built from the classes passed, so passing all classes would show unseen text in training.
+  names; the caller passes the names. ``loss``'s targets index the classes the outputs score: train
+  zero-shot on the seen classes only (``model.seen_class_names(names)``, targets remapped to them
+  with unseen pixels 255, as the trainer's ``RestrictClasses`` does), because the relationship
+  prompts are built from the classes passed and all classes would show unseen text in training.
+  Outputs over all ``num_classes`` classes with dataset labels are reduced to the seen classes
+  (unseen pixels ignored) unless ``self_training`` is on: then the unseen pixels get pseudo-labels,
+  the model's own argmax over the unseen classes of its detached scores (ZegCLIP's and RPN's
+  transductive rule; pixels whose best unseen score is below ``pseudo_label_threshold`` are
+  ignored, 0 keeps every one as they do).
 * The balancing loss: ``forward`` in training mode with gradients enabled stores the gates' Switch
   load-balancing loss (mean over the M2oE layers) on the module; ``loss`` adds it as
   ``loss_balance = balance_weight * that`` (so ``loss`` refers to the most recent training forward).
@@ -553,8 +553,9 @@ class RPN(Segmentor):
     def loss(self, outputs: Tensor, targets: Tensor, *, ignore_index: int = 255) -> dict[str, Tensor]:
         """``loss_focal`` (x ``focal_weight``) + ``loss_dice`` (x ``dice_weight``) of the sigmoid
         logits, plus ``loss_balance`` (x ``balance_weight``) when the last forward was a training
-        forward through sparse M2oE. ``targets`` (B, H, W) int64 are dataset label ids (see the
-        module doc for the seen/unseen handling); the logits are resized bilinearly to them."""
+        forward through sparse M2oE. ``targets`` (B, H, W) int64 index the classes the outputs
+        score, or are dataset label ids when all ``num_classes`` are scored (see the module doc for
+        the seen/unseen handling); the logits are resized bilinearly to them."""
         outputs, targets = self._check_loss_inputs(outputs, targets, ignore_index)
         logits = _resize(outputs.float(), targets.shape[-2:])
         logits, targets = self._training_targets(logits, targets, ignore_index)
@@ -572,22 +573,21 @@ class RPN(Segmentor):
     def _training_targets(self, logits: Tensor, targets: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
         c = logits.shape[1]
         n_all, seen = self.config.num_classes, self.seen_classes
-        if len(seen) == n_all or c not in (n_all, len(seen)):
+        if len(seen) == n_all or c != n_all:
             return logits, targets
         in_range = (targets >= 0) & (targets < n_all)
         label = targets.clamp(0, n_all - 1)
         is_unseen = torch.ones(n_all, dtype=torch.bool, device=targets.device)
         is_unseen[list(seen)] = False
         unseen_pixel = in_range & is_unseen[label]
-        if c == n_all and self.config.self_training:
+        if self.config.self_training:
             with torch.no_grad():
                 scores = logits.detach().sigmoid()
                 scores[:, list(seen)] = -1.0
                 best, pseudo = scores.max(1)
                 pseudo = torch.where(best >= self.config.pseudo_label_threshold, pseudo, ignore_index)
             return logits, torch.where(unseen_pixel, pseudo, targets)
-        if c == n_all:
-            logits = logits[:, list(seen)]
+        logits = logits[:, list(seen)]
         lut = torch.full((n_all,), ignore_index, dtype=targets.dtype, device=targets.device)
         lut[list(seen)] = torch.arange(len(seen), dtype=targets.dtype, device=targets.device)
         return logits, torch.where(in_range, lut[label], targets)
