@@ -64,7 +64,7 @@ def test_tune_finds_the_planted_optimum_and_restores_the_config():
     assert model.config.threshold == 0.5 and model.config.passes == 4  # the defaults again
 
 
-def test_clip_reward_prefers_the_mask_that_keeps_the_object():
+def test_clip_reward_equals_the_hand_computed_one():
     torch.manual_seed(0)
     clip = CLIPBackbone(tiny_clip(64), image_size=64).eval()
     images = torch.randn(1, 3, 64, 64)
