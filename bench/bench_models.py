@@ -363,7 +363,7 @@ def test_ldvc_model(benchmark, case, mode, provider):
 import numpy as np  # noqa: E402
 
 PNP_CASES = {"pnp_ovss_base 384x384 C=5+bg T=4 crf": ("pnp_ovss_base", 384, 5)}
-PNP_PROVIDERS = ("ovseg_fast", "public_loop")
+PNP_PROVIDERS = ("public_loop", "ovseg_fast")  # the loop first: its timed call's labels are the reference
 PNP_CLASSES = ("person", "rocket", "flag", "helmet", "sky", "background")
 
 
@@ -478,31 +478,36 @@ def _pnp_labels(case: str, provider: str) -> np.ndarray:
     return _PNP_LABELS[case, provider]
 
 
+# One call of the loop is minutes on a loaded 2-core machine (~10 min measured): an hour's timeout.
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("provider", PNP_PROVIDERS)
 @pytest.mark.parametrize("case", list(PNP_CASES))
 def test_pnp_ovss(benchmark, case, provider):
     name, size, _ = PNP_CASES[case]
     model, image = _pnp(name), _pnp_image(size)
     names = list(PNP_CLASSES)
-    agreement = float((_pnp_labels(case, provider) == _pnp_labels(case, "public_loop")).mean())
-    if provider == "ovseg_fast":
-        record(
-            benchmark,
-            lambda: model.predict(image, names),
-            op="pnp_ovss",
-            case=case,
-            mode="fwd",
-            provider=provider,
-            warmup=1,
-        )
-    else:
-        # A call is minutes on 2 cores (20 whole-model forwards and backwards): one timed round, no
-        # warm-up (its labels were computed above), no separate peak-memory call.
+    if provider == "public_loop":
+        # 20 whole-model forwards and backwards a call: one timed round, no warm-up, no separate
+        # peak-memory call; the round's labels are kept for the agreement check.
+        def fn():
+            _PNP_LABELS[case, provider] = pnp_ovss_public_loop(model, image, names)
+
         benchmark.group = f"pnp_ovss | {case} | fwd"
         benchmark.extra_info.update(
             op="pnp_ovss", case=case, mode="fwd", provider=provider, flops=None, peak_memory=None
         )
-        benchmark.pedantic(lambda: pnp_ovss_public_loop(model, image, names), rounds=1, iterations=1)
+        benchmark.pedantic(fn, rounds=1, iterations=1)
+        return
+    record(
+        benchmark,
+        lambda: model.predict(image, names),
+        op="pnp_ovss",
+        case=case,
+        mode="fwd",
+        provider=provider,
+        warmup=1,
+    )
+    agreement = float((_pnp_labels(case, provider) == _pnp_labels(case, "public_loop")).mean())
     benchmark.extra_info["label_agreement_vs_public_loop"] = agreement
 
 
