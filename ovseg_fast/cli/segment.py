@@ -175,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"ovseg-fast segment: skipped {problem}", file=sys.stderr)
     size = args.size or int(getattr(getattr(model, "config", None), "image_size", 512))
-    text = model.encode(class_names)
+    with torch.no_grad():
+        text = model.encode(class_names)
     bar: Optional[object] = None
     if len(files) > 1 and not args.no_progress:
         from tqdm import tqdm
