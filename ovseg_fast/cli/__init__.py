@@ -1,8 +1,9 @@
 """The ``ovseg-fast`` command.
 
 ``ovseg-fast info``                 the environment report (same as ``python -m ovseg_fast.info``).
-``ovseg-fast bench [OP ...]``       runs the benchmarks of the named ops (default: all) with
-                                    pytest-benchmark, then prints per op, case and mode the median
+``ovseg-fast bench [OP ...]``       runs the benchmarks of the named ops (default: every op and
+                                    drop-in; ``models`` runs when named) with pytest-benchmark,
+                                    then prints per op, case and mode the median
                                     time of every provider, ovseg-fast's speed-up over it and the
                                     peak memory. ``--json PATH`` saves results, machine, versions and
                                     commit and the CPU capability; ``--plot PATH`` draws the

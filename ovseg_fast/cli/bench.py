@@ -24,10 +24,17 @@ def _bench_dir() -> Path:
     return Path(ovseg_fast.bench.__file__).resolve().parent
 
 
+# Benchmarks run only when named: the models' rows time whole networks (and, for PnP-OVSS, a
+# public-code-style loop of minutes per call), an hour or more on a 2-core machine, while the
+# default run (every op, the drop-ins) takes minutes.
+ON_REQUEST = ("models",)
+
+
 def benchmark_files(ops: list[str]) -> list[Path]:
+    """The ``bench/bench_<name>.py`` files of ``ops``; no names: every one but :data:`ON_REQUEST`."""
     available = {p.stem[len("bench_") :]: p for p in sorted(_bench_dir().glob("bench_*.py"))}
     if not ops:
-        return list(available.values())
+        return [path for name, path in available.items() if name not in ON_REQUEST]
     unknown = [op for op in ops if op not in available]
     if unknown:
         raise SystemExit(f"ovseg-fast bench: no benchmark for {', '.join(unknown)}; choose from {', '.join(available)}")
@@ -149,7 +156,9 @@ def machine_block(info: dict[str, Any]) -> dict[str, Any]:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("bench", help="run benchmarks and print the ratio table")
-    parser.add_argument("ops", nargs="*", help="ops to benchmark (default: all)")
+    parser.add_argument(
+        "ops", nargs="*", help=f"benchmarks to run (default: all but {', '.join(ON_REQUEST)}, which run when named)"
+    )
     parser.add_argument("--json", help="save results, machine (with the CPU capability), versions and commit as JSON")
     parser.add_argument("--plot", help="save a PNG of the speed-ups, one panel per op")
     parser.add_argument("-k", help="pytest -k expression to select cases")
