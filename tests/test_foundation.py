@@ -157,6 +157,9 @@ def test_bench_table_and_plot(tmp_path):
     assert (tmp_path / "speedups.png").stat().st_size > 1000
     with pytest.raises(SystemExit, match="no benchmark for nope"):
         benchmark_files(["nope"])
+    default = {p.stem for p in benchmark_files([])}
+    assert {"bench_sinkhorn", "bench_dense_crf"} <= default and "bench_models" not in default
+    assert [p.stem for p in benchmark_files(["models"])] == ["bench_models"]
 
 
 @pytest.mark.slow
