@@ -46,30 +46,30 @@ Variants (chosen in the host launchers from the padded tile size, forced with ``
   per tile), so tiny problems (e.g. 8x8) run on one warp and a B=256, 64x64 batch gives 256
   programs of 8 warps. Packing several tiny problems into one program (a 3D tile, per-problem
   active flags) would help only for sub-warp problems with huge B; it is not implemented.
-* ``streaming``: for tiles that do not fit (SwAV: N=4096, K=3000). One program per problem runs
-  the iteration loop over row blocks of ``BLOCK_N`` rows; each iteration is ONE pass over the
-  scores: per row block, the row step of iteration ``t`` (row-local: needs the complete ``G^t``) is
-  followed at once by the online column logsumexp of iteration ``t + 1`` with the fresh ``F^t``
-  (running max / rescaled sum per column, merged block by block). ``F`` never needs to be stored
-  (other than in the history); ``G`` is a register vector when the padded K fits one column chunk
-  (``BLOCK_K <= STREAM_MAX_BLOCK_K`` = 4096, the common case) and otherwise lives in a global
-  workspace, as do the column accumulators, which are then read-modified-written per (row block,
-  column chunk) with a CTA barrier (``tl.debug_barrier``: bar.sync also orders global memory
-  within the CTA) between a store and the next load, since the compiler may give the load and the
-  store different thread layouts. The final row step and the plan write are a separate,
-  fully parallel launch (grid ``(B, cdiv(N, BLOCK_N))``) from the final ``G`` (kept in base 2 in a
-  workspace, so the recomputed ``F`` is bit-identical to a continuation of the loop).
+* ``streaming``: for tiles that do not fit (PixelCLIP's one problem: N=6144, K=64; SwAV: N=4096,
+  K=3000). Each problem is split over ``P`` row-slab programs (about ``STREAM_TARGET_PROGRAMS`` =
+  264 over the batch, two per H100 SM, so B = 1 fills the GPU) and every iteration is a two-phase
+  reduction, two launches:
 
-  One program per problem leaves most of a GPU idle when B is small (SwAV runs B=1): each
-  iteration is then bounded by one SM. The way to split one problem across ``P`` programs is a
-  two-phase reduction per iteration: phase 1, grid ``(B, P)``, program ``p`` owns a slab of row
-  blocks, does their row steps with the complete ``G`` and writes its partial column
-  ``(max, sum)`` to a ``(B, P, K)`` workspace; phase 2, grid ``(B, cdiv(K, BLOCK_K))``, merges the
-  ``P`` partials, forms ``G`` and a per-chunk partial of the early-stop error. Early stopping stays
-  on device: a per-problem ``active`` flag in global memory (set by the next phase 1 from the chunk
-  errors) makes the programs of a stopped problem return at once; the host launches all
-  ``2 * n_iters`` phases without reading anything back (and can capture them in a CUDA graph).
-  That is not implemented here.
+  - phase 1 (``_sinkhorn_fwd_rows_kernel``, grid ``(B, P)``): program ``p`` streams its row blocks of
+    ``BLOCK_N`` rows once, does their row step ``t`` with the complete ``G^t`` (row-local) and folds
+    ``y + F^t`` into column ``(max, sum)`` partials, written to its slab of a ``(B, P, K)`` workspace
+    (registers when the padded K fits one chunk, ``BLOCK_K <= STREAM_MAX_BLOCK_K`` = 4096; otherwise
+    the slab is read-modified-written per (row block, column chunk) behind a CTA barrier);
+  - phase 2 (``_sinkhorn_fwd_cols_kernel``, grid ``(B, cdiv(K, 1024))``): merges the ``P`` partials of
+    its columns into the logsumexp of column step ``t + 1``, writes ``G^{t+1}`` (double-buffered by
+    the parity of ``t``) and its part of the early-stop error after row step ``t``.
+
+  Early stopping stays on the device: the next phase 1 (or the plan launch) reduces the error
+  partials, and a stopped problem's programs return at once (a per-problem, per-pass ``ACT`` flag);
+  the host launches all ``2 n_iters + 1`` kernels without reading anything back (and could capture
+  them in a CUDA graph). The final row step and the plan write are a fully parallel launch (grid
+  ``(B, cdiv(N, BLOCK_N))``) that resolves ``n_done`` and reads the final ``G`` from its buffer, so
+  the recomputed ``F`` is bit-identical to a continuation of the loop.
+
+  Grid: phase 1 has ``B * P`` programs (``P <= cdiv(N, BLOCK_N)``; 48 for (1, 6144, 64), 264 for
+  SwAV); phase 2 ``B * cdiv(K, 1024)``, a merge of ``P x 1024`` values per program, few blocks
+  because its work is that small (one column chunk for K = 64).
 
 Backward
 --------
@@ -84,13 +84,16 @@ The reverse of the unrolled loop (``sinkhorn_backward_reference``), recomputed f
 
 * ``resident``: ``y`` and ``dx`` stay in registers, both softmaxes are recomputed exactly on chip
   (row / column max and sum), one sweep of the tile per iteration, the gradient is written once.
-* ``streaming``: two launches. (1) One program per problem runs the vector recursion (``Fb``,
-  ``Gg``), one pass over the row blocks per iteration: per row block, column step ``t`` gives the
-  block's ``Fb^{t-1}`` (row-local), which at once feeds row step ``t - 1`` (its row softmax and its
-  column sums into ``Gg^{t-1}``). The column softmax of column step ``t - 1`` needs all rows, so its
-  statistics are accumulated online one pass ahead (a third ``exp2`` per element). Every ``Fb^t``,
-  ``Gg^t`` and the softmax statistics, kept as a (shift, log2-sum) pair, go to ``(B, T, N)`` /
-  ``(B, T, K)`` float32 workspaces. (2) A fully parallel launch over row blocks forms
+* ``streaming``: the vector recursion (``Fb``, ``Gg``), one pass over the row blocks per iteration,
+  split like the forward into row-slab programs (``_sinkhorn_bwd_rows_kernel``, grid ``(B, P)``) and
+  a column phase that merges their partials (``_sinkhorn_bwd_cols_kernel``): per row block, column
+  step ``t`` gives the block's ``Fb^{t-1}`` (row-local), which at once feeds row step ``t - 1`` (its
+  row softmax and its column sums into ``Gg^{t-1}``). The column softmax of column step ``t - 1``
+  needs all rows, so its statistics are accumulated one pass ahead (a third ``exp2`` per element);
+  the pass count follows each problem's ``n_done`` (a problem whose recursion is over skips the
+  remaining passes). Every ``Fb^t``, ``Gg^t`` and the softmax statistics, kept as a (shift,
+  log2-sum) pair, go to ``(B, T, N)`` / ``(B, T, K)`` float32 workspaces. Then a fully parallel
+  launch over row blocks forms
   ``dx = Gr Q - sum_t (Fb^t A^t + Gg^t B^t)`` with ``A = exp2(y + G - shift - logsum)`` (same for
   ``B``) and writes the gradient once. That re-evaluates ``2T`` exponentials per element rather than
   keeping an ``(N, K)`` float32 ``dx`` in global memory and read-modify-writing it every iteration
@@ -103,7 +106,7 @@ The reverse of the unrolled loop (``sinkhorn_backward_reference``), recomputed f
   resident ``p / sum(p)``.
 
 Accumulation is in float32 for float32 / float16 / bfloat16 scores; no atomics (a problem's
-reductions are owned by one program).
+reductions are owned by one program, or merged in a fixed order from per-program partials).
 """
 
 from __future__ import annotations
@@ -130,6 +133,11 @@ RESIDENT_MAX_TILE_BWD = 8192
 STREAM_TILE = 8192
 #: widest column chunk of the streaming kernels; a wider K is processed in chunks
 STREAM_MAX_BLOCK_K = 4096
+#: programs the streaming forward's row phase aims at over the whole batch: two per SM of an H100
+#: (132 SMs; an A100 has 108), so that B = 1 (PixelCLIP's one problem, SwAV) fills the GPU
+STREAM_TARGET_PROGRAMS = 264
+#: columns per program of the streaming forward's column phase
+STREAM_COLS_BLOCK = 1024
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -326,157 +334,146 @@ def _fold_cols_ws(WMAX, WSUM, cols, col_in, has_prev, z):
 
 
 @triton.jit
-def _sinkhorn_fwd_stream_kernel(
+def _still_active(ACT, ERR, b, it, n_iters, n_kc, tol, check_every, BLOCK_KC: tl.constexpr):
+    """Whether problem ``b`` runs pass ``it >= 1`` (row step ``it``): it ran pass ``it - 1`` (``ACT``)
+    and the early-stop check after row step ``it - 1``, if there was one, did not stop it. The check's
+    error is the max of the per-column-chunk partials ``ERR[b, it - 1, :]`` of the column phase."""
+    prev = tl.load(ACT + b * n_iters + it - 1)
+    checked = (tol > 0) & (it - 1 >= 1) & ((it - 1) % check_every == 0) & (prev != 0)
+    err = tl.zeros((), tl.float32)
+    if checked:
+        offs0 = tl.arange(0, BLOCK_KC)
+        for k0 in range(0, n_kc, BLOCK_KC):
+            offs = k0 + offs0
+            part = tl.load(ERR + (b * n_iters + it - 1) * n_kc + offs, mask=offs < n_kc, other=0.0)
+            err = tl.maximum(err, tl.max(part, axis=0))
+    return (prev != 0) & ((checked == 0) | (err >= tol))
+
+
+@triton.jit
+def _sinkhorn_fwd_rows_kernel(
     S, s_b, s_n, s_k,
     MASK, m_b, m_n,
     R, r_b, r_n,
-    C, c_b, c_k,
-    LOGU, LOGV, NDONE, GFIN, WS_MAX, WS_SUM,
-    N, K, n_iters, scale, tol, check_every,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    LOGU, GBUF, PMAX, PSUM, ACT, ERR,
+    N, K, n_iters, it, rows_per_prog, n_kc, scale, tol, check_every,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KC: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """One program = one problem: the iteration loop, one pass over the row blocks per iteration.
-
-    Pass ``t`` does, per row block, row step ``t`` (with the complete ``G^t``) and folds the block
-    into the online column logsumexp of column step ``t + 1`` with the fresh ``F^t``. Writes log_v
-    (whole history), log_u rows ``0 .. n_done - 2`` (the final row step is recomputed by the plan
-    kernel, which writes the rest), n_done and the final ``G`` in base 2 (``GFIN``, (B, K)).
-    ``ONE_CHUNK`` (K fits one BLOCK_K chunk): ``G`` and the column accumulators are register
-    vectors. Otherwise the rows are swept chunk by chunk (online row logsumexp), ``G`` lives in
-    ``GFIN`` and the column accumulators in ``WS_MAX`` / ``WS_SUM`` ((B, K)).
-    """
+    """Pass ``it``, phase 1, grid ``(B, P)``: program ``p`` owns rows ``[p, p + 1) * rows_per_prog``,
+    does their row step ``it`` (``it >= 1``, with the complete ``G^it``; pass 0 starts from ``f^0``)
+    and writes their column ``(max, sum)`` of ``y + F^it`` to its slab ``PMAX / PSUM[b, p]``, the
+    partials of column step ``it + 1``. A stopped problem's programs do nothing."""
     b = tl.program_id(0).to(tl.int64)
-    S += b * s_b
-    MASK += b * m_b
-    R += b * r_b
-    C += b * c_b
-    U = LOGU + b * n_iters * N
-    V = LOGV + b * n_iters * K
-    GF = GFIN + b * K
-    WMAX = WS_MAX + b * K
-    WSUM = WS_SUM + b * K
-    rows0 = tl.arange(0, BLOCK_N)
-    cols0 = tl.arange(0, BLOCK_K)
-    t = tl.full((), 1, tl.int32)  # iterations whose column step is done
+    p = tl.program_id(1)
+    n_prog = tl.num_programs(1)
     active = tl.full((), 1, tl.int32)
-    if ONE_CHUNK:
-        col_in = cols0 < K
-        # pass 0: column step 1 from f^0
-        run_max = tl.full((BLOCK_K,), float("-inf"), tl.float32)
-        run_sum = tl.zeros((BLOCK_K,), tl.float32)
-        for n0 in range(0, N, BLOCK_N):
-            rows = n0 + rows0
-            row_in = rows < N
-            y = _load_y(S, s_n, s_k, rows, cols0, row_in, col_in, scale)
-            valid = _load_valid(MASK, m_n, rows, row_in)
-            F = tl.where(valid, 0.0, float("-inf"))
-            run_max, run_sum = _merge_cols(run_max, run_sum, y + F[:, None])
-        c = tl.load(C + cols0 * c_k, mask=col_in, other=0.0).to(tl.float32)
-        G = _dual(_log2_mass(c), _finish_lse(_safe_shift(run_max), run_sum))
-        tl.store(V + cols0, G * _LN2, mask=col_in)
-        for it in range(1, n_iters):  # for + if, not while: see the resident kernel
-            if active != 0:
-                run_max = tl.full((BLOCK_K,), float("-inf"), tl.float32)
-                run_sum = tl.zeros((BLOCK_K,), tl.float32)
-                for n0 in range(0, N, BLOCK_N):
-                    rows = n0 + rows0
-                    row_in = rows < N
-                    y = _load_y(S, s_n, s_k, rows, cols0, row_in, col_in, scale)
-                    Lr = _log2_mass(_load_mass(R, r_n, rows, row_in, _load_valid(MASK, m_n, rows, row_in)))
+    if it > 0:
+        active = _still_active(ACT, ERR, b, it, n_iters, n_kc, tol, check_every, BLOCK_KC).to(tl.int32)
+        if p == 0:
+            tl.store(ACT + b * n_iters + it, active)
+    if active != 0:
+        S += b * s_b
+        MASK += b * m_b
+        R += b * r_b
+        U = LOGU + (b * n_iters + it - 1) * N
+        GB = GBUF + ((it % 2) * tl.num_programs(0) + b) * K
+        WMAX = PMAX + (b * n_prog + p) * K
+        WSUM = PSUM + (b * n_prog + p) * K
+        rows0 = tl.arange(0, BLOCK_N)
+        cols0 = tl.arange(0, BLOCK_K)
+        n_begin = p * rows_per_prog
+        n_end = tl.minimum(N, n_begin + rows_per_prog)
+        if ONE_CHUNK:
+            col_in = cols0 < K
+            G = tl.load(GB + cols0, mask=col_in & (it > 0), other=float("-inf"))
+            run_max = tl.full((BLOCK_K,), float("-inf"), tl.float32)
+            run_sum = tl.zeros((BLOCK_K,), tl.float32)
+            for n0 in range(n_begin, n_end, BLOCK_N):
+                rows = n0 + rows0
+                row_in = rows < n_end
+                y = _load_y(S, s_n, s_k, rows, cols0, row_in, col_in, scale)
+                valid = _load_valid(MASK, m_n, rows, row_in)
+                if it == 0:
+                    F = tl.where(valid, 0.0, float("-inf"))
+                else:
+                    Lr = _log2_mass(_load_mass(R, r_n, rows, row_in, valid))
                     _p, shift, total = _row_stats(y + G[None, :])
                     F = _dual(Lr, _finish_lse(shift, total))  # row step it
-                    tl.store(U + (it - 1) * N + rows, F * _LN2, mask=row_in)
-                    run_max, run_sum = _merge_cols(run_max, run_sum, y + F[:, None])
-                lse_c = _finish_lse(_safe_shift(run_max), run_sum)  # column step it + 1
-                c = tl.load(C + cols0 * c_k, mask=col_in, other=0.0).to(tl.float32)
-                err = tl.max(tl.where(col_in, tl.abs(tl.exp2(G + lse_c) - c), 0.0), axis=0)
-                stop = (tol > 0) & (it % check_every == 0) & (err < tol)
-                G = tl.where(stop, G, _dual(_log2_mass(c), lse_c))
-                tl.store(V + it * K + cols0, G * _LN2, mask=col_in & (stop == 0))
-                active = tl.where(stop, 0, 1)
-                t = tl.where(stop, it, it + 1)
-        tl.store(GF + cols0, G, mask=col_in)
-        for tt in range(t, n_iters):
-            tl.store(V + tt * K + cols0, G * _LN2, mask=col_in)
-    else:
-        # pass 0: column step 1 from f^0
-        for n0 in range(0, N, BLOCK_N):
-            rows = n0 + rows0
-            row_in = rows < N
-            valid = _load_valid(MASK, m_n, rows, row_in)
-            F = tl.where(valid, 0.0, float("-inf"))
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + cols0
-                col_in = cols < K
-                y = _load_y(S, s_n, s_k, rows, cols, row_in, col_in, scale)
-                _fold_cols_ws(WMAX, WSUM, cols, col_in, n0 > 0, y + F[:, None])
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + cols0
-            col_in = cols < K
-            Lc = _log2_mass(tl.load(C + cols * c_k, mask=col_in, other=0.0).to(tl.float32))
-            lse_c = _finish_lse(
-                _safe_shift(tl.load(WMAX + cols, mask=col_in, other=float("-inf"))),
-                tl.load(WSUM + cols, mask=col_in, other=0.0),
-            )
-            G = _dual(Lc, lse_c)
-            tl.store(GF + cols, G, mask=col_in)
-            tl.store(V + cols, G * _LN2, mask=col_in)
-        tl.debug_barrier()
-        for it in range(1, n_iters):  # for + if, not while: see the resident kernel
-            if active != 0:
-                for n0 in range(0, N, BLOCK_N):
-                    rows = n0 + rows0
-                    row_in = rows < N
-                    Lr = _log2_mass(_load_mass(R, r_n, rows, row_in, _load_valid(MASK, m_n, rows, row_in)))
+                    tl.store(U + rows, F * _LN2, mask=row_in)
+                run_max, run_sum = _merge_cols(run_max, run_sum, y + F[:, None])
+            tl.store(WMAX + cols0, run_max, mask=col_in)
+            tl.store(WSUM + cols0, run_sum, mask=col_in)
+        else:
+            for n0 in range(n_begin, n_end, BLOCK_N):
+                rows = n0 + rows0
+                row_in = rows < n_end
+                valid = _load_valid(MASK, m_n, rows, row_in)
+                if it == 0:
+                    F = tl.where(valid, 0.0, float("-inf"))
+                else:
+                    Lr = _log2_mass(_load_mass(R, r_n, rows, row_in, valid))
                     row_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
                     row_sum = tl.zeros((BLOCK_N,), tl.float32)
                     for k0 in range(0, K, BLOCK_K):
                         cols = k0 + cols0
                         col_in = cols < K
                         y = _load_y(S, s_n, s_k, rows, cols, row_in, col_in, scale)
-                        G = tl.load(GF + cols, mask=col_in, other=float("-inf"))
+                        G = tl.load(GB + cols, mask=col_in, other=float("-inf"))
                         row_max, row_sum = _merge_rows(row_max, row_sum, y + G[None, :])
                     F = _dual(Lr, _finish_lse(_safe_shift(row_max), row_sum))  # row step it
-                    tl.store(U + (it - 1) * N + rows, F * _LN2, mask=row_in)
-                    for k0 in range(0, K, BLOCK_K):
-                        cols = k0 + cols0
-                        col_in = cols < K
-                        y = _load_y(S, s_n, s_k, rows, cols, row_in, col_in, scale)
-                        _fold_cols_ws(WMAX, WSUM, cols, col_in, n0 > 0, y + F[:, None])
-                err = tl.zeros((), tl.float32)
+                    tl.store(U + rows, F * _LN2, mask=row_in)
                 for k0 in range(0, K, BLOCK_K):
                     cols = k0 + cols0
                     col_in = cols < K
-                    c = tl.load(C + cols * c_k, mask=col_in, other=0.0).to(tl.float32)
-                    lse_c = _finish_lse(
-                        _safe_shift(tl.load(WMAX + cols, mask=col_in, other=float("-inf"))),
-                        tl.load(WSUM + cols, mask=col_in, other=0.0),
-                    )
-                    G = tl.load(GF + cols, mask=col_in, other=float("-inf"))
-                    err = tl.maximum(err, tl.max(tl.where(col_in, tl.abs(tl.exp2(G + lse_c) - c), 0.0), axis=0))
-                stop = (tol > 0) & (it % check_every == 0) & (err < tol)
-                tl.debug_barrier()  # G^it was read above; G^{it+1} overwrites it below
-                for k0 in range(0, K, BLOCK_K):
-                    cols = k0 + cols0
-                    col_in = cols < K
-                    Lc = _log2_mass(tl.load(C + cols * c_k, mask=col_in, other=0.0).to(tl.float32))
-                    lse_c = _finish_lse(
-                        _safe_shift(tl.load(WMAX + cols, mask=col_in, other=float("-inf"))),
-                        tl.load(WSUM + cols, mask=col_in, other=0.0),
-                    )
-                    G = _dual(Lc, lse_c)
-                    tl.store(GF + cols, G, mask=col_in & (stop == 0))
-                    tl.store(V + it * K + cols, G * _LN2, mask=col_in & (stop == 0))
-                tl.debug_barrier()
-                active = tl.where(stop, 0, 1)
-                t = tl.where(stop, it, it + 1)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + cols0
-            col_in = cols < K
-            G = tl.load(GF + cols, mask=col_in, other=float("-inf"))
-            for tt in range(t, n_iters):
-                tl.store(V + tt * K + cols, G * _LN2, mask=col_in)
-    tl.store(NDONE + b, t.to(tl.int64))
+                    y = _load_y(S, s_n, s_k, rows, cols, row_in, col_in, scale)
+                    _fold_cols_ws(WMAX, WSUM, cols, col_in, n0 > n_begin, y + F[:, None])
+
+
+@triton.jit
+def _merge_col_parts(PMAX, PSUM, base, n_parts, K, cols, col_in, BLOCK: tl.constexpr):
+    """Merge the ``n_parts`` row-slab partials ``(max, sum)`` at ``base + q * K + cols`` of the column
+    logsumexp statistics (phase 2 of the streaming kernels' two-phase reductions)."""
+    run_max = tl.full((BLOCK,), float("-inf"), tl.float32)
+    run_sum = tl.zeros((BLOCK,), tl.float32)
+    for q in range(0, n_parts):
+        part = base + q * K + cols
+        m = tl.load(PMAX + part, mask=col_in, other=float("-inf"))
+        new_max = tl.maximum(run_max, m)
+        shift = _safe_shift(new_max)
+        part_sum = tl.load(PSUM + part, mask=col_in, other=0.0)
+        run_sum = run_sum * tl.exp2(run_max - shift) + part_sum * tl.exp2(m - shift)
+        run_max = new_max
+    return run_max, run_sum
+
+
+@triton.jit
+def _sinkhorn_fwd_cols_kernel(
+    C, c_b, c_k,
+    LOGV, GBUF, PMAX, PSUM, ACT, ERR,
+    K, n_iters, it, n_parts,
+    BLOCK_KC: tl.constexpr,
+):  # fmt: skip
+    """Pass ``it``, phase 2, grid ``(B, n_kc)``: merges the ``n_parts`` row-slab partials of a column
+    chunk into ``lse_i(y + F^it)``, forms ``G^{it+1}`` (column step ``it + 1``, into ``GBUF[(it + 1) %
+    2]`` and ``log_v[it]``) and, for ``it >= 1``, the chunk's part of the early-stop error after row
+    step ``it``, ``max_j |exp2(G^it_j + lse_j) - c_j|``, into ``ERR[b, it, chunk]``."""
+    b = tl.program_id(0).to(tl.int64)
+    kc = tl.program_id(1)
+    n_kc = tl.num_programs(1)
+    if tl.load(ACT + b * n_iters + it) != 0:
+        cols = kc * BLOCK_KC + tl.arange(0, BLOCK_KC)
+        col_in = cols < K
+        run_max, run_sum = _merge_col_parts(PMAX, PSUM, b * n_parts * K, n_parts, K, cols, col_in, BLOCK_KC)
+        lse_c = _finish_lse(_safe_shift(run_max), run_sum)
+        c = tl.load(C + b * c_b + cols * c_k, mask=col_in, other=0.0).to(tl.float32)
+        G = _dual(_log2_mass(c), lse_c)
+        n_b = tl.num_programs(0)
+        tl.store(GBUF + (((it + 1) % 2) * n_b + b) * K + cols, G, mask=col_in)
+        tl.store(LOGV + (b * n_iters + it) * K + cols, G * _LN2, mask=col_in)
+        if it > 0:
+            G_old = tl.load(GBUF + ((it % 2) * n_b + b) * K + cols, mask=col_in, other=float("-inf"))
+            err = tl.max(tl.where(col_in, tl.abs(tl.exp2(G_old + lse_c) - c), 0.0), axis=0)
+            tl.store(ERR + (b * n_iters + it) * n_kc + kc, err)
 
 
 @triton.jit
@@ -484,19 +481,31 @@ def _sinkhorn_fwd_plan_kernel(
     S, s_b, s_n, s_k,
     MASK, m_b, m_n,
     R, r_b, r_n,
-    PLAN, LOGU, NDONE, GFIN,
-    N, K, n_iters, scale,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    PLAN, LOGU, LOGV, NDONE, GBUF, ACT, ERR,
+    N, K, n_iters, n_kc, scale, tol, check_every,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KC: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """Grid (B, cdiv(N, BLOCK_N)): the final row step from the final ``G`` and the plan of one row
-    block; fills log_u rows ``n_done - 1 ..`` with the final ``F``."""
+    """Grid (B, cdiv(N, BLOCK_N)): resolves ``n_done`` (the passes that ran, and the last check), then
+    the final row step from ``G^{n_done}`` and the plan of one row block; fills log_u rows
+    ``n_done - 1 ..`` with the final ``F``; the row block 0 program also writes ``n_done`` and
+    repeats ``G^{n_done}`` in log_v rows ``n_done ..``."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols0 = tl.arange(0, BLOCK_K)
     row_in = rows < N
     S += b * s_b
     PLAN += b * N * K
-    GF = GFIN + b * K
+    n_done = _still_active(ACT, ERR, b, n_iters, n_iters, n_kc, tol, check_every, BLOCK_KC).to(tl.int32)
+    for it in range(1, n_iters):
+        n_done += tl.load(ACT + b * n_iters + it)
+    GF = GBUF + ((n_done % 2) * tl.num_programs(0) + b) * K
+    if tl.program_id(1) == 0:
+        tl.store(NDONE + b, n_done.to(tl.int64))
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + cols0
+            G = tl.load(GF + cols, mask=cols < K, other=float("-inf"))
+            for tt in range(n_done, n_iters):
+                tl.store(LOGV + (b * n_iters + tt) * K + cols, G * _LN2, mask=cols < K)
     r = _load_mass(R + b * r_b, r_n, rows, row_in, _load_valid(MASK + b * m_b, m_n, rows, row_in))
     Lr = _log2_mass(r)
     if ONE_CHUNK:
@@ -528,7 +537,6 @@ def _sinkhorn_fwd_plan_kernel(
             q = tl.exp2(y + G[None, :] - shift[:, None]) * factor[:, None]
             inside = row_in[:, None] & col_in[None, :]
             tl.store(PLAN + rows[:, None] * K + cols[None, :], q.to(PLAN.dtype.element_ty), mask=inside)
-    n_done = tl.load(NDONE + b).to(tl.int32)
     U = LOGU + b * n_iters * N
     for tt in range(n_done - 1, n_iters):
         tl.store(U + tt * N + rows, F * _LN2, mask=row_in)
@@ -632,199 +640,160 @@ def _finish_cols_ws(WMAX, WSUM, cols, col_in, active):
 
 
 @triton.jit
-def _sinkhorn_bwd_stream_kernel(
+def _sinkhorn_bwd_rows_kernel(
     GR, g_b, g_n, g_k,
     S, s_b, s_n, s_k,
     MASK, m_b, m_n,
     R, r_b, r_n,
-    LOGU, LOGV, NDONE, FB, GG, RM, RS, CM, CS,
-    N, K, n_iters, scale,
+    LOGU, LOGV, NDONE, FB, GG, RM, RS, CM, CS, PACC, PMAX, PSUM,
+    N, K, n_iters, st, rows_per_prog, scale,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """One program = one problem: the vector recursion of the backward, one pass per iteration.
+    """Stage ``st`` of the backward recursion, phase 1, grid ``(B, P)``, for index ``j = T - 1 - st``
+    (``T = n_done[b]``; a problem with ``j < 0`` is done). Program ``p`` owns rows
+    ``[p, p + 1) * rows_per_prog``; per row block:
 
-    Workspaces, row ``t - 1`` for step ``t`` (all float32, base 2):
-    ``FB``/``GG`` (B, T, N)/(B, T, K): ``Fb^t`` entering row step t, ``Gg^t`` entering column step t;
-    ``RM``/``RS`` (B, T, N): shift and log2-sum of ``softmax2_j(y + G^t)`` (log2-sum +inf on rows
-    with ``F^t = -inf``); ``CM``/``CS`` (B, T, K): same for ``softmax2_i(y + F^{t-1})`` (+inf on
-    columns with ``G^t = -inf``). Keeping shift and log-sum apart keeps ``exp2(z - shift - logsum)``
-    as exact as the resident kernel's ``p / sum(p)`` (a single stored logsumexp would carry an ulp of
-    its magnitude into every probability).
-    Pass ``t`` (t = T .. 1), per row block: column step t gives the block's ``Fb^{t-1}`` (row-local),
-    which at once feeds row step ``t - 1`` (its row statistics and column sums), and the block is
-    folded into the online column statistics of column step ``t - 1`` for the next pass.
+    * ``Fb^{j+1}`` (``FB[j]``): stage 0 starts the recursion, ``Fb^T = rowsum(Gr Q)``; a later stage
+      is column step ``j + 2``, ``Fb^{j+1} = -rowsum(Gg^{j+2} B^{j+2})`` from the complete ``GG``,
+      ``CM``, ``CS`` rows ``j + 1`` of the previous stage;
+    * the statistics of row step ``j + 1``, ``A = softmax2_j(y + G^{j+1})`` (``RM``/``RS[j]``);
+    * partials (slab ``p`` of ``PACC``/``PMAX``/``PSUM``, (B, P, K)) of ``Gg^{j+1}``
+      (``colsum(Gr Q) - colsum(Fb A)`` at stage 0, ``-colsum(Fb A)`` later) and of the column
+      statistics of ``softmax2_i(y + F^j)``, which phase 2 merges.
     """
     b = tl.program_id(0).to(tl.int64)
-    GR += b * g_b
-    S += b * s_b
-    MASK += b * m_b
-    R += b * r_b
-    hu = b * n_iters * N
-    hv = b * n_iters * K
-    U = LOGU + hu
-    V = LOGV + hv
-    FB += hu
-    RM += hu
-    RS += hu
-    GG += hv
-    CM += hv
-    CS += hv
-    rows0 = tl.arange(0, BLOCK_N)
-    cols0 = tl.arange(0, BLOCK_K)
-    T = tl.load(NDONE + b).to(tl.int32)
-    if ONE_CHUNK:
-        col_in = cols0 < K
-        G_T = _load_dual(V + (T - 1) * K, cols0, col_in)
-        acc = tl.zeros((BLOCK_K,), tl.float32)
-        c_max = tl.full((BLOCK_K,), float("-inf"), tl.float32)
-        c_sum = tl.zeros((BLOCK_K,), tl.float32)
-        for n0 in range(0, N, BLOCK_N):  # init: Fb^T, Gg^T, row stats T, column stats T
-            rows = n0 + rows0
-            row_in = rows < N
-            valid = _load_valid(MASK, m_n, rows, row_in)
-            r = _load_mass(R, r_n, rows, row_in, valid)
-            y = _load_y(S, s_n, s_k, rows, cols0, row_in, col_in, scale)
-            p, shift, total = _row_stats(y + G_T[None, :])
-            log_sum = _log2_sum_or_inf(total, _dual_at(U, T, N, rows, row_in, valid) > float("-inf"))
-            tl.store(RM + (T - 1) * N + rows, shift, mask=row_in)
-            tl.store(RS + (T - 1) * N + rows, log_sum, mask=row_in)
-            a = p * tl.exp2(-log_sum)[:, None]
-            inside = row_in[:, None] & col_in[None, :]
-            gr = tl.load(GR + rows[:, None] * g_n + cols0[None, :] * g_k, mask=inside, other=0.0)
-            gq = gr.to(tl.float32) * a * r[:, None]  # Gr * Q
-            fb = tl.sum(gq, axis=1)
-            tl.store(FB + (T - 1) * N + rows, fb, mask=row_in)
-            acc += tl.sum(gq - fb[:, None] * a, axis=0)  # colsum(Gr Q) - colsum(Fb^T A^T)
-            F_p = _dual_at(U, T - 1, N, rows, row_in, valid)
-            c_max, c_sum = _merge_cols(c_max, c_sum, y + F_p[:, None])
-        gg = acc
-        c_shift = _safe_shift(c_max)
-        c_log_sum = _log2_sum_or_inf(c_sum, G_T > float("-inf"))
-        tl.store(GG + (T - 1) * K + cols0, gg, mask=col_in)
-        tl.store(CM + (T - 1) * K + cols0, c_shift, mask=col_in)
-        tl.store(CS + (T - 1) * K + cols0, c_log_sum, mask=col_in)
-        for s in range(0, T):
-            t = T - s
-            has_prev = t > 1
-            G_p = _load_dual(V + (t - 2) * K, cols0, col_in & has_prev)  # G^{t-1}
+    p = tl.program_id(1)
+    j = tl.load(NDONE + b).to(tl.int32) - 1 - st
+    if j >= 0:
+        n_prog = tl.num_programs(1)
+        GR += b * g_b
+        S += b * s_b
+        MASK += b * m_b
+        R += b * r_b
+        hu = b * n_iters * N
+        U = LOGU + hu
+        FB += hu + j * N
+        RM += hu + j * N
+        RS += hu + j * N
+        V = LOGV + (b * n_iters + j) * K  # G^{j+1}
+        GG += (b * n_iters + j + 1) * K  # row j + 1 (stages >= 1)
+        CM += (b * n_iters + j + 1) * K
+        CS += (b * n_iters + j + 1) * K
+        WACC = PACC + (b * n_prog + p) * K
+        WMAX = PMAX + (b * n_prog + p) * K
+        WSUM = PSUM + (b * n_prog + p) * K
+        rows0 = tl.arange(0, BLOCK_N)
+        cols0 = tl.arange(0, BLOCK_K)
+        n_begin = p * rows_per_prog
+        n_end = tl.minimum(N, n_begin + rows_per_prog)
+        if ONE_CHUNK:
+            col_in = cols0 < K
+            G = _load_dual(V, cols0, col_in)
+            gg = tl.load(GG + cols0, mask=col_in & (st > 0), other=0.0)
+            c_shift = tl.load(CM + cols0, mask=col_in & (st > 0), other=0.0)
+            c_log_sum = tl.load(CS + cols0, mask=col_in & (st > 0), other=float("inf"))
             acc = tl.zeros((BLOCK_K,), tl.float32)
             c_max = tl.full((BLOCK_K,), float("-inf"), tl.float32)
             c_sum = tl.zeros((BLOCK_K,), tl.float32)
-            for n0 in range(0, N, BLOCK_N):
+            for n0 in range(n_begin, n_end, BLOCK_N):
                 rows = n0 + rows0
-                row_in = rows < N
+                row_in = rows < n_end
                 valid = _load_valid(MASK, m_n, rows, row_in)
                 y = _load_y(S, s_n, s_k, rows, cols0, row_in, col_in, scale)
-                F_p = _dual_at(U, t - 1, N, rows, row_in, valid)  # F^{t-1}
-                bm = tl.exp2(y + F_p[:, None] - c_shift[None, :] - c_log_sum[None, :])
-                fb = -tl.sum(gg[None, :] * bm, axis=1)  # column step t
-                if has_prev:  # row step t - 1
-                    tl.store(FB + (t - 2) * N + rows, fb, mask=row_in)
-                    p, shift, total = _row_stats(y + G_p[None, :])
-                    log_sum = _log2_sum_or_inf(total, F_p > float("-inf"))
-                    tl.store(RM + (t - 2) * N + rows, shift, mask=row_in)
-                    tl.store(RS + (t - 2) * N + rows, log_sum, mask=row_in)
-                    acc -= tl.sum(fb[:, None] * (p * tl.exp2(-log_sum)[:, None]), axis=0)
-                    F_pp = _dual_at(U, t - 2, N, rows, row_in, valid)
-                    c_max, c_sum = _merge_cols(c_max, c_sum, y + F_pp[:, None])
-            gg = acc
-            c_shift = _safe_shift(c_max)
-            c_log_sum = _log2_sum_or_inf(c_sum, G_p > float("-inf"))
-            tl.store(GG + (t - 2) * K + cols0, gg, mask=col_in & has_prev)
-            tl.store(CM + (t - 2) * K + cols0, c_shift, mask=col_in & has_prev)
-            tl.store(CS + (t - 2) * K + cols0, c_log_sum, mask=col_in & has_prev)
-    else:
-        # init pass: row stats T, column stats T (raw, finished below), Fb^T, Gg^T
-        for n0 in range(0, N, BLOCK_N):
-            rows = n0 + rows0
-            row_in = rows < N
-            valid = _load_valid(MASK, m_n, rows, row_in)
-            r = _load_mass(R, r_n, rows, row_in, valid)
-            F_p = _dual_at(U, T - 1, N, rows, row_in, valid)
-            r_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-            r_sum = tl.zeros((BLOCK_N,), tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + cols0
-                col_in = cols < K
-                y = _load_y(S, s_n, s_k, rows, cols, row_in, col_in, scale)
-                G_T = _load_dual(V + (T - 1) * K, cols, col_in)
-                r_max, r_sum = _merge_rows(r_max, r_sum, y + G_T[None, :])
-                _fold_cols_ws(CM + (T - 1) * K, CS + (T - 1) * K, cols, col_in, n0 > 0, y + F_p[:, None])
-            shift = _safe_shift(r_max)
-            log_sum = _log2_sum_or_inf(r_sum, _dual_at(U, T, N, rows, row_in, valid) > float("-inf"))
-            tl.store(RM + (T - 1) * N + rows, shift, mask=row_in)
-            tl.store(RS + (T - 1) * N + rows, log_sum, mask=row_in)
-            fb = tl.zeros((BLOCK_N,), tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + cols0
-                col_in = cols < K
-                inside = row_in[:, None] & col_in[None, :]
-                y = _load_y(S, s_n, s_k, rows, cols, row_in, col_in, scale)
-                G_T = _load_dual(V + (T - 1) * K, cols, col_in)
-                a = tl.exp2(y + G_T[None, :] - shift[:, None] - log_sum[:, None])
-                gr = tl.load(GR + rows[:, None] * g_n + cols[None, :] * g_k, mask=inside, other=0.0)
-                gq = gr.to(tl.float32) * a * r[:, None]
-                fb += tl.sum(gq, axis=1)
-                _add_cols_ws(GG + (T - 1) * K, cols, col_in, n0 > 0, tl.sum(gq, axis=0))
-            tl.store(FB + (T - 1) * N + rows, fb, mask=row_in)
-            for k0 in range(0, K, BLOCK_K):
-                cols = k0 + cols0
-                col_in = cols < K
-                y = _load_y(S, s_n, s_k, rows, cols, row_in, col_in, scale)
-                G_T = _load_dual(V + (T - 1) * K, cols, col_in)
-                a = tl.exp2(y + G_T[None, :] - shift[:, None] - log_sum[:, None])
-                _add_cols_ws(GG + (T - 1) * K, cols, col_in, True, -tl.sum(fb[:, None] * a, axis=0))
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + cols0
-            col_in = cols < K
-            G_T = _load_dual(V + (T - 1) * K, cols, col_in)
-            _finish_cols_ws(CM + (T - 1) * K, CS + (T - 1) * K, cols, col_in, G_T > float("-inf"))
-        tl.debug_barrier()
-        for s in range(0, T):
-            t = T - s
-            has_prev = t > 1
-            for n0 in range(0, N, BLOCK_N):
+                F_j = _dual_at(U, j, N, rows, row_in, valid)
+                F_j1 = _dual_at(U, j + 1, N, rows, row_in, valid)
+                e, shift, total = _row_stats(y + G[None, :])
+                log_sum = _log2_sum_or_inf(total, F_j1 > float("-inf"))
+                a = e * tl.exp2(-log_sum)[:, None]
+                if st == 0:
+                    inside = row_in[:, None] & col_in[None, :]
+                    gr = tl.load(GR + rows[:, None] * g_n + cols0[None, :] * g_k, mask=inside, other=0.0)
+                    r = _load_mass(R, r_n, rows, row_in, valid)
+                    gq = gr.to(tl.float32) * a * r[:, None]  # Gr * Q
+                    fb = tl.sum(gq, axis=1)
+                    acc += tl.sum(gq - fb[:, None] * a, axis=0)
+                else:
+                    bm = tl.exp2(y + F_j1[:, None] - c_shift[None, :] - c_log_sum[None, :])
+                    fb = -tl.sum(gg[None, :] * bm, axis=1)
+                    acc -= tl.sum(fb[:, None] * a, axis=0)
+                tl.store(FB + rows, fb, mask=row_in)
+                tl.store(RM + rows, shift, mask=row_in)
+                tl.store(RS + rows, log_sum, mask=row_in)
+                c_max, c_sum = _merge_cols(c_max, c_sum, y + F_j[:, None])
+            tl.store(WACC + cols0, acc, mask=col_in)
+            tl.store(WMAX + cols0, c_max, mask=col_in)
+            tl.store(WSUM + cols0, c_sum, mask=col_in)
+        else:
+            for n0 in range(n_begin, n_end, BLOCK_N):
                 rows = n0 + rows0
-                row_in = rows < N
+                row_in = rows < n_end
+                has_prev = n0 > n_begin
                 valid = _load_valid(MASK, m_n, rows, row_in)
-                F_p = _dual_at(U, t - 1, N, rows, row_in, valid)  # F^{t-1}
-                F_pp = _dual_at(U, t - 2, N, rows, row_in, valid)  # F^{t-2} (when has_prev)
-                fb = tl.zeros((BLOCK_N,), tl.float32)
+                F_j = _dual_at(U, j, N, rows, row_in, valid)
+                F_j1 = _dual_at(U, j + 1, N, rows, row_in, valid)
                 r_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
                 r_sum = tl.zeros((BLOCK_N,), tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     cols = k0 + cols0
                     col_in = cols < K
                     y = _load_y(S, s_n, s_k, rows, cols, row_in, col_in, scale)
-                    c_shift = tl.load(CM + (t - 1) * K + cols, mask=col_in, other=0.0)
-                    c_log_sum = tl.load(CS + (t - 1) * K + cols, mask=col_in, other=float("inf"))
-                    gg = tl.load(GG + (t - 1) * K + cols, mask=col_in, other=0.0)
-                    bm = tl.exp2(y + F_p[:, None] - c_shift[None, :] - c_log_sum[None, :])
-                    fb -= tl.sum(gg[None, :] * bm, axis=1)  # column step t
-                    if has_prev:
-                        G_p = _load_dual(V + (t - 2) * K, cols, col_in)
-                        r_max, r_sum = _merge_rows(r_max, r_sum, y + G_p[None, :])
-                        _fold_cols_ws(CM + (t - 2) * K, CS + (t - 2) * K, cols, col_in, n0 > 0, y + F_pp[:, None])
-                if has_prev:  # row step t - 1
-                    tl.store(FB + (t - 2) * N + rows, fb, mask=row_in)
-                    shift = _safe_shift(r_max)
-                    log_sum = _log2_sum_or_inf(r_sum, F_p > float("-inf"))
-                    tl.store(RM + (t - 2) * N + rows, shift, mask=row_in)
-                    tl.store(RS + (t - 2) * N + rows, log_sum, mask=row_in)
-                    for k0 in range(0, K, BLOCK_K):
-                        cols = k0 + cols0
-                        col_in = cols < K
-                        y = _load_y(S, s_n, s_k, rows, cols, row_in, col_in, scale)
-                        G_p = _load_dual(V + (t - 2) * K, cols, col_in)
-                        a = tl.exp2(y + G_p[None, :] - shift[:, None] - log_sum[:, None])
-                        _add_cols_ws(GG + (t - 2) * K, cols, col_in, n0 > 0, -tl.sum(fb[:, None] * a, axis=0))
-            if has_prev:
+                    r_max, r_sum = _merge_rows(r_max, r_sum, y + _load_dual(V, cols, col_in)[None, :])
+                    _fold_cols_ws(WMAX, WSUM, cols, col_in, has_prev, y + F_j[:, None])
+                shift = _safe_shift(r_max)
+                log_sum = _log2_sum_or_inf(r_sum, F_j1 > float("-inf"))
+                fb = tl.zeros((BLOCK_N,), tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     cols = k0 + cols0
                     col_in = cols < K
-                    G_p = _load_dual(V + (t - 2) * K, cols, col_in)
-                    _finish_cols_ws(CM + (t - 2) * K, CS + (t - 2) * K, cols, col_in, G_p > float("-inf"))
-            tl.debug_barrier()
+                    y = _load_y(S, s_n, s_k, rows, cols, row_in, col_in, scale)
+                    if st == 0:
+                        inside = row_in[:, None] & col_in[None, :]
+                        a = tl.exp2(y + _load_dual(V, cols, col_in)[None, :] - shift[:, None] - log_sum[:, None])
+                        gr = tl.load(GR + rows[:, None] * g_n + cols[None, :] * g_k, mask=inside, other=0.0)
+                        gq = gr.to(tl.float32) * a * _load_mass(R, r_n, rows, row_in, valid)[:, None]
+                        fb += tl.sum(gq, axis=1)
+                        _add_cols_ws(WACC, cols, col_in, has_prev, tl.sum(gq, axis=0))
+                    else:
+                        gg = tl.load(GG + cols, mask=col_in, other=0.0)
+                        c_shift = tl.load(CM + cols, mask=col_in, other=0.0)
+                        c_log_sum = tl.load(CS + cols, mask=col_in, other=float("inf"))
+                        bm = tl.exp2(y + F_j1[:, None] - c_shift[None, :] - c_log_sum[None, :])
+                        fb -= tl.sum(gg[None, :] * bm, axis=1)
+                for k0 in range(0, K, BLOCK_K):
+                    cols = k0 + cols0
+                    col_in = cols < K
+                    y = _load_y(S, s_n, s_k, rows, cols, row_in, col_in, scale)
+                    a = tl.exp2(y + _load_dual(V, cols, col_in)[None, :] - shift[:, None] - log_sum[:, None])
+                    _add_cols_ws(WACC, cols, col_in, has_prev | (st == 0), -tl.sum(fb[:, None] * a, axis=0))
+                tl.store(FB + rows, fb, mask=row_in)
+                tl.store(RM + rows, shift, mask=row_in)
+                tl.store(RS + rows, log_sum, mask=row_in)
+
+
+@triton.jit
+def _sinkhorn_bwd_cols_kernel(
+    LOGV, NDONE, GG, CM, CS, PACC, PMAX, PSUM,
+    K, n_iters, st, n_parts,
+    BLOCK_KC: tl.constexpr,
+):  # fmt: skip
+    """Stage ``st``, phase 2, grid ``(B, n_kc)``: merges the row-slab partials of a column chunk into
+    ``Gg^{j+1}`` (``GG[j]``) and the (shift, log2-sum) of ``softmax2_i(y + F^j)`` (``CM``/``CS[j]``,
+    log2-sum ``+inf`` on columns with ``G^{j+1} = -inf``), ``j = n_done[b] - 1 - st``."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.load(NDONE + b).to(tl.int32) - 1 - st
+    if j >= 0:
+        cols = tl.program_id(1) * BLOCK_KC + tl.arange(0, BLOCK_KC)
+        col_in = cols < K
+        base = b * n_parts * K
+        acc = tl.zeros((BLOCK_KC,), tl.float32)
+        for q in range(0, n_parts):
+            acc += tl.load(PACC + base + q * K + cols, mask=col_in, other=0.0)
+        c_max, c_sum = _merge_col_parts(PMAX, PSUM, base, n_parts, K, cols, col_in, BLOCK_KC)
+        G = _load_dual(LOGV + (b * n_iters + j) * K, cols, col_in)
+        out = (b * n_iters + j) * K + cols
+        tl.store(GG + out, acc, mask=col_in)
+        tl.store(CM + out, _safe_shift(c_max), mask=col_in)
+        tl.store(CS + out, _log2_sum_or_inf(c_sum, G > float("-inf")), mask=col_in)
 
 
 @triton.jit
@@ -913,6 +882,15 @@ def _stream_blocks(n: int, k: int, block_n: int | None, block_k: int | None) -> 
     return bn, bk, bk >= k
 
 
+def _stream_split(b: int, n: int, k: int, bn: int, parts: int | None) -> tuple[int, int, int]:
+    """How the streaming kernels split each problem: row blocks per row-phase program, programs per
+    problem (about ``parts`` or ``STREAM_TARGET_PROGRAMS`` over the batch, at most one per row block),
+    and the column chunk of the column phase."""
+    n_blocks = triton.cdiv(n, bn)
+    per_prog = triton.cdiv(n_blocks, min(n_blocks, max(1, (parts or STREAM_TARGET_PROGRAMS) // b)))
+    return per_prog, triton.cdiv(n_blocks, per_prog), min(_pow2(k), STREAM_COLS_BLOCK)
+
+
 def _choose(variant: str | None, tile: int, limit: int) -> str:
     if variant is None:
         return "resident" if tile <= limit else "streaming"
@@ -969,6 +947,7 @@ def sinkhorn_forward(
     variant: str | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    parts: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Batched Sinkhorn-Knopp forward: ``(plan, log_u, log_v, n_done)`` as ``sinkhorn_forward_reference``.
 
@@ -980,7 +959,8 @@ def sinkhorn_forward(
     ``variant``: ``None`` picks ``"resident"`` when the padded tile has at most
     ``RESIDENT_MAX_TILE_FWD`` elements, else ``"streaming"``; a string forces it. ``block_n`` /
     ``block_k`` override the streaming block sizes (testing knobs: ``block_k < K`` exercises the
-    multi-chunk path).
+    multi-chunk path); ``parts`` the number of row-slab programs per problem the streaming passes
+    aim at over the whole batch (default ``STREAM_TARGET_PROGRAMS``).
     """
     _check_inputs(scores, mask, row_marginals, col_marginals, epsilon)
     n_iters = int(n_iters)
@@ -1022,21 +1002,35 @@ def sinkhorn_forward(
         return plan, log_u, log_v, n_done
 
     bn, bk, one_chunk = _stream_blocks(n, k, block_n, block_k)
-    g_fin = torch.empty((b, k), dtype=torch.float32, device=dev)
-    ws = torch.empty((0 if one_chunk else 2, b, k), dtype=torch.float32, device=dev)
-    ws_max, ws_sum = (g_fin, g_fin) if one_chunk else (ws[0], ws[1])  # unused when one_chunk
+    n_blocks = triton.cdiv(n, bn)
+    per_prog, n_parts, bkc = _stream_split(b, n, k, bn, parts)
+    n_kc = triton.cdiv(k, bkc)
+    f32 = dict(dtype=torch.float32, device=dev)
+    g_buf = torch.empty((2, b, k), **f32)
+    p_max = torch.empty((b, n_parts, k), **f32)
+    p_sum = torch.empty((b, n_parts, k), **f32)
+    err = torch.empty((b, n_iters, n_kc), **f32)
+    act = torch.zeros((b, n_iters), dtype=torch.int32, device=dev)
+    act[:, 0] = 1
     warps = _stream_warps(bn * bk)
-    _sinkhorn_fwd_stream_kernel[(b,)](
-        *args, cols, *cols.stride(),
-        log_u, log_v, n_done, g_fin, ws_max, ws_sum,
-        n, k, n_iters, scale, tol, check_every,
-        BLOCK_N=bn, BLOCK_K=bk, ONE_CHUNK=one_chunk, num_warps=warps,
-    )  # fmt: skip
-    _sinkhorn_fwd_plan_kernel[(b, triton.cdiv(n, bn))](
+    for it in range(n_iters):
+        _sinkhorn_fwd_rows_kernel[(b, n_parts)](
+            *args,
+            log_u, g_buf, p_max, p_sum, act, err,
+            n, k, n_iters, it, per_prog * bn, n_kc, scale, tol, check_every,
+            BLOCK_N=bn, BLOCK_K=bk, BLOCK_KC=bkc, ONE_CHUNK=one_chunk, num_warps=warps,
+        )  # fmt: skip
+        _sinkhorn_fwd_cols_kernel[(b, n_kc)](
+            cols, *cols.stride(),
+            log_v, g_buf, p_max, p_sum, act, err,
+            k, n_iters, it, n_parts,
+            BLOCK_KC=bkc, num_warps=4,
+        )  # fmt: skip
+    _sinkhorn_fwd_plan_kernel[(b, n_blocks)](
         *args,
-        plan, log_u, n_done, g_fin,
-        n, k, n_iters, scale,
-        BLOCK_N=bn, BLOCK_K=bk, ONE_CHUNK=one_chunk, num_warps=warps,
+        plan, log_u, log_v, n_done, g_buf, act, err,
+        n, k, n_iters, n_kc, scale, tol, check_every,
+        BLOCK_N=bn, BLOCK_K=bk, BLOCK_KC=bkc, ONE_CHUNK=one_chunk, num_warps=warps,
     )  # fmt: skip
     return plan, log_u, log_v, n_done
 
@@ -1055,6 +1049,7 @@ def sinkhorn_backward(
     variant: str | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    parts: int | None = None,
 ) -> Tensor:
     """Gradient w.r.t. ``scores`` of the unrolled loop, as ``sinkhorn_backward_reference``.
 
@@ -1062,7 +1057,7 @@ def sinkhorn_backward(
     (B, N, K) any float dtype and strides. Returns (B, N, K) in ``scores.dtype`` (contiguous).
     ``col_marginals`` is only shape-checked: the column masses enter through the saved duals
     (``row_marginals`` scales the recomputed plan). ``variant=None`` picks ``"resident"`` up to
-    ``RESIDENT_MAX_TILE_BWD`` padded elements; ``block_n`` / ``block_k`` as in the forward.
+    ``RESIDENT_MAX_TILE_BWD`` padded elements; ``block_n`` / ``block_k`` / ``parts`` as in the forward.
     """
     _check_inputs(scores, mask, row_marginals, col_marginals, epsilon)
     b, n, k = scores.shape
@@ -1099,15 +1094,24 @@ def sinkhorn_backward(
         return grad
 
     bn, bk, one_chunk = _stream_blocks(n, k, block_n, block_k)
+    per_prog, n_parts, bkc = _stream_split(b, n, k, bn, parts)
     ws_rows = torch.empty((3, b, n_iters, n), dtype=torch.float32, device=dev)  # Fb, row shift, row log-sum
     ws_cols = torch.empty((3, b, n_iters, k), dtype=torch.float32, device=dev)  # Gg, col shift, col log-sum
+    partials = torch.empty((3, b, n_parts, k), dtype=torch.float32, device=dev)  # Gg, col max, col sum
     warps = _stream_warps(bn * bk)
-    _sinkhorn_bwd_stream_kernel[(b,)](
-        *args,
-        log_u, log_v, n_done, ws_rows[0], ws_cols[0], ws_rows[1], ws_rows[2], ws_cols[1], ws_cols[2],
-        n, k, n_iters, scale,
-        BLOCK_N=bn, BLOCK_K=bk, ONE_CHUNK=one_chunk, num_warps=warps,
-    )  # fmt: skip
+    for st in range(n_iters):  # stage st runs the problems with n_done > st
+        _sinkhorn_bwd_rows_kernel[(b, n_parts)](
+            *args,
+            log_u, log_v, n_done, ws_rows[0], ws_cols[0], ws_rows[1], ws_rows[2], ws_cols[1], ws_cols[2],
+            partials[0], partials[1], partials[2],
+            n, k, n_iters, st, per_prog * bn, scale,
+            BLOCK_N=bn, BLOCK_K=bk, ONE_CHUNK=one_chunk, num_warps=warps,
+        )  # fmt: skip
+        _sinkhorn_bwd_cols_kernel[(b, triton.cdiv(k, bkc))](
+            log_v, n_done, ws_cols[0], ws_cols[1], ws_cols[2], partials[0], partials[1], partials[2],
+            k, n_iters, st, n_parts,
+            BLOCK_KC=bkc, num_warps=4,
+        )  # fmt: skip
     _sinkhorn_bwd_grad_kernel[(b, triton.cdiv(n, bn))](
         *args,
         log_u, log_v, n_done, ws_rows[0], ws_cols[0], ws_rows[1], ws_rows[2], ws_cols[1], ws_cols[2], grad,
