@@ -6,6 +6,9 @@
 //                        check_every) -> (plan, log_u, log_v, n_done)
 //   sinkhorn_cpu_backward(grad_plan, scores, mask, row_marginals, col_marginals, log_u, log_v,
 //                         n_done, epsilon) -> grad_scores
+//   sinkhorn_cpu_plan(scores, mask?, row_marginals?, col_marginals?, epsilon, n_iters, tol,
+//                     check_every) -> plan      (the forward when no backward follows: no history;
+//                                               absent mask / marginals take their defaults)
 //
 // Notation (one problem): x = scores / eps (N x K), duals f (rows) and g (columns), iterate t:
 //   g^t = log c - lse_i(x + f^{t-1}),   f^t = log r - lse_j(x + g^t),   plan = exp(x + f^T + g^T).
@@ -76,6 +79,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 
 namespace ovseg_fast {
 namespace sinkhorn {
@@ -87,13 +91,13 @@ enum class DType : int32_t { Float = 0, Double = 1, BFloat16 = 2, Half = 3 };
 struct ForwardArgs {
   DType dtype;                // of scores and plan; compute dtype is double for Double, else float
   const void* scores;         // (B, N, K) contiguous
-  const bool* mask;           // (B, N) contiguous
-  const void* row_marginals;  // (B, N) contiguous, compute dtype
-  const void* col_marginals;  // (B, K) contiguous, compute dtype
+  const bool* mask;           // (B, N) contiguous; null: every sample valid
+  const void* row_marginals;  // (B, N) contiguous, compute dtype; null: 1 per valid sample
+  const void* col_marginals;  // (B, K) contiguous, compute dtype; null: N_valid / K each
   void* plan;                 // (B, N, K) out, dtype
-  void* log_u;                // (B, T, N) out, compute dtype
+  void* log_u;                // (B, T, N) out, compute dtype; null: no history (then log_v is null too)
   void* log_v;                // (B, T, K) out, compute dtype
-  int64_t* n_done;            // (B,) out
+  int64_t* n_done;            // (B,) out, may be null
   int64_t batch, n, k, n_iters, check_every;
   double epsilon, tol;
 };
@@ -247,8 +251,64 @@ inline ct hmax(const Vec<ct>& v) {
   return acc;
 }
 
+// exp of float vectors, inline, for the AVX2 / AVX-512 copies: Cody-Waite reduction x = n ln2 + r
+// (|r| <= ln2 / 2), Cephes' polynomial for e^r (~1 ulp), 2^n built in the exponent bits. About three
+// times the throughput of the out-of-line Sleef call it replaces, which dominated the forward (one exp
+// per element of the problem). Results below FLT_MIN are 0 (no denormals: the solvers' underflow
+// bounds already allow an absolute error of FLT_MIN per entry), exp(-inf) = 0, exp(x) = inf from
+// x > 88.376 (the solvers only exponentiate shifted, non-positive arguments), NaN stays NaN.
+struct ExpConstants {
+  static constexpr float kLo = -87.3365447504f;   // ln FLT_MIN
+  static constexpr float kHi = 88.3762626647949f;  // largest x with round(x log2 e) <= 127
+  static constexpr float kLog2e = 1.44269504088896341f;
+  static constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  static constexpr float kP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                  4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+};
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512 exp_ps(__m512 x) {
+  using C = ExpConstants;
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(C::kLo)), _mm512_set1_ps(C::kHi));
+  const __m512 n =
+      _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(C::kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::kLn2Hi), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(C::kP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(C::kP[i]));
+  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(C::kLo), _CMP_LT_OQ), y, _mm512_setzero_ps());
+  y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(C::kHi), _CMP_GT_OQ), y,
+                           _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256 exp_ps(__m256 x) {
+  using C = ExpConstants;
+  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(C::kLo)), _mm256_set1_ps(C::kHi));
+  const __m256 n =
+      _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(C::kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(C::kLn2Hi), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(C::kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(C::kP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C::kP[i]));
+  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(C::kLo), _CMP_LT_OQ));
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                       _mm256_cmp_ps(x, _mm256_set1_ps(C::kHi), _CMP_GT_OQ));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+#endif
+
 template <typename ct>
 inline Vec<ct> vexp(const Vec<ct>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<ct, float>) return Vec<float>(exp_ps(v));
+#endif
   return v.exp();
 }
 
@@ -310,6 +370,37 @@ inline void for_row_chunks(int64_t n_rows, int64_t n_chunks, const F& f) {
   });
 }
 
+// Effective marginals of one problem, shared by forward and backward: masked rows, and non-positive
+// or non-finite masses, count as mass 0 (the reference's safe_log gives them dual -inf); f0 = 0 on
+// valid rows, -inf on masked ones. Null mask / r / c stand for the defaults of default_marginals
+// (every sample valid, mass 1 per valid sample, N_valid / K per cluster, in the same float
+// arithmetic), which are then written to r_default / c_default. Returns the column marginals the
+// early-stopping error compares against.
+template <typename ct>
+const ct* effective_marginals(int64_t N, int64_t K, int64_t Kp, const bool* mask, const ct* r, const ct* c,
+                              ct* reff, ct* logr, ct* f0, ct* ceff, ct* logc, ct* c_default) {
+  constexpr ct kInf = std::numeric_limits<ct>::infinity();
+  int64_t n_valid = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const bool valid = mask == nullptr || mask[i];
+    const ct ri = r ? r[i] : ct(1);
+    reff[i] = (valid && ri > 0 && ri < kInf) ? ri : ct(0);
+    f0[i] = valid ? ct(0) : -kInf;
+    n_valid += valid;
+  }
+  log_add<ct>(logr, nullptr, reff, N);
+  if (c == nullptr) {
+    fill(c_default, ct(n_valid) / ct(K), K);
+    c = c_default;
+  }
+  for (int64_t j = 0; j < Kp; ++j) {
+    const ct cj = j < K ? c[j] : ct(0);
+    ceff[j] = (cj > 0 && cj < kInf) ? cj : ct(0);
+  }
+  log_add<ct>(logc, nullptr, ceff, Kp);
+  return c;
+}
+
 // =============================================================================================
 // Forward
 // =============================================================================================
@@ -349,6 +440,7 @@ class ForwardSolver {
         Kp_(round_up(a.k, kVS)),
         T_(a.n_iters),
         n_chunks_(n_chunks < 1 ? 1 : n_chunks),
+        keep_history_(a.log_u != nullptr),
         eps_(static_cast<ct>(a.epsilon)),
         tol_(static_cast<ct>(a.tol)),
         use_tol_(a.tol > 0),
@@ -372,32 +464,42 @@ class ForwardSolver {
     chunk_ = cv.take<ct>(n_chunks_ * kChunkArrays * Kp_);
     chunk_max_ = cv.take<ct>(n_chunks_);
     chunk_fail_ = cv.take<int32_t>(n_chunks_);
+    cdef_ = cv.take<ct>(Kp_);
+    if (!keep_history_) {
+      f_roll_ = cv.take<ct>(2 * Np);
+      A_prev_ = cv.take<ct>(Np);
+    }
     if (!kPlanIsCompute) P_scratch_ = cv.take<ct>(N_ * K_);
   }
 
   void solve(int64_t b) {
     s_ = static_cast<const in_t*>(a_.scores) + b * N_ * K_;
-    mask_ = a_.mask + b * N_;
-    r_ = static_cast<const ct*>(a_.row_marginals) + b * N_;
-    c_ = static_cast<const ct*>(a_.col_marginals) + b * K_;
     out_ = static_cast<in_t*>(a_.plan) + b * N_ * K_;
     if constexpr (kPlanIsCompute) {
       P_ = out_;
     } else {
       P_ = P_scratch_;
     }
-    hf_ = static_cast<ct*>(a_.log_u) + b * T_ * N_;
-    hg_ = static_cast<ct*>(a_.log_v) + b * T_ * K_;
-    setup();
+    if (keep_history_) {
+      hf_ = static_cast<ct*>(a_.log_u) + b * T_ * N_;
+      hg_ = static_cast<ct*>(a_.log_v) + b * T_ * K_;
+    }
+    c_ = effective_marginals<ct>(N_, K_, Kp_, a_.mask ? a_.mask + b * N_ : nullptr,
+                                 a_.row_marginals ? static_cast<const ct*>(a_.row_marginals) + b * N_ : nullptr,
+                                 a_.col_marginals ? static_cast<const ct*>(a_.col_marginals) + b * K_ : nullptr,
+                                 reff_, logr_, f0_, ceff_, logc_, cdef_);
+    fill(B_, ct(0), Kp_);  // padding lanes stay 0 (dot products)
     int64_t done = run_base();
     if (done < 0) done = run_absorbed(-done);
     if (done < 0) done = run_log_from(-done);
-    // History rows past the last iteration repeat the final duals (the contract's frozen problems).
-    for (int64_t t = done; t < T_; ++t) {
-      copy(hf_ + t * N_, hf_ + (done - 1) * N_, N_);
-      copy(hg_ + t * K_, hg_ + (done - 1) * K_, K_);
+    if (keep_history_) {
+      // History rows past the last iteration repeat the final duals (the contract's frozen problems).
+      for (int64_t t = done; t < T_; ++t) {
+        copy(hf_ + t * N_, hf_ + (done - 1) * N_, N_);
+        copy(hg_ + t * K_, hg_ + (done - 1) * K_, K_);
+      }
     }
-    a_.n_done[b] = done;
+    if (a_.n_done) a_.n_done[b] = done;
   }
 
  private:
@@ -411,28 +513,22 @@ class ForwardSolver {
     size_t bytes = 7 * Carver::bytes<ct>(Np) + 5 * Carver::bytes<ct>(Kp_) +
                    Carver::bytes<ct>(n_chunks_ * kChunkArrays * Kp_) + Carver::bytes<ct>(n_chunks_) +
                    Carver::bytes<int32_t>(n_chunks_);
+    bytes += Carver::bytes<ct>(Kp_);
+    if (!keep_history_) bytes += Carver::bytes<ct>(2 * Np) + Carver::bytes<ct>(Np);
     if (!kPlanIsCompute) bytes += Carver::bytes<ct>(N_ * K_);
     return bytes;
   }
 
-  bool check_at(int64_t t) const { return use_tol_ && t % check_every_ == 0 && t < T_; }
-
-  // Effective marginals: masked rows, and non-positive or non-finite masses, count as mass 0
-  // (the reference's safe_log gives them dual -inf).
-  void setup() {
-    for (int64_t i = 0; i < N_; ++i) {
-      const ct r = r_[i];
-      reff_[i] = (mask_[i] && r > 0 && r < kInf) ? r : ct(0);
-      f0_[i] = mask_[i] ? ct(0) : kNegInf;
-    }
-    log_add<ct>(logr_, nullptr, reff_, N_);
-    for (int64_t j = 0; j < Kp_; ++j) {
-      const ct c = j < K_ ? c_[j] : ct(0);
-      ceff_[j] = (c > 0 && c < kInf) ? c : ct(0);
-      B_[j] = 0;  // padding lanes stay 0 (dot products)
-    }
-    log_add<ct>(logc_, nullptr, ceff_, Kp_);
+  // Row duals f^t (t >= 1) and column duals g^t: the history rows, or without a history (a forward
+  // that no backward will follow) two alternating row buffers, the only ones a fallback level reads
+  // (f^{t-1} to redo iteration t); the column duals are then not kept at all.
+  ct* f_slot(int64_t t) const { return keep_history_ ? hf_ + (t - 1) * N_ : f_roll_ + ((t - 1) & 1) * round_up(N_, kVS); }
+  const ct* f_before(int64_t t) const { return t == 1 ? f0_ : f_slot(t - 1); }
+  void store_g(int64_t t, const ct* g) const {
+    if (keep_history_) copy(hg_ + (t - 1) * K_, g, K_);
   }
+
+  bool check_at(int64_t t) const { return use_tol_ && t % check_every_ == 0 && t < T_; }
 
   // ---- level A: the row-shifted kernel ---------------------------------------------------------
 
@@ -444,7 +540,7 @@ class ForwardSolver {
     // reloaded after each of them.
     const int64_t K = K_, Kp = Kp_;
     const in_t* const scores = s_;
-    const bool* const mask = mask_;
+    const ct* const f0 = f0_;
     ct* const P = P_;
     ct* const shift = shift_;
     const V veps(eps_), vninf(kNegInf);
@@ -452,7 +548,7 @@ class ForwardSolver {
     ct mrun = kNegInf;
     for (int64_t i = i0; i < i1; ++i) {
       shift[i] = 0;
-      if (!mask[i]) {  // f = -inf for ever; a finite (zero) base row keeps 0 * row exact
+      if (f0[i] == kNegInf) {  // masked: f = -inf for ever; a finite (zero) base row keeps 0 * row exact
         fill(P + i * K, ct(0), K);
         continue;
       }
@@ -532,12 +628,21 @@ class ForwardSolver {
   int64_t scaled_iterations(int64_t t_first, ct max_a) {
     for (int64_t t = t_first; t <= T_; ++t) {
       ct max_b = 0;
-      if (!column_scaling(max_a, &max_b)) return -t;
       const bool last = t == T_;
+      // Without history f^{t-1} = alpha + log a^{t-1} is formed only if iteration t fails and a
+      // fallback level has to redo it from there (f^{t_first - 1} is already in its slot).
+      if (!keep_history_) std::swap(A_, A_prev_);
+      const auto fail = [&] {
+        if (!keep_history_ && t > t_first) log_add<ct>(f_slot(t - 1), alpha_, A_prev_, N_);
+        return -t;
+      };
+      if (!column_scaling(max_a, &max_b)) return fail();
       const ct thr = ct(K_) * std::numeric_limits<ct>::min() * (max_b + 1) / Tuning<ct>::kRel;
-      if (!scaling_rows_all(last, thr, &max_a)) return -t;
-      log_add<ct>(hf_ + (t - 1) * N_, alpha_, A_, N_);
-      log_add<ct>(hg_ + (t - 1) * K_, beta_, B_, K_);
+      if (!scaling_rows_all(last, thr, &max_a)) return fail();
+      if (keep_history_) {
+        log_add<ct>(hf_ + (t - 1) * N_, alpha_, A_, N_);
+        log_add<ct>(hg_ + (t - 1) * K_, beta_, B_, K_);
+      }
       if (last) return t;  // the row pass wrote the plan
       if (check_at(t) && colsum_error(B_) < tol_) {
         write_scaled_plan();
@@ -911,16 +1016,15 @@ class ForwardSolver {
     }
   }
 
-  const ct* f_before(int64_t t) const { return t == 1 ? f0_ : hf_ + (t - 2) * N_; }
 
   // Level B: log-domain iteration t0 from f^{t0-1}; its plan becomes the base of scaling iterations
   // t0+1.. (a = 1, b = 1, alpha = f^{t0}, beta = g^{t0}). Returns n_done or -t.
   int64_t run_absorbed(int64_t t0) {
     col_lse_all(f_before(t0));
     column_duals_from_lse(g_);
-    ct* ft = hf_ + (t0 - 1) * N_;
+    ct* ft = f_slot(t0);
     log_rows_all(g_, ft, /*want_q=*/true, /*want_acc=*/true);
-    copy(hg_ + (t0 - 1) * K_, g_, K_);
+    store_g(t0, g_);
     if (t0 == T_ || (check_at(t0) && colsum_error(nullptr) < tol_)) {
       finish_plan_from_P();
       return t0;
@@ -938,8 +1042,8 @@ class ForwardSolver {
       column_duals_from_lse(g_);
       const bool check = check_at(t);
       const bool want_q = check || t == T_;
-      log_rows_all(g_, hf_ + (t - 1) * N_, want_q, check);
-      copy(hg_ + (t - 1) * K_, g_, K_);
+      log_rows_all(g_, f_slot(t), want_q, check);
+      store_g(t, g_);
       done = t;
       if (check && colsum_error(nullptr) < tol_) break;
     }
@@ -949,6 +1053,7 @@ class ForwardSolver {
 
   const sinkhorn::ForwardArgs& a_;
   const int64_t N_, K_, Kp_, T_, n_chunks_;
+  const bool keep_history_;
   const ct eps_;
   const ct tol_;
   const bool use_tol_;
@@ -961,12 +1066,13 @@ class ForwardSolver {
   ct* chunk_;
   ct* chunk_max_;
   int32_t* chunk_fail_;
+  ct* cdef_;
+  ct* f_roll_ = nullptr;  // without history: f^t of the last two iterations
+  ct* A_prev_ = nullptr;  // without history: the row scalings a of the previous iteration
   ct* P_scratch_ = nullptr;
   // current problem
   const in_t* s_ = nullptr;
-  const bool* mask_ = nullptr;
-  const ct* r_ = nullptr;
-  const ct* c_ = nullptr;
+  const ct* c_ = nullptr;  // column marginals as given (or the defaults)
   in_t* out_ = nullptr;
   ct* P_ = nullptr;  // the base of the scaling iterations / the log-domain plan (compute dtype)
   ct* hf_ = nullptr;
@@ -1045,8 +1151,9 @@ class BackwardSolver {
     s_ = static_cast<const in_t*>(a_.scores) + b * N_ * K_;
     G_ = static_cast<const in_t*>(a_.grad_plan) + b * N_ * K_;
     mask_ = a_.mask + b * N_;
-    r_ = static_cast<const ct*>(a_.row_marginals) + b * N_;
-    c_ = static_cast<const ct*>(a_.col_marginals) + b * K_;
+    effective_marginals<ct>(N_, K_, Kp_, mask_, static_cast<const ct*>(a_.row_marginals) + b * N_,
+                            static_cast<const ct*>(a_.col_marginals) + b * K_, reff_, logr_, f0_, ceff_, logc_,
+                            nullptr);
     hf_ = static_cast<const ct*>(a_.log_u) + b * Ttot_ * N_;
     hg_ = static_cast<const ct*>(a_.log_v) + b * Ttot_ * K_;
     out_ = static_cast<in_t*>(a_.grad_scores) + b * N_ * K_;
@@ -1055,7 +1162,6 @@ class BackwardSolver {
     } else {
       buf_ = buf_scratch_;
     }
-    setup();
     const int64_t T = a_.n_done[b];
     if (!solve_factored(T)) solve_direct(T);
   }
@@ -1082,20 +1188,6 @@ class BackwardSolver {
   ct* S_at(int64_t t) const { return St_ + t * Np_; }
   ct* W_at(int64_t t) const { return Wt_ + t * Kp_; }
   ct* Y_at(int64_t t) const { return Yt_ + t * Kp_; }
-
-  void setup() {
-    for (int64_t i = 0; i < N_; ++i) {
-      const ct r = r_[i];
-      reff_[i] = (mask_[i] && r > 0 && r < kInf) ? r : ct(0);
-      f0_[i] = mask_[i] ? ct(0) : kNegInf;
-    }
-    log_add<ct>(logr_, nullptr, reff_, N_);
-    for (int64_t j = 0; j < Kp_; ++j) {
-      const ct c = j < K_ ? c_[j] : ct(0);
-      ceff_[j] = (c > 0 && c < kInf) ? c : ct(0);
-    }
-    log_add<ct>(logc_, nullptr, ceff_, Kp_);
-  }
 
   void reduce_chunks(int64_t which, ct* dst) {
     copy(dst, chunk_array(0, which), Kp_);
@@ -1781,8 +1873,6 @@ class BackwardSolver {
   const in_t* s_ = nullptr;
   const in_t* G_ = nullptr;
   const bool* mask_ = nullptr;
-  const ct* r_ = nullptr;
-  const ct* c_ = nullptr;
   const ct* hf_ = nullptr;
   const ct* hg_ = nullptr;
   in_t* out_ = nullptr;
@@ -1872,74 +1962,98 @@ sinkhorn::DType kernel_dtype(at::ScalarType t) {
 
 at::ScalarType compute_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Checks shared by forward and backward; returns (B, N, K).
-std::tuple<int64_t, int64_t, int64_t> check_problem(const char* op, const Tensor& scores, const Tensor& mask,
-                                                    const Tensor& row_marginals, const Tensor& col_marginals,
+// Checks shared by forward and backward; returns (B, N, K). A null mask or marginal is absent.
+std::tuple<int64_t, int64_t, int64_t> check_problem(const char* op, const Tensor& scores, const Tensor* mask,
+                                                    const Tensor* row_marginals, const Tensor* col_marginals,
                                                     double epsilon) {
   TORCH_CHECK(scores.device().is_cpu() && scores.layout() == at::kStrided, op, ": scores must be a dense CPU tensor");
   TORCH_CHECK(scores.dim() == 3, op, ": scores must be (B, N, K), got ", scores.sizes());
   kernel_dtype(scores.scalar_type());
   const int64_t B = scores.size(0), N = scores.size(1), K = scores.size(2);
   const auto ct = compute_dtype(scores.scalar_type());
-  TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == at::kBool, op, ": mask must be a CPU bool tensor");
-  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == N, op, ": mask must be (B, N) = (", B,
-              ", ", N, "), got ", mask.sizes());
-  TORCH_CHECK(row_marginals.device().is_cpu() && row_marginals.scalar_type() == ct, op,
-              ": row_marginals must be a CPU tensor of dtype ", ct, ", got ", row_marginals.scalar_type());
-  TORCH_CHECK(row_marginals.dim() == 2 && row_marginals.size(0) == B && row_marginals.size(1) == N, op,
-              ": row_marginals must be (B, N) = (", B, ", ", N, "), got ", row_marginals.sizes());
-  TORCH_CHECK(col_marginals.device().is_cpu() && col_marginals.scalar_type() == ct, op,
-              ": col_marginals must be a CPU tensor of dtype ", ct, ", got ", col_marginals.scalar_type());
-  TORCH_CHECK(col_marginals.dim() == 2 && col_marginals.size(0) == B && col_marginals.size(1) == K, op,
-              ": col_marginals must be (B, K) = (", B, ", ", K, "), got ", col_marginals.sizes());
+  if (mask) {
+    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool, op, ": mask must be a CPU bool tensor");
+    TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == N, op, ": mask must be (B, N) = (", B,
+                ", ", N, "), got ", mask->sizes());
+  }
+  const auto check_marginal = [&](const Tensor* t, const char* name, int64_t size, const char* dims) {
+    if (!t) return;
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == ct, op, ": ", name, " must be a CPU tensor of dtype ",
+                ct, ", got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == B && t->size(1) == size, op, ": ", name, " must be ", dims, " = (",
+                B, ", ", size, "), got ", t->sizes());
+  };
+  check_marginal(row_marginals, "row_marginals", N, "(B, N)");
+  check_marginal(col_marginals, "col_marginals", K, "(B, K)");
   TORCH_CHECK(std::isfinite(epsilon) && epsilon > 0, op, ": epsilon must be positive and finite, got ", epsilon);
   return {B, N, K};
+}
+
+void run_forward(const Tensor& scores, const Tensor* mask, const Tensor* row_marginals, const Tensor* col_marginals,
+                 double epsilon, int64_t n_iters, double tol, int64_t check_every, Tensor& plan, Tensor* log_u,
+                 Tensor* log_v, Tensor* n_done) {
+  const char* op = log_u ? "sinkhorn_cpu_forward" : "sinkhorn_cpu_plan";
+  TORCH_CHECK(n_iters >= 1, op, ": n_iters must be >= 1, got ", n_iters);
+  TORCH_CHECK(check_every >= 1, op, ": check_every must be >= 1, got ", check_every);
+  // expect_contiguous: no copy (not even a refcount bump) when the input is already contiguous.
+  const auto s = scores.expect_contiguous();
+  const auto contiguous = [](const Tensor* t) { return t ? t->contiguous() : Tensor(); };
+  const Tensor m = contiguous(mask), r = contiguous(row_marginals), c = contiguous(col_marginals);
+  sinkhorn::ForwardArgs args{};
+  args.dtype = kernel_dtype(scores.scalar_type());
+  args.scores = s->data_ptr();
+  args.mask = m.defined() ? m.data_ptr<bool>() : nullptr;
+  args.row_marginals = r.defined() ? r.data_ptr() : nullptr;
+  args.col_marginals = c.defined() ? c.data_ptr() : nullptr;
+  args.plan = plan.data_ptr();
+  args.log_u = log_u ? log_u->data_ptr() : nullptr;
+  args.log_v = log_v ? log_v->data_ptr() : nullptr;
+  args.n_done = n_done ? n_done->data_ptr<int64_t>() : nullptr;
+  args.batch = scores.size(0);
+  args.n = scores.size(1);
+  args.k = scores.size(2);
+  args.n_iters = n_iters;
+  args.check_every = check_every;
+  args.epsilon = ovseg_fast::planted_bug("sinkhorn") ? 1.5 * epsilon : epsilon;
+  args.tol = tol;
+  OVSEG_DISPATCH_KERNEL(sinkhorn_forward_kernel, args);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> sinkhorn_cpu_forward(const Tensor& scores, const Tensor& mask,
                                                                const Tensor& row_marginals,
                                                                const Tensor& col_marginals, double epsilon,
                                                                int64_t n_iters, double tol, int64_t check_every) {
-  const auto [B, N, K] = check_problem("sinkhorn_cpu_forward", scores, mask, row_marginals, col_marginals, epsilon);
-  TORCH_CHECK(n_iters >= 1, "sinkhorn_cpu_forward: n_iters must be >= 1, got ", n_iters);
-  TORCH_CHECK(check_every >= 1, "sinkhorn_cpu_forward: check_every must be >= 1, got ", check_every);
-  // expect_contiguous: no copy (not even a refcount bump) when the input is already contiguous.
-  const auto s = scores.expect_contiguous();
-  const auto m = mask.expect_contiguous();
-  const auto r = row_marginals.expect_contiguous();
-  const auto c = col_marginals.expect_contiguous();
+  const auto [B, N, K] =
+      check_problem("sinkhorn_cpu_forward", scores, &mask, &row_marginals, &col_marginals, epsilon);
   const auto ct_opts = scores.options().dtype(compute_dtype(scores.scalar_type()));
   Tensor plan = at::empty({B, N, K}, scores.options());
   Tensor log_u = at::empty({B, n_iters, N}, ct_opts);
   Tensor log_v = at::empty({B, n_iters, K}, ct_opts);
   Tensor n_done = at::empty({B}, scores.options().dtype(at::kLong));
-
-  sinkhorn::ForwardArgs args{};
-  args.dtype = kernel_dtype(scores.scalar_type());
-  args.scores = s->data_ptr();
-  args.mask = m->data_ptr<bool>();
-  args.row_marginals = r->data_ptr();
-  args.col_marginals = c->data_ptr();
-  args.plan = plan.data_ptr();
-  args.log_u = log_u.data_ptr();
-  args.log_v = log_v.data_ptr();
-  args.n_done = n_done.data_ptr<int64_t>();
-  args.batch = B;
-  args.n = N;
-  args.k = K;
-  args.n_iters = n_iters;
-  args.check_every = check_every;
-  args.epsilon = ovseg_fast::planted_bug("sinkhorn") ? 1.5 * epsilon : epsilon;
-  args.tol = tol;
-  OVSEG_DISPATCH_KERNEL(sinkhorn_forward_kernel, args);
+  run_forward(scores, &mask, &row_marginals, &col_marginals, epsilon, n_iters, tol, check_every, plan, &log_u,
+              &log_v, &n_done);
   return {plan, log_u, log_v, n_done};
+}
+
+// The plan alone (no duals for a backward); absent mask / marginals take default_marginals' values.
+Tensor sinkhorn_cpu_plan(const Tensor& scores, const std::optional<Tensor>& mask,
+                         const std::optional<Tensor>& row_marginals, const std::optional<Tensor>& col_marginals,
+                         double epsilon, int64_t n_iters, double tol, int64_t check_every) {
+  const auto ptr = [](const std::optional<Tensor>& t) { return t.has_value() && t->defined() ? &*t : nullptr; };
+  const auto [B, N, K] =
+      check_problem("sinkhorn_cpu_plan", scores, ptr(mask), ptr(row_marginals), ptr(col_marginals), epsilon);
+  Tensor plan = at::empty({B, N, K}, scores.options());
+  if (plan.numel() == 0) return plan.zero_();
+  run_forward(scores, ptr(mask), ptr(row_marginals), ptr(col_marginals), epsilon, n_iters, tol, check_every, plan,
+              nullptr, nullptr, nullptr);
+  return plan;
 }
 
 Tensor sinkhorn_cpu_backward(const Tensor& grad_plan, const Tensor& scores, const Tensor& mask,
                              const Tensor& row_marginals, const Tensor& col_marginals, const Tensor& log_u,
                              const Tensor& log_v, const Tensor& n_done, double epsilon) {
   const auto [B, N, K] =
-      check_problem("sinkhorn_cpu_backward", scores, mask, row_marginals, col_marginals, epsilon);
+      check_problem("sinkhorn_cpu_backward", scores, &mask, &row_marginals, &col_marginals, epsilon);
   const auto ct = compute_dtype(scores.scalar_type());
   TORCH_CHECK(grad_plan.device().is_cpu() && grad_plan.scalar_type() == scores.scalar_type() &&
                   grad_plan.sizes() == scores.sizes(),
@@ -2000,11 +2114,15 @@ TORCH_LIBRARY_FRAGMENT(ovseg_fast, m) {
   m.def(
       "sinkhorn_cpu_backward(Tensor grad_plan, Tensor scores, Tensor mask, Tensor row_marginals, Tensor "
       "col_marginals, Tensor log_u, Tensor log_v, Tensor n_done, float epsilon) -> Tensor");
+  m.def(
+      "sinkhorn_cpu_plan(Tensor scores, Tensor? mask, Tensor? row_marginals, Tensor? col_marginals, float epsilon, "
+      "int n_iters, float tol, int check_every) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ovseg_fast, CPU, m) {
   m.impl("sinkhorn_cpu_forward", &ovseg_fast::sinkhorn_cpu_forward);
   m.impl("sinkhorn_cpu_backward", &ovseg_fast::sinkhorn_cpu_backward);
+  m.impl("sinkhorn_cpu_plan", &ovseg_fast::sinkhorn_cpu_plan);
 }
 
 #endif  // OVSEG_DISPATCH_ROOT

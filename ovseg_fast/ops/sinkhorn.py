@@ -17,6 +17,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ovseg_fast.backends import KernelSupport, dispatch, register_op
 from ovseg_fast.ops._checks import check_float, check_int, check_same_device, check_shape, check_tensor
+from ovseg_fast.ops.moe import _direct_cpu
 from ovseg_fast.ops.sinkhorn_reference import (
     compute_dtype,
     default_marginals,
@@ -32,7 +33,7 @@ register_op(
     KernelSupport(
         cpu_dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
         triton_dtypes=(torch.float32, torch.float16, torch.bfloat16),
-        cpu_ops=("sinkhorn_cpu_forward", "sinkhorn_cpu_backward"),
+        cpu_ops=("sinkhorn_cpu_forward", "sinkhorn_cpu_backward", "sinkhorn_cpu_plan"),
     ),
 )
 
@@ -170,6 +171,13 @@ def _backward(ctx, grad_plan, _grad_log_u, _grad_log_v, _grad_n_done):
 _sinkhorn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+if hasattr(torch.ops.ovseg_fast, "sinkhorn_cpu_plan"):
+
+    @torch.library.register_fake("ovseg_fast::sinkhorn_cpu_plan")
+    def _sinkhorn_plan_fake(scores, mask, row_marginals, col_marginals, epsilon, n_iters, tol, check_every):
+        return torch.empty_like(scores, memory_format=torch.contiguous_format)
+
+
 def sinkhorn_flops(batch: int, samples: int, clusters: int, n_iters: int, *, backward: bool = False) -> int:
     """FLOPs of the op, 2 per multiply-add, ``exp`` counted as one.
 
@@ -256,7 +264,9 @@ def sinkhorn(
     Backends: the fused C++ kernel for CPU tensors, the fused Triton kernel for CUDA tensors, else
     the reference (see :mod:`ovseg_fast.backends`). With ``process_group`` the iteration runs as
     PyTorch ops with an all-reduce per column step (the fused kernels run a whole problem without
-    leaving the chip, so they have no point at which to synchronise ranks).
+    leaving the chip, so they have no point at which to synchronise ranks). When no gradient is
+    needed (``scores`` does not require grad, or grad mode is off) and the C++ kernel runs, the plan
+    is computed without the per-iteration dual history a backward would need.
     """
     check_tensor("scores", scores, ndim=(2, 3))
     epsilon = check_float("epsilon", epsilon, positive=True)
@@ -285,13 +295,22 @@ def sinkhorn(
     if process_group is not None:
         return _distributed(s, mask, marginals, epsilon, n_iters, tol_value, check_every, process_group, single)
 
+    user_marginals = row_marginals is not None or col_marginals is not None
+    if not user_marginals and not (s.requires_grad and torch.is_grad_enabled()) and _direct_cpu("sinkhorn", s, mask):
+        # No backward will follow: the C++ kernel keeps no history of the duals and builds the default
+        # marginals itself (the registered op's layers would cost as much as the kernel at PixelCLIP's
+        # sizes).
+        plan = torch.ops.ovseg_fast.sinkhorn_cpu_plan.default(
+            s, mask, None, None, epsilon, n_iters, tol_value, check_every
+        )
+        return plan[0] if single else plan
+
     mask_t = torch.ones((b, n), dtype=torch.bool, device=s.device) if mask is None else mask
     default_rows, default_cols = (None, None)
     if marginals["row_marginals"] is None or marginals["col_marginals"] is None:
         default_rows, default_cols = default_marginals(mask_t, k, ct)
     rows = default_rows if marginals["row_marginals"] is None else marginals["row_marginals"]
     cols = default_cols if marginals["col_marginals"] is None else marginals["col_marginals"]
-    user_marginals = row_marginals is not None or col_marginals is not None
     plan, _, _, _ = _sinkhorn_op(s, mask_t, rows, cols, epsilon, n_iters, tol_value, check_every, user_marginals)
     return plan[0] if single else plan
 

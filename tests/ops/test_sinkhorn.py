@@ -160,6 +160,94 @@ def test_kernel_forward_matches_reference(backend, shape, masked):
         torch.testing.assert_close(g[finite], e[finite], rtol=2e-4, atol=1e-5, msg=name)
 
 
+# Problems that take every path of the C++ forward: plain scaling, masks (an all-masked problem),
+# early stopping in the scaling and in the log-domain levels, scores whose exp spans far more than
+# the float range (levels B and C), 16-bit scores, a batch wide enough to run in parallel.
+NO_GRAD_CASES = {
+    "plain": ((2, 37, 13), torch.float32, 1.0, 0.1, 4, None),
+    "masked": ((3, 40, 9), torch.float32, 1.0, 0.2, 3, None),
+    "early-stop": ((4, 50, 8), torch.float32, 1.0, 0.5, 12, 1e-3),
+    "extreme": ((2, 30, 11), torch.float32, 1e4, 1e-3, 3, None),
+    "extreme-early-stop": ((2, 30, 11), torch.float32, 50.0, 0.01, 8, 1e-2),
+    "bfloat16": ((2, 33, 17), torch.bfloat16, 1.0, 0.1, 3, None),
+    "float64": ((2, 21, 6), torch.float64, 1.0, 0.1, 3, None),
+    "pixelclip-one-problem": ((1, 1536, 64), torch.float32, 1.0, 0.05, 3, None),
+    "batch": ((48, 128, 64), torch.float32, 1.0, 0.05, 3, None),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_GRAD_CASES))
+def test_cpu_forward_without_history_equals_the_contract_forward(case):
+    """Without autograd the public op runs the C++ kernel without the dual history and with its own
+    default marginals (sinkhorn_cpu_plan): the plan must be the contract forward's, bit for bit, and
+    the reference's within tolerance."""
+    require_backend("sinkhorn", "cpu")
+    shape, dtype, scale, eps, n_iters, tol = NO_GRAD_CASES[case]
+    scores, mask = random_problem(*shape, masked=case == "masked")
+    scores = (scores * scale).to(dtype)
+    kw = dict(epsilon=eps, n_iters=n_iters, mask=mask, tol=tol, check_every=2)
+    with use_backend("cpu"), torch.no_grad():
+        got = sinkhorn(scores, **kw)
+    mask_t, rows, cols = canonical(scores, mask)
+    contract = _contract("cpu", scores, mask_t, rows, cols, eps, n_iters, tol or 0.0, 2)[0]
+    assert torch.equal(got, contract)
+    if case.startswith("extreme"):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.sum(2), torch.ones(shape[:2]), rtol=1e-4, atol=1e-4)
+    else:
+        expected = sinkhorn_forward_reference(scores, mask_t, rows, cols, eps, n_iters, tol or 0.0, 2)[0]
+        torch.testing.assert_close(got, expected, **tolerances(dtype))
+
+
+def test_cpu_forward_without_history_follows_autograd_needs():
+    """Only a call that needs no gradient skips the history: with a leaf that requires grad the
+    registered op (and its backward) runs."""
+    require_backend("sinkhorn", "cpu")
+    scores, _ = random_problem(2, 10, 4)
+    leaf = scores.clone().requires_grad_(True)
+    with use_backend("cpu"):
+        q = sinkhorn(leaf, epsilon=0.2)
+        assert q.grad_fn is not None
+        with torch.no_grad():
+            assert sinkhorn(leaf, epsilon=0.2).grad_fn is None
+        fake = torch._subclasses.FakeTensorMode()
+        with fake, torch.no_grad():
+            out = sinkhorn(fake.from_tensor(scores), epsilon=0.2)
+        assert out.shape == scores.shape
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize(
+    ("shape", "blocks", "tol"),
+    [((1, 16, 6), dict(block_n=4, parts=3), 0.0), ((2, 12, 7), dict(block_n=4, block_k=4, parts=2), 0.2)],
+    ids=["one-chunk", "multi-chunk-early-stop"],
+)
+def test_triton_streaming_kernels_split_a_problem_over_programs(shape, blocks, tol):
+    """The streaming kernels run one problem on several row-slab programs (a two-phase reduction per
+    iteration, early stopping decided on device): forward contract and backward as the reference's,
+    with problems stopping at different iterations (problem 0 is all masked: it stops at the first
+    check)."""
+    require_backend("sinkhorn", "triton")
+    from ovseg_fast.kernels.sinkhorn import sinkhorn_backward, sinkhorn_forward
+
+    scores, mask = random_problem(*shape, masked=True)
+    mask_t, rows, cols = canonical(scores, mask)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    dev = backend_device("triton")
+    args = on(dev, scores, mask_t, rows, cols)
+    got = sinkhorn_forward(*args, 0.3, 3, tol, 1, variant="streaming", **blocks)
+    expected = sinkhorn_forward_reference(scores, mask_t, rows, cols, 0.3, 3, tol, 1)
+    assert expected[3].max() == 3 and (expected[3].min() < 3) == (tol > 0)
+    for name, g, e in zip(("plan", "log_u", "log_v", "n_done"), got, expected):
+        g = g.cpu()
+        finite = torch.isfinite(e)
+        assert torch.equal(finite, torch.isfinite(g)), f"{name}: -inf pattern differs"
+        torch.testing.assert_close(g[finite], e[finite], rtol=2e-4, atol=1e-5, msg=name)
+    dx = sinkhorn_backward(grad.to(dev), *args, *on(dev, *expected[1:]), 0.3, variant="streaming", **blocks)
+    dx_expected = sinkhorn_backward_reference(grad, scores, mask_t, rows, cols, *expected[1:], 0.3)
+    torch.testing.assert_close(dx.cpu(), dx_expected, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("shape", [(2, 5, 3), (3, 37, 13)], ids=lambda s: "x".join(map(str, s)))
 def test_kernel_gradient_matches_reference(backend, shape):
