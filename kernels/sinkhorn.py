@@ -362,7 +362,12 @@ def _sinkhorn_fwd_rows_kernel(
     """Pass ``it``, phase 1, grid ``(B, P)``: program ``p`` owns rows ``[p, p + 1) * rows_per_prog``,
     does their row step ``it`` (``it >= 1``, with the complete ``G^it``; pass 0 starts from ``f^0``)
     and writes their column ``(max, sum)`` of ``y + F^it`` to its slab ``PMAX / PSUM[b, p]``, the
-    partials of column step ``it + 1``. A stopped problem's programs do nothing."""
+    partials of column step ``it + 1``. A stopped problem's programs do nothing.
+
+    Grid: ``B * P`` programs, ``P`` up to ``STREAM_TARGET_PROGRAMS // B`` but at most one per row
+    block of ``BLOCK_N`` rows (``STREAM_TILE / BLOCK_K``): PixelCLIP's (1, 6144, 64) has 48 row blocks
+    of 128 rows, so 48 programs; SwAV's (1, 4096, 3000) 256. Resources (ptxas, Triton 3.8, 16 warps):
+    64-104 registers, no spill, 128 B-4 KiB shared memory on sm_80 and sm_90."""
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
     n_prog = tl.num_programs(1)
@@ -456,7 +461,11 @@ def _sinkhorn_fwd_cols_kernel(
     """Pass ``it``, phase 2, grid ``(B, n_kc)``: merges the ``n_parts`` row-slab partials of a column
     chunk into ``lse_i(y + F^it)``, forms ``G^{it+1}`` (column step ``it + 1``, into ``GBUF[(it + 1) %
     2]`` and ``log_v[it]``) and, for ``it >= 1``, the chunk's part of the early-stop error after row
-    step ``it``, ``max_j |exp2(G^it_j + lse_j) - c_j|``, into ``ERR[b, it, chunk]``."""
+    step ``it``, ``max_j |exp2(G^it_j + lse_j) - c_j|``, into ``ERR[b, it, chunk]``.
+
+    Grid: ``B * cdiv(K, BLOCK_KC)`` programs, 1 for K = 64 and 3 for K = 3000 at B = 1: each merges
+    ``P x BLOCK_KC`` partials (at most 264 x 1024 values), work too small to spread further; the
+    iteration's time is in phase 1. 32-69 registers, no spill, under 1 KiB of shared memory."""
     b = tl.program_id(0).to(tl.int64)
     kc = tl.program_id(1)
     n_kc = tl.num_programs(1)
@@ -488,7 +497,10 @@ def _sinkhorn_fwd_plan_kernel(
     """Grid (B, cdiv(N, BLOCK_N)): resolves ``n_done`` (the passes that ran, and the last check), then
     the final row step from ``G^{n_done}`` and the plan of one row block; fills log_u rows
     ``n_done - 1 ..`` with the final ``F``; the row block 0 program also writes ``n_done`` and
-    repeats ``G^{n_done}`` in log_v rows ``n_done ..``."""
+    repeats ``G^{n_done}`` in log_v rows ``n_done ..``.
+
+    Grid: one program per row block of ``BLOCK_N`` rows (48 for PixelCLIP's (1, 6144, 64), 2048 for
+    SwAV's). 56-64 registers, no spill, at most 512 B of shared memory on sm_80 and sm_90."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols0 = tl.arange(0, BLOCK_K)
@@ -660,6 +672,10 @@ def _sinkhorn_bwd_rows_kernel(
     * partials (slab ``p`` of ``PACC``/``PMAX``/``PSUM``, (B, P, K)) of ``Gg^{j+1}``
       (``colsum(Gr Q) - colsum(Fb A)`` at stage 0, ``-colsum(Fb A)`` later) and of the column
       statistics of ``softmax2_i(y + F^j)``, which phase 2 merges.
+
+    Grid: as the forward's row phase, ``B * P`` programs, at most one per row block (48 for
+    PixelCLIP's (1, 6144, 64), 256 for SwAV's (1, 4096, 3000)). 101-128 registers, no spill, 128 B-4 KiB
+    of shared memory (16 warps) on sm_80 and sm_90.
     """
     b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
@@ -778,7 +794,10 @@ def _sinkhorn_bwd_cols_kernel(
 ):  # fmt: skip
     """Stage ``st``, phase 2, grid ``(B, n_kc)``: merges the row-slab partials of a column chunk into
     ``Gg^{j+1}`` (``GG[j]``) and the (shift, log2-sum) of ``softmax2_i(y + F^j)`` (``CM``/``CS[j]``,
-    log2-sum ``+inf`` on columns with ``G^{j+1} = -inf``), ``j = n_done[b] - 1 - st``."""
+    log2-sum ``+inf`` on columns with ``G^{j+1} = -inf``), ``j = n_done[b] - 1 - st``.
+
+    Grid: ``B * cdiv(K, BLOCK_KC)``, a merge of ``P x BLOCK_KC`` partials, as the forward's column
+    phase (few programs because the work is that small). 32-56 registers, no spill, no shared memory."""
     b = tl.program_id(0).to(tl.int64)
     j = tl.load(NDONE + b).to(tl.int32) - 1 - st
     if j >= 0:
