@@ -252,9 +252,8 @@ inline ct hmax(const Vec<ct>& v) {
 }
 
 // exp of float vectors, inline, for the AVX2 / AVX-512 copies: Cody-Waite reduction x = n ln2 + r
-// (|r| <= ln2 / 2), Cephes' polynomial for e^r (~1 ulp), 2^n built in the exponent bits. About three
-// times the throughput of the out-of-line Sleef call it replaces, which dominated the forward (one exp
-// per element of the problem). Results below FLT_MIN are 0 (no denormals: the solvers' underflow
+// (|r| <= ln2 / 2), Cephes' polynomial for e^r (~1 ulp), 2^n built in the exponent bits, in place of
+// the out-of-line Sleef call, in the passes that exponentiate every element. Results below FLT_MIN are 0 (no denormals: the solvers' underflow
 // bounds already allow an absolute error of FLT_MIN per entry), exp(-inf) = 0, exp(x) = inf from
 // x > 88.376 (the solvers only exponentiate shifted, non-positive arguments), NaN stays NaN.
 struct ExpConstants {
@@ -269,7 +268,8 @@ struct ExpConstants {
 #if defined(CPU_CAPABILITY_AVX512)
 inline __m512 exp_ps(__m512 x) {
   using C = ExpConstants;
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(C::kLo)), _mm512_set1_ps(C::kHi));
+  // max/min return their second operand when one is NaN: a NaN x stays NaN through the polynomial.
+  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(C::kHi), _mm512_max_ps(_mm512_set1_ps(C::kLo), x));
   const __m512 n =
       _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(C::kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::kLn2Hi), xc);
@@ -280,14 +280,14 @@ inline __m512 exp_ps(__m512 x) {
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
   y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(C::kLo), _CMP_LT_OQ), y, _mm512_setzero_ps());
-  y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(C::kHi), _CMP_GT_OQ), y,
-                           _mm512_set1_ps(std::numeric_limits<float>::infinity()));
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), y, x);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(C::kHi), _CMP_GT_OQ), y,
+                              _mm512_set1_ps(std::numeric_limits<float>::infinity()));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 inline __m256 exp_ps(__m256 x) {
   using C = ExpConstants;
-  const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(C::kLo)), _mm256_set1_ps(C::kHi));
+  // max/min return their second operand when one is NaN: a NaN x stays NaN through the polynomial.
+  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(C::kHi), _mm256_max_ps(_mm256_set1_ps(C::kLo), x));
   const __m256 n =
       _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(C::kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(C::kLn2Hi), xc);
@@ -298,11 +298,24 @@ inline __m256 exp_ps(__m256 x) {
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(C::kLo), _CMP_LT_OQ));
-  y = _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
-                       _mm256_cmp_ps(x, _mm256_set1_ps(C::kHi), _CMP_GT_OQ));
-  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  return _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                          _mm256_cmp_ps(x, _mm256_set1_ps(C::kHi), _CMP_GT_OQ));
 }
 #endif
+
+// s / eps rounded as the division is (x = scores / eps reaches 1e7, where an ulp of x is a factor e
+// in the plan) without the divider's throughput where FMA is compiled in: q = s * (1 / eps) is within
+// an ulp and one fused residual step rounds it correctly (Markstein's correction).
+template <typename ct>
+inline Vec<ct> div_eps(const Vec<ct>& s, const Vec<ct>& eps, const Vec<ct>& inv) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<ct, float>) {
+    const Vec<ct> q = s * inv;
+    return at::vec::fmadd(at::vec::fnmadd(q, eps, s), inv, q);
+  }
+#endif
+  return s / eps;
+}
 
 template <typename ct>
 inline Vec<ct> vexp(const Vec<ct>& v) {
@@ -543,7 +556,7 @@ class ForwardSolver {
     const ct* const f0 = f0_;
     ct* const P = P_;
     ct* const shift = shift_;
-    const V veps(eps_), vninf(kNegInf);
+    const V veps(eps_), vinv(ct(1) / eps_), vninf(kNegInf);
     fill(acc, ct(0), Kp);
     ct mrun = kNegInf;
     for (int64_t i = i0; i < i1; ++i) {
@@ -556,9 +569,7 @@ class ForwardSolver {
       V vm(kNegInf);
       for (int64_t j = 0; j < K; j += kVS) {
         const int64_t n = imin(kVS, K - j);
-        // x = scores / eps exactly as the reference computes it (a division in the compute dtype,
-        // not a multiply by 1/eps): x reaches 1e7, where an ulp of x is a factor e in the plan.
-        V y = load_as<ct>(row + j, n) / veps;
+        V y = div_eps<ct>(load_as<ct>(row + j, n), veps, vinv);  // x exactly as the reference's
         if (n < kVS) y = V::set(vninf, y, n);  // padding lanes: -inf (neutral for max, exp -> 0)
         y.store(tmp + j);
         vm = vmax<ct>(vm, y);
