@@ -486,55 +486,132 @@ def _dot_summary(dots: list[dict]) -> str:
     return " ".join(f"{k}x{v}" if v > 1 else k for k, v in sorted(counts.items()))
 
 
-def _tile_size(launch: Launch) -> int:
-    size = 1
-    for k, v in launch.kwargs.items():
-        if k.startswith("BLOCK") and isinstance(v, int):
-            size *= v
-    return size * launch.kwargs.get("num_warps", 4)
+def _build_shape(launch: Launch, capability: int) -> tuple[tuple, dict]:
+    """``(fixed, sizes)`` of the launch's build: ``sizes`` are its integer and boolean ``tl.constexpr``s and
+    ``num_stages`` (tiles, unrolled counts, optional features: larger asks more of the GPU), ``fixed`` the rest
+    that selects the code (kernel, dtype, target, ``num_warps``, pointer element types, string constexprs).
+    Triton's specialisation of plain integer arguments (``== 1``, divisible by 16) is in neither: builds that
+    differ only there compile the same tiles."""
+    src, options, _ = _source(launch, capability)
+    fn = launch.kernel
+    sizes, strings = {}, []
+    for (index,), value in src.constants.items():
+        if fn.params[index].is_constexpr:
+            if isinstance(value, (bool, int)):
+                sizes[fn.arg_names[index]] = int(value)
+            else:
+                strings.append((fn.arg_names[index], repr(value)))
+    sizes["num_stages"] = options.num_stages
+    pointers = tuple(sorted((n, t) for n, t in src.signature.items() if t.startswith("*")))
+    fixed = (launch.name, launch.dtype, capability, options.num_warps, pointers, tuple(sorted(strings)))
+    return fixed, sizes
 
 
-def representative(launches: list[Launch]) -> list[Launch]:
-    """Per (op, kernel, dtype), the launch with the largest tiles (then the most blocks): the build with the
-    most registers and shared memory, and the grid most likely to fill the GPU is not taken as proof for the
-    smaller ones: the smallest grid of each kernel is kept as well."""
-    groups: dict[tuple, list[Launch]] = {}
-    for launch in launches:
-        groups.setdefault((launch.op, launch.name, launch.dtype), []).append(launch)
-    chosen = []
-    for group in groups.values():
-        big = max(group, key=lambda x: (_tile_size(x), x.blocks))
-        small = min(group, key=lambda x: (x.blocks, -_tile_size(x)))
-        chosen += [big] if small is big else [big, small]
-    return chosen
+def _covers(a: dict, b: dict) -> bool:
+    return all(a[k] >= b[k] for k in b)
+
+
+def maximal_builds(launches: list[Launch], capabilities) -> dict[tuple[int, int], str]:
+    """``{(launch index, capability): build key}`` mapping every launch to the build compiled for it: among the
+    builds of the same ``fixed`` part (``_build_shape``), only the maximal ones by ``sizes`` (no other build
+    is at least as large in every size) are compiled, and each other build is checked through a maximal
+    build that covers it. A larger tile, more stages, a larger unrolled count or an optional feature switched
+    on needs at least the registers and shared memory of the smaller build and lowers its dots the same way;
+    the full run (``--all``) compiles every build and backs this up (see the test module)."""
+    shapes: dict[str, tuple] = {}
+    key_of = {}
+    for i, launch in enumerate(launches):
+        for cap in capabilities:
+            key = build_key(launch, cap)
+            key_of[(i, cap)] = key
+            if key not in shapes:
+                shapes[key] = _build_shape(launch, cap)
+    groups: dict[tuple, dict[str, dict]] = {}
+    for key, (fixed, sizes) in shapes.items():
+        groups.setdefault(fixed, {})[key] = sizes
+    cover = {}
+    for members in groups.values():
+        tops = [k for k, s in members.items() if not any(o != s and _covers(o, s) for o in members.values())]
+        tops = list({repr(sorted(members[k].items())): k for k in tops}.values())  # equal sizes: one build
+        for key, sizes in members.items():
+            # the largest covering build, then the first: deterministic whatever the launch order
+            cover[key] = max((t for t in tops if _covers(members[t], sizes)), key=lambda t: sum(members[t].values()))
+    return {ik: cover[key] for ik, key in key_of.items()}
+
+
+_POOL_LAUNCHES: list = []
+
+
+def _compile_in_worker(job: tuple[int, int, bool]) -> dict:
+    index, capability, use_cache = job
+    return compile_build(_POOL_LAUNCHES[index], capability, use_cache=use_cache)
+
+
+def _compile_all(jobs: dict[str, tuple[int, int]], launches: list[Launch], n_jobs: int, use_cache: bool, log):
+    """``{build key: info}`` for ``jobs = {key: (launch index, capability)}``, in ``n_jobs`` forked processes
+    (compiling is single-threaded: LLVM and ptxas)."""
+    done = {}
+    todo = []
+    for key, (i, cap) in jobs.items():
+        path = cache_dir() / f"{key}.json"
+        if use_cache and path.is_file():
+            done[key] = json.loads(path.read_text())
+        else:
+            todo.append((key, i, cap))
+    if n_jobs > 1 and len(todo) > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        _POOL_LAUNCHES[:] = launches  # inherited by the forked workers: launches hold JITFunctions
+        try:
+            ctx = multiprocessing.get_context("fork")
+            with concurrent.futures.ProcessPoolExecutor(n_jobs, mp_context=ctx) as pool:
+                futures = {pool.submit(_compile_in_worker, (i, cap, use_cache)): key for key, i, cap in todo}
+                for future in concurrent.futures.as_completed(futures):
+                    done[futures[future]] = info = future.result()
+                    if log:
+                        log(f"  built {info['kernel']} sm_{info['capability']} ({info['compile_s']} s)")
+        finally:
+            _POOL_LAUNCHES.clear()
+    else:
+        for key, i, cap in todo:
+            done[key] = info = compile_build(launches[i], cap, use_cache=use_cache)
+            if log:
+                log(f"  built {launches[i].op}/{info['kernel']} {launches[i].dtype} sm_{cap} ({info['compile_s']} s)")
+    return done
 
 
 def run_report(
-    ops=OPS, dtypes=tuple(DTYPES), capabilities=(80, 90), *, kernels=None, subset=False, use_cache=True, log=None
+    ops=OPS, dtypes=tuple(DTYPES), capabilities=(80, 90), *, kernels=None, subset=False, use_cache=True, jobs=1,
+    log=None,
 ) -> list[dict]:
     """One row per (launch, target), each with its build's resources and findings; ``kernels`` keeps only
-    those kernel names, ``subset`` only ``representative`` launches."""
+    those kernel names. ``subset`` compiles only the maximal builds (``maximal_builds``): a row whose own build
+    was not compiled (``"compiled": False``) shows the figures of the build that covers it, an upper bound;
+    its grid is its own. ``jobs`` compiles in that many processes."""
     launches = collect_launches(ops, dtypes)
     if kernels:
         launches = [x for x in launches if x.name in kernels]
     if subset:
-        launches = representative(launches)
+        chosen = maximal_builds(launches, capabilities)
+    else:
+        chosen = {(i, cap): build_key(x, cap) for i, x in enumerate(launches) for cap in capabilities}
+    wanted: dict[str, tuple[int, int]] = {}
+    for (i, cap), key in chosen.items():
+        wanted.setdefault(key, (i, cap))
+    own = {(i, cap): build_key(x, cap) for i, x in enumerate(launches) for cap in capabilities} if subset else chosen
+    infos = _compile_all(wanted, launches, jobs, use_cache, log)
     rows = []
-    seen: dict[tuple, dict] = {}
-    for launch in launches:
+    for i, launch in enumerate(launches):
         for cap in capabilities:
             target = TARGETS[cap]
-            key = build_key(launch, cap)
-            if key not in seen:
-                seen[key] = compile_build(launch, cap, use_cache=use_cache)
-                if log:
-                    log(f"  built {launch.op}/{launch.name} {launch.dtype} sm_{cap} ({seen[key]['compile_s']} s)")
-            info = seen[key]
+            key = chosen[(i, cap)]
+            info = infos[key]
             blocks, occ = occupancy(info, target)
             rows.append({
                 "op": launch.op, "case": launch.case, "dtype": launch.dtype, "kernel": launch.name,
                 "target": f"sm_{cap}", "grid": list(launch.grid), "blocks": launch.blocks, "build": key[:12],
-                "blocks_per_sm": blocks, "occupancy": round(occ, 3),
+                "compiled": key == own[(i, cap)], "blocks_per_sm": blocks, "occupancy": round(occ, 3),
                 **{k: info[k] for k in ("regs", "spill", "smem", "warps", "stages", "hmma", "hgmma")},
                 "dots": _dot_summary(info["dots"]),
                 "findings": findings(launch, info, target),
@@ -567,11 +644,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--dtype", action="append", choices=tuple(DTYPES), help="dtype(s) (default: all)")
     p.add_argument("--target", action="append", type=int, choices=sorted(TARGETS), help="compute capability")
     p.add_argument("--kernel", action="append", help="kernel name(s), e.g. _gemm_kernel (default: all)")
-    p.add_argument("--subset", action="store_true", help="per kernel, dtype: largest-tile and smallest-grid launch")
+    p.add_argument("--subset", action="store_true",
+                   help="compile only the maximal builds (grids of every launch are still checked); default: all")
+    p.add_argument("--jobs", type=int, default=1, help="compile in this many processes (default 1)")
+    p.add_argument("--cache-dir", type=Path,
+                   help="cache of build figures (default $OVSEG_STATIC_CACHE or ~/.cache/ovseg_fast/static_gpu); "
+                        "Triton's binaries go to its triton/ subdirectory unless $TRITON_CACHE_DIR is set")
     p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     p.add_argument("--no-cache", action="store_true", help="recompile every build (Triton's own cache still applies)")
     p.add_argument("--details", action="store_true", help="print every finding's message")
     a = p.parse_args(argv)
+    if a.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {a.jobs}")
+    if a.cache_dir is not None:
+        if a.cache_dir.exists() and not a.cache_dir.is_dir():
+            p.error(f"--cache-dir {a.cache_dir} exists and is not a directory")
+        os.environ["OVSEG_STATIC_CACHE"] = str(a.cache_dir)
+        os.environ.setdefault("TRITON_CACHE_DIR", str(a.cache_dir / "triton"))
     t0 = time.perf_counter()
     rows = run_report(
         tuple(a.op or OPS),
@@ -580,6 +669,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         kernels=a.kernel,
         subset=a.subset,
         use_cache=not a.no_cache,
+        jobs=a.jobs,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(format_table(rows))
@@ -589,7 +679,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             for k, m in r["findings"]:
                 print(f"{r['op']}/{r['kernel']} {r['dtype']} {r['case']} {r['target']}: {k}: {m}")
     builds = len({r["build"] for r in rows})
-    print(f"\n{len(rows)} launches x targets, {builds} builds, {len(errors)} errors, "
+    print(f"\n{len(rows)} launches x targets, {builds} builds compiled, {len(errors)} errors, "
           f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))

@@ -1,18 +1,25 @@
 """The static GPU check of the Triton kernels (``python -m ovseg_fast.kernels.report``), no GPU needed.
 
-Each op's launchers are driven at the benchmark shapes on ``meta`` tensors, every recorded launch is
+Each op's launchers are driven at the benchmark shapes on ``meta`` tensors, the recorded launches are
 compiled for sm_80 (A100) and sm_90 (H100) with Triton's bundled ptxas, and the builds must: fit the
 target's shared memory, not spill, run their float16 / bfloat16 / TF32 dots on tensor cores, and launch
 at least one block per SM unless the kernel's docstring says why not (a ``Grid:`` paragraph).
 
 The report runs once, in a subprocess (module fixture): it compiles the kernels, which is impossible in
-this process once ``tests/conftest.py`` has switched on Triton's interpreter. Cost: compiling takes
-seconds per build (over a minute for the largest MoE gating build), so the test checks the
-representative launches (``--subset``: per kernel and dtype the largest-tile and the smallest-grid
-launch; 174 builds) in float32 (IEEE and TF32) and bfloat16 (float16 compiles the same tensor-core code),
-and every build's figures are cached under ``~/.cache/ovseg_fast/static_gpu`` by source hash (Triton keeps
-the binaries in its own cache). Measured on 2 shared cores at load ~8-14: cold ~35 min, warm 27 s.
-``python -m ovseg_fast.kernels.report`` checks every launch in every dtype.
+this process once ``tests/conftest.py`` has switched on Triton's interpreter. Cost: compiling takes seconds
+per build, so the test runs ``--subset``: the grid of EVERY recorded launch is checked (it needs no
+compile), and of the builds only the maximal ones are compiled (``report.maximal_builds``: per kernel,
+dtype, target, warps and pointer types, the builds no other build exceeds in every tile / unrolled count /
+feature flag / stage count; a smaller build is checked through the maximal one that covers it), in two
+processes, in float32 (IEEE and TF32) and bfloat16 (float16 compiles the same tensor-core code).
+``test_a_planted_oversized_tile_is_caught`` shows such a selection still compiles and fails a kernel
+whose largest build does not fit.
+
+Cache: build figures go to ``$OVSEG_STATIC_CACHE`` when set, else to pytest's cache directory
+(``.pytest_cache/d/ovseg_static_gpu``, Triton's binaries in its ``triton/`` subdirectory): a CI machine
+starts cold unless it keeps that directory. Measured cold (fresh cache, both caches) on 2 cores shared
+with other jobs (load ~11): see the report's log; warm: seconds.
+``python -m ovseg_fast.kernels.report`` (no ``--subset``) compiles every build of every launch.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,15 +40,26 @@ OPS = ("lpm", "moe", "routed_attention", "sinkhorn")
 DTYPES = ("float32", "tf32", "bfloat16")
 
 
+def _cache_dir(request, tmp_path_factory) -> Path:
+    if os.environ.get("OVSEG_STATIC_CACHE"):
+        return Path(os.environ["OVSEG_STATIC_CACHE"])
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    return Path(cache.mkdir("ovseg_static_gpu")) if cache is not None else tmp_path_factory.mktemp("static_gpu")
+
+
+def _compile_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
+
+
 @pytest.fixture(scope="module")
-def static_report(tmp_path_factory) -> tuple[int, str, list[dict]]:
+def static_report(request, tmp_path_factory) -> tuple[int, str, list[dict]]:
     """One run of the report over every op (one import of torch and Triton, one recording)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path_factory.mktemp("static") / "rows.json"
-    cmd = [sys.executable, "-m", "ovseg_fast.kernels.report", "--subset", "--details", "--json", str(out)]
+    cmd = [sys.executable, "-m", "ovseg_fast.kernels.report", "--subset", "--jobs", "2", "--details",
+           "--cache-dir", str(_cache_dir(request, tmp_path_factory)), "--json", str(out)]  # fmt: skip
     for dt in DTYPES:
         cmd += ["--dtype", dt]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_compile_env(), timeout=3600)
     rows = json.loads(out.read_text()) if out.is_file() else []
     return proc.returncode, proc.stdout + proc.stderr, rows
 
@@ -54,6 +73,9 @@ def test_kernels_fit_do_not_spill_use_tensor_cores_and_fill_the_gpu(op, static_r
     kernels = {r["kernel"] for r in rows}
     assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
     assert {r["dtype"] for r in rows} == set(DTYPES)
+    # every (kernel, dtype, target) has a build of its own compiled; the other rows are covered by one
+    built = {(r["kernel"], r["dtype"], r["target"]) for r in rows if r["compiled"]}
+    assert built == {(r["kernel"], r["dtype"], r["target"]) for r in rows}
     errors = [
         f"{r['kernel']} {r['dtype']} {r['case']} {r['target']}: {kind}: {msg}"
         for r in rows
@@ -66,6 +88,40 @@ def test_kernels_fit_do_not_spill_use_tensor_cores_and_fill_the_gpu(op, static_r
         if r["dtype"] in ("bfloat16", "tf32") and r["dots"] != "-":
             assert "fma" not in r["dots"], f"{r['kernel']} {r['dtype']} {r['target']}: {r['dots']}"
             assert r["hmma"] or r["hgmma"], f"{r['kernel']} {r['dtype']} {r['target']}: no HMMA/HGMMA"
+
+
+_PLANTED = """
+import json, sys
+from ovseg_fast.kernels import lpm, report
+
+gemm_config = lpm._gemm_config
+
+def planted(m, n, k, r, g, dot, sms):
+    bm, bn, bk, splits, warps, stages = gemm_config(m, n, k, r, g, dot, sms)
+    # the weight gradient of the benchmark's head: BLOCK_K 256 in 5 stages, 64 KiB of bf16 operands per stage
+    # (a tile that spills instead, 128 x 256, takes ptxas minutes: too slow for a test)
+    return (64, 64, 256, splits, 4, 5) if (m, n) == (512, 512) else (bm, bn, bk, splits, warps, stages)
+
+lpm._gemm_config = planted
+rows = report.run_report(("lpm",), ("bfloat16",), (90,), kernels=["_gemm_kernel"], subset=True, jobs=2)
+json.dump(rows, sys.stdout)
+"""
+
+
+def test_a_planted_oversized_tile_is_caught(tmp_path):
+    """The subset still compiles, and fails, a kernel's largest build when it does not fit: LPM's GEMM launcher
+    is made to pick an oversized tile for one launch. (Spills and FFMA dots of a compiled build are flagged by
+    the same ``findings``, see ``test_findings_and_occupancy_rules``.)"""
+    env = {**_compile_env(), "OVSEG_STATIC_CACHE": str(tmp_path), "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    proc = subprocess.run([sys.executable, "-c", _PLANTED], capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(proc.stdout)
+    planted = [r for r in rows if r["compiled"] and r["stages"] == 5]
+    assert planted, "the planted 64 x 64 x 256, 5-stage build was not compiled"
+    assert all(r["smem"] > report.TARGETS[90].smem_per_block for r in planted)
+    assert all("smem" in {k for k, _ in r["findings"]} for r in planted)
+    others = [r for r in rows if r["stages"] != 5]
+    assert others and not any(k == "smem" for r in others for k, _ in r["findings"])
 
 
 def test_lpm_configs_fill_the_gpu():
