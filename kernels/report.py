@@ -34,9 +34,18 @@ Findings (``python -m ovseg_fast.kernels.report`` exits 1 when any is an error; 
 What this does not show: speed. Whether a kernel is memory- or latency-bound, how well its loads coalesce
 and what it achieves on a real GPU only a GPU run measures (``ovseg-fast bench`` on a CUDA machine).
 
-Builds are cached (``~/.cache/ovseg_fast/static_gpu``, or ``$OVSEG_STATIC_CACHE``) by the kernel's source
-hash (Triton's ``cache_key``, which covers the ``@triton.jit`` functions it calls), its specialisation and
-the target: a warm run compiles nothing. Triton's own cache keeps the compiled binaries.
+Cost and ``--subset``: compiling takes seconds per build (LLVM and ptxas, single-threaded). The default
+compiles every distinct build of every launch. ``--subset`` (what CI runs) checks the grid of every launch
+(it needs no compile) and compiles only the maximal builds (``maximal_builds``): builds of one kernel, dtype,
+target, ``num_warps`` and pointer element types are ordered by their integer / boolean constexprs (tiles,
+unrolled counts, feature flags) and stages, and a build another one covers in every size is checked
+through it (its row shows the covering build's figures, ``"compiled": False``). ``--jobs N`` compiles in N
+forked processes.
+
+Builds are cached (``--cache-dir``, else ``$OVSEG_STATIC_CACHE``, else ``~/.cache/ovseg_fast/static_gpu``) by
+the kernel's source hash (Triton's ``cache_key``, which covers the ``@triton.jit`` functions it calls), its
+specialisation and the target: a warm run compiles nothing. Triton's own cache keeps the compiled binaries
+(under ``<cache-dir>/triton`` with ``--cache-dir`` unless ``$TRITON_CACHE_DIR`` is set).
 
 This uses Triton's launcher internals (``JITFunction.run``'s binder and ``_pack_args``, Triton 3.8) to turn a
 recorded call into the ``ASTSource`` a real launch would compile. It must run without
