@@ -68,6 +68,7 @@ def static_report(request, tmp_path_factory) -> tuple[int, str, list[dict]]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # the first op's setup runs the report: cold, it outlasts the suite's 600 s per test
 @pytest.mark.parametrize("op", OPS)
 def test_kernels_fit_do_not_spill_use_tensor_cores_and_fill_the_gpu(op, static_report):
     _, log, all_rows = static_report
