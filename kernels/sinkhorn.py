@@ -116,6 +116,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._gpu import num_sms
+
 __all__ = ["sinkhorn_backward", "sinkhorn_forward"]
 
 LOG2E = 1.4426950408889634
@@ -266,7 +268,14 @@ def _sinkhorn_fwd_resident_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One program = one problem; the padded (BLOCK_N, BLOCK_K) tile of y is loaded once and every
-    iteration, the in-kernel early-stop check and the plan run on it."""
+    iteration, the in-kernel early-stop check and the plan run on it.
+
+    Grid: ``(B,)``, one program per problem, so B < the SM count (PixelCLIP's per-image (48, 128, 64))
+    leaves SMs idle. Deliberately: a resident problem is at most ``RESIDENT_MAX_TILE`` elements, and
+    every half-iteration needs the whole problem's row or column sums; spread over several blocks that
+    is a grid-wide reduction per half-iteration (two launches, as the streaming path does), whose
+    launch and global round trips cost more than the ~10 us one block spends on such a tile. Larger
+    problems take the multi-program streaming path."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
@@ -569,7 +578,10 @@ def _sinkhorn_bwd_resident_kernel(
     N, K, n_iters, scale, inv_eps,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One program = one problem: ``T = n_done[b]`` reverse steps on the resident tile."""
+    """One program = one problem: ``T = n_done[b]`` reverse steps on the resident tile.
+
+    Grid: ``(B,)``, one program per problem, for the reason the resident forward gives (each reverse
+    step reduces over the whole problem; splitting it costs a grid-wide reduction per step)."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_K)
@@ -1131,10 +1143,16 @@ def sinkhorn_backward(
             k, n_iters, st, n_parts,
             BLOCK_KC=bkc, num_warps=4,
         )  # fmt: skip
-    _sinkhorn_bwd_grad_kernel[(b, triton.cdiv(n, bn))](
+    # The gradient pass has no reduction across rows: rows blocks as small as it takes to give every
+    # SM a program (PixelCLIP's (1, 6144, 64): 192 blocks of 32 rows, not 48 of 128), which also keeps
+    # the float32 tile's registers from spilling.
+    bn_grad = bn
+    while bn_grad > 8 and b * triton.cdiv(n, bn_grad) < num_sms(dev):
+        bn_grad //= 2
+    _sinkhorn_bwd_grad_kernel[(b, triton.cdiv(n, bn_grad))](
         *args,
         log_u, log_v, n_done, ws_rows[0], ws_cols[0], ws_rows[1], ws_rows[2], ws_cols[1], ws_cols[2], grad,
         n, k, n_iters, scale, inv_eps,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
+        BLOCK_N=bn_grad, BLOCK_K=bk, num_warps=_stream_warps(bn_grad * bk),
     )  # fmt: skip
     return grad
