@@ -187,7 +187,7 @@ def test_bench_command_end_to_end(tmp_path):
     assert data["machine"]["kernel_capability"] == data["extension"]["kernel_capability"]
     assert data["machine"]["capability_class"] == data["machine"]["kernel_capability"].lower()
     assert data["versions"]["torch"] == torch.__version__
-    assert {r["provider"] for r in data["results"]} == {"ovseg_fast", "reference", "pot"}
+    assert {r["provider"] for r in data["results"]} == {"ovseg_fast", "reference", "pot", "swav_loop", "pixelclip_loop"}
     report = subprocess.run(
         [sys.executable, "-m", "ovseg_fast.cli", "report", str(out_json)], capture_output=True, text=True, timeout=120
     )

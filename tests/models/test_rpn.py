@@ -236,15 +236,16 @@ def test_overfits_one_batch():
 
 
 @pytest.mark.slow
-def test_torch_compile_forward(monkeypatch):
+def test_torch_compile_forward():
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "capture_scalar_outputs", True)
+    # config.patch, not monkeypatch: monkeypatch's undo deletes the module attribute, and every later
+    # test that reads capture_scalar_outputs then fails.
     torch._dynamo.reset()
     model = tiny().eval()
     text = model.encode(NAMES15)
     x = images()
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):
         eager = model(x, text)
         compiled = torch.compile(model)(x, text)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
