@@ -214,3 +214,40 @@ def select_backend(op: str, device: torch.device, dtype: torch.dtype) -> str:
 def dispatch(op: str, like: torch.Tensor, impls: Mapping[str, Callable[[], T]]) -> T:
     """Runs the implementation of the backend selected for tensors like ``like``."""
     return impls[select_backend(op, like.device, like.dtype)]()
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_CPU = torch.device("cpu")
+
+
+@functools.cache
+def _cpu_kernel_runs(op: str, dtype: torch.dtype) -> bool:
+    """Whether the C++ backend can run ``op`` on CPU tensors of ``dtype`` (fixed for the process:
+    it depends on the loaded extension only)."""
+    return backend_report(op, _CPU, dtype)["cpu"] is None
+
+
+def direct_cpu(op: str, *tensors: Optional[torch.Tensor]) -> bool:
+    """Whether to call the C++ kernels directly instead of through the registered ``torch.library`` op.
+
+    In plain eager mode on CPU with the C++ backend selected, the registered op's Python layers
+    (custom-op dispatch, its autograd wrapper, the backend choice) only forward to the same kernels,
+    yet at RPN sizes (T = 16) they cost several times the kernels. Under ``torch.compile``, a
+    dispatch or function mode (e.g. ``FlopCounterMode``), a functorch transform or a tensor
+    subclass, the registered op runs, so that these see it. The backend test is
+    ``select_backend(...) == "cpu"`` with its static part cached.
+    """
+    if torch.compiler.is_compiling():  # first: Dynamo folds it, and traces nothing after it
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return False
+    like = tensors[0]
+    if (
+        not like.is_cpu
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return False
+    return requested_backend() in (None, "cpu") and _cpu_kernel_runs(op, like.dtype)

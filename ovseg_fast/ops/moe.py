@@ -8,7 +8,6 @@ Triton kernels (``kernels/moe.py``) or the reference, and the :class:`MixtureOfE
 
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
-from ovseg_fast.backends import KernelSupport, backend_report, dispatch, register_op, requested_backend
+from ovseg_fast.backends import KernelSupport, direct_cpu, dispatch, register_op
 from ovseg_fast.ops._checks import check_int, check_same_device, check_shape, check_tensor
 from ovseg_fast.ops.moe_reference import (
     combine_inverse_reference,
@@ -74,43 +73,6 @@ def _triton():
     return importlib.import_module("ovseg_fast.kernels.moe")
 
 
-_PLAIN_TENSORS = (Tensor, nn.Parameter)
-_CPU = torch.device("cpu")
-
-
-@functools.cache
-def _cpu_kernel_runs(op: str, dtype: torch.dtype) -> bool:
-    """Whether the C++ backend can run ``op`` on CPU tensors of ``dtype`` (fixed for the process:
-    it depends on the loaded extension only)."""
-    return backend_report(op, _CPU, dtype)["cpu"] is None
-
-
-def _direct_cpu(op: str, *tensors: Optional[Tensor]) -> bool:
-    """Whether to call the C++ kernels directly instead of through the registered ``torch.library`` op.
-
-    In plain eager mode on CPU with the C++ backend selected, the registered op's Python layers
-    (custom-op dispatch, its autograd wrapper, the backend choice) only forward to the same kernels,
-    yet at RPN sizes (T = 16) they cost several times the kernels. Under ``torch.compile``, a
-    dispatch or function mode (e.g. ``FlopCounterMode``), a functorch transform or a tensor
-    subclass, the registered op runs, so that these see it. The backend test is
-    ``select_backend(...) == "cpu"`` with its static part cached.
-    """
-    if torch.compiler.is_compiling():  # first: Dynamo folds it, and traces nothing after it
-        return False
-    for t in tensors:
-        if t is not None and type(t) not in _PLAIN_TENSORS:
-            return False
-    like = tensors[0]
-    if (
-        not like.is_cpu
-        or torch._C._len_torch_dispatch_stack()
-        or torch._C._is_torch_function_mode_enabled()
-        or torch._C._are_functorch_transforms_active()
-    ):
-        return False
-    return requested_backend() in (None, "cpu") and _cpu_kernel_runs(op, like.dtype)
-
-
 def _direct_function(name: str, kernel: str, setup_context, backward) -> type[torch.autograd.Function]:
     """An ``autograd.Function`` with a registered op's autograd (``setup_context``, ``backward``)
     around a direct call of its C++ kernel ``torch.ops.ovseg_fast.<kernel>``.
@@ -131,10 +93,10 @@ def _direct_function(name: str, kernel: str, setup_context, backward) -> type[to
 
 
 def _run(op: str, registered, function: type[torch.autograd.Function], kernel: str, args: tuple, inputs: tuple):
-    """``registered(*args)``, or its C++ kernel ``kernel`` called directly when :func:`_direct_cpu`
-    allows (through ``function``, the op's autograd, when one of the tensors ``inputs`` needs a
-    gradient)."""
-    if not _direct_cpu(op, *inputs):
+    """``registered(*args)``, or its C++ kernel ``kernel`` called directly when
+    :func:`~ovseg_fast.backends.direct_cpu` allows (through ``function``, the op's autograd, when one
+    of the tensors ``inputs`` needs a gradient)."""
+    if not direct_cpu(op, *inputs):
         return registered(*args)
     if torch.is_grad_enabled():
         for t in inputs:
@@ -144,8 +106,9 @@ def _run(op: str, registered, function: type[torch.autograd.Function], kernel: s
 
 
 def _run_backward(op: str, registered, kernel: str, args: tuple, like: Tensor):
-    """``registered(*args)`` (a backward op), or its C++ kernel directly (see :func:`_direct_cpu`)."""
-    if _direct_cpu(op, like):
+    """``registered(*args)`` (a backward op), or its C++ kernel directly (see
+    :func:`~ovseg_fast.backends.direct_cpu`)."""
+    if direct_cpu(op, like):
         return getattr(torch.ops.ovseg_fast, kernel).default(*args)
     return registered(*args)
 

@@ -15,9 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
-from ovseg_fast.backends import KernelSupport, dispatch, register_op
+from ovseg_fast.backends import KernelSupport, direct_cpu, dispatch, register_op
 from ovseg_fast.ops._checks import check_float, check_int, check_same_device, check_shape, check_tensor
-from ovseg_fast.ops.moe import _direct_cpu
 from ovseg_fast.ops.sinkhorn_reference import (
     compute_dtype,
     default_marginals,
@@ -296,7 +295,7 @@ def sinkhorn(
         return _distributed(s, mask, marginals, epsilon, n_iters, tol_value, check_every, process_group, single)
 
     user_marginals = row_marginals is not None or col_marginals is not None
-    if not user_marginals and not (s.requires_grad and torch.is_grad_enabled()) and _direct_cpu("sinkhorn", s, mask):
+    if not user_marginals and not (s.requires_grad and torch.is_grad_enabled()) and direct_cpu("sinkhorn", s, mask):
         # No backward will follow: the C++ kernel keeps no history of the duals and builds the default
         # marginals itself (the registered op's layers would cost as much as the kernel at PixelCLIP's
         # sizes).

@@ -713,7 +713,7 @@ class _PassThroughMode(TorchDispatchMode):
 
 
 def test_eager_fast_path_matches_the_registered_ops():
-    """Plain eager CPU calls go straight to the C++ kernels (``moe._direct_cpu``); under a dispatch
+    """Plain eager CPU calls go straight to the C++ kernels (``backends.direct_cpu``); under a dispatch
     mode the registered ops run. Same values and gradients either way."""
     require_backend("topk_gating", "cpu")
     logits, _, noise_logits = make(24, 6, seed=31, noisy=True)
