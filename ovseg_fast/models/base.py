@@ -154,6 +154,11 @@ class Segmentor(nn.Module):
                 logits = self._slide_logits(images, text, crop, stride)
         finally:
             self.train(was_training)
+        return self._probabilities(logits)
+
+    def _probabilities(self, logits: Tensor) -> Tensor:
+        """``predict``'s output from the (window-averaged) logits: a softmax over the classes here;
+        models that score classes independently override it."""
         return logits.float().softmax(1)
 
     def loss(self, outputs: Tensor, targets: Tensor, *, ignore_index: int = 255) -> dict[str, Tensor]:

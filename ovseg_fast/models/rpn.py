@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovseg_fast.models import clip as clip_module
-from ovseg_fast.models.base import Segmentor, TextEmbeddings, _resize, check_images
+from ovseg_fast.models.base import Segmentor, TextEmbeddings, _resize
 from ovseg_fast.models.clip import CLIPBackbone, _block, read_state_dict, resolve_checkpoint
 from ovseg_fast.models.losses import DICE_WEIGHT, FOCAL_WEIGHT, focal_dice_losses
 from ovseg_fast.models.registry import register_model
@@ -614,19 +614,10 @@ class RPN(Segmentor):
         """Scores (B, C, H, W) at the input size: :meth:`scores` of the logits, averaged over sliding
         windows (the public code's crop 512, stride 426) for ``mode="slide"``; argmax over C gives
         the labels. Otherwise as :meth:`Segmentor.predict`."""
-        check_images("images", images)
-        check_choice("mode", mode, ("whole", "slide"))
-        check_int("crop", crop, minimum=1)
-        check_int("stride", stride, minimum=1)
-        text = self.encode(class_names)
-        was_training = self.training
-        self.eval()
-        try:
-            if mode == "whole":
-                return self._padded_logits(images, text)
-            return self._slide_logits(images, text, crop, stride)
-        finally:
-            self.train(was_training)
+        return super().predict(images, class_names, mode=mode, crop=crop, stride=stride)
+
+    def _probabilities(self, logits: Tensor) -> Tensor:
+        return logits  # already scores: _padded_logits turns each window's logits into scores
 
     def _padded_logits(self, images: Tensor, text: TextEmbeddings) -> Tensor:
         # predict's windows average RPN's scores, as mmseg's slide inference averages its outputs.
