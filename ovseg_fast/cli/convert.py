@@ -2,11 +2,13 @@
 safetensors file of this library's keys, loadable with ``create_model(MODEL, pretrained=OUT)``.
 
 ``ovseg-fast convert pixelclip pixelclip_vit_base.pth pixelclip_vit_base.safetensors``: the authors'
-detectron2 checkpoint of PixelCLIP (ViT) -> ours. The keys are mapped
+detectron2 checkpoint of PixelCLIP (ViT-B/16, or ConvNeXt-B) -> ours. The keys are mapped
 (:func:`ovseg_fast.models.pixelclip.convert_pixelclip_state_dict`), the model the checkpoint
 describes is built and loaded strictly (every tensor used, none missing, shapes checked), and only
 then is OUT written. A checkpoint that does not fit exits with status 1 and a message listing what
-does not fit.
+does not fit. A ConvNeXt checkpoint is checked against ``pixelclip_convnext_b`` (open_clip's
+``convnext_base_w_320``: a timm trunk is built by name, not told from its shapes); ``--set
+clip=...`` checks it against another CLIP config.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Optional
+
+from ovseg_fast.cli.profile import _override
 
 # The models whose published checkpoints convert.
 _CONVERTERS = ("pixelclip",)
@@ -30,12 +35,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("input", metavar="IN", help="the published checkpoint (.pth)")
     parser.add_argument("output", metavar="OUT", help="the file to write (.safetensors)")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        type=_override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="config field of the model the checkpoint is checked against, over the inferred ones (repeatable)",
+    )
     return parser
 
 
-def convert(model: str, src, dst, *, force: bool = False) -> dict:
-    """Converts checkpoint ``src`` of ``model`` to the safetensors file ``dst``; returns the config
-    overrides the checkpoint needs (its architecture, e.g. ``num_concepts``)."""
+def convert(model: str, src, dst, *, force: bool = False, overrides: Optional[dict] = None) -> tuple[str, dict]:
+    """Converts checkpoint ``src`` of ``model`` to the safetensors file ``dst``; returns the registered
+    model it loads into (``pixelclip`` or ``pixelclip_convnext_b``) and the config overrides the
+    checkpoint needs (its architecture, e.g. ``num_concepts``; ``overrides`` over the inferred)."""
     if model not in _CONVERTERS:
         raise ValueError(f"model must be one of {', '.join(_CONVERTERS)}, got {model!r}")
     src, dst = Path(src), Path(dst)
@@ -51,24 +66,24 @@ def convert(model: str, src, dst, *, force: bool = False) -> dict:
         raise ValueError("OUT must not be IN")
     from safetensors.torch import save_file
 
-    from ovseg_fast.models.pixelclip import check_pixelclip_state_dict, read_pixelclip_checkpoint
+    from ovseg_fast.models.pixelclip import check_pixelclip_state_dict, pixelclip_model_name, read_pixelclip_checkpoint
 
     state = read_pixelclip_checkpoint(src)
-    overrides = check_pixelclip_state_dict(state, str(src))
+    overrides = check_pixelclip_state_dict(state, str(src), overrides)
     # safetensors refuses tensors sharing storage (a checkpoint may hold views): one copy each.
     state = {k: v.detach().contiguous().clone() for k, v in state.items()}
     tmp = dst.with_name(dst.name + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "model": model, "source": src.name})
     tmp.replace(dst)
-    return overrides
+    return pixelclip_model_name(state), overrides
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        overrides = convert(args.model, args.input, args.output, force=args.force)
+        name, overrides = convert(args.model, args.input, args.output, force=args.force, overrides=dict(args.overrides))
     except (OSError, ValueError, TypeError) as exc:
         print(f"ovseg-fast convert: {exc}", file=sys.stderr)
         return 1
     shown = {k: v for k, v in overrides.items() if k != "clip"}
-    print(f"wrote {args.output}: create_model({args.model!r}, pretrained={args.output!r}) loads it ({shown})")
+    print(f"wrote {args.output}: create_model({name!r}, pretrained={args.output!r}) loads it ({shown})")
     return 0

@@ -8,7 +8,9 @@ modules) and runs it itself so that the methods built on CLIP can reach inside:
   joint-space projections, MaskCLIP's dense features of the last layer;
 - deep visual prompts (VPT-deep) and per-layer prompt tokens from a callback (RPN);
 - text with prompt ensembling, CoOp context, deep text prompts (LDVC) and learnable words inside a
-  template (PixelCLIP), all through open_clip's tokenizer and text transformer weights.
+  template (PixelCLIP), all through open_clip's tokenizer and text transformer weights;
+- with ``convnext=True``, open_clip's timm ConvNeXt image towers (``convnext_base_w``, PixelCLIP's
+  ConvNeXt-B): image embeddings and dense features (:func:`convnext_dense_features`), no tokens.
 
 With no prompts and at the checkpoint's own resolution the outputs equal open_clip's
 ``encode_image`` / ``encode_text`` to float32 rounding (tests/models/test_clip.py).
@@ -46,6 +48,7 @@ __all__ = [
     "CLIPSegmentorConfig",
     "ImageFeatures",
     "TextEmbeddings",
+    "convnext_dense_features",
     "resolve_templates",
 ]
 
@@ -130,7 +133,7 @@ class CLIPBackbone(nn.Module):
             weights, as open_clip does) or an open_clip model config dict (``embed_dim``,
             ``vision_cfg``, ``text_cfg``, optional ``quick_gelu``), e.g. a tiny ViT for tests.
             Only ViTs with open_clip's default blocks, [CLS] pooling and its built-in text
-            transformer are supported.
+            transformer are supported (and timm ConvNeXts with ``convnext=True``).
         pretrained: a local checkpoint file (``.pt``/``.pth``/``.bin``/``.safetensors``; open_clip's
             state dict, optionally wrapped as ``{"state_dict": ...}``, or an OpenAI TorchScript
             archive) or a file name looked up under ``$OVSEG_WEIGHTS_DIR`` (with or without suffix,
@@ -148,6 +151,15 @@ class CLIPBackbone(nn.Module):
         text_prompt_init: a hand-written prompt (e.g. ``"a photo of a"``) whose token embeddings
             initialise the CoOp context or every layer's deep text prompts; its token count must
             equal ``text_context`` or ``text_deep_prompts``.
+        convnext: also accept open_clip's timm ConvNeXt image towers (a ``vision_cfg`` with
+            ``timm_model_name`` a timm ConvNeXt, e.g. ``"convnext_base_w_320"``; timm's own
+            pretrained weights are never loaded). Such a backbone gives image embeddings and dense
+            features only (:func:`convnext_dense_features`); ``patch_size`` is then the trunk's
+            output stride (32) and ``num_layers`` 0. Per-layer tokens, visual prompts, ``prompt_fn``,
+            ``positional_embedding`` and ``project`` need a ViT. Models built on ViT tokens leave it
+            False, so a ConvNeXt config gets a clear error there.
+
+    ``vision_tower`` tells which tower was built: ``"vit"`` or ``"convnext"``.
 
     Images are float (B, 3, H, W) normalised with CLIP's mean/std (``OPENAI_DATASET_MEAN``/``STD``).
     """
@@ -163,18 +175,20 @@ class CLIPBackbone(nn.Module):
         text_context: int = 0,
         text_deep_prompts: int = 0,
         text_prompt_init: Optional[str] = None,
+        convnext: bool = False,
     ) -> None:
         super().__init__()
         check_int("image_size", image_size, minimum=1)
         check_int("visual_prompts", visual_prompts, minimum=0)
         check_int("text_context", text_context, minimum=0)
         check_int("text_deep_prompts", text_deep_prompts, minimum=0)
-        if not isinstance(frozen, bool):
-            raise TypeError(f"frozen must be a bool, got {type(frozen).__name__}")
+        for flag, value in (("frozen", frozen), ("convnext", convnext)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {type(value).__name__}")
         open_clip = _open_clip()
         self.model_name, config = _model_config(name)
-        self.clip = _build_clip(self.model_name, config)
-        _check_supported(self.model_name, self.clip)
+        self.clip = _build_clip(self.model_name, config, convnext=convnext)
+        self.vision_tower = _check_supported(self.model_name, self.clip)
         if pretrained is not None:
             path = resolve_checkpoint(pretrained, self.model_name)
             load_checkpoint(self.clip, path, self.model_name)
@@ -185,12 +199,18 @@ class CLIPBackbone(nn.Module):
         self.tokenizer = _tokenizer(open_clip, name, config)
 
         visual = self.clip.visual
-        self.patch_size = int(visual.conv1.kernel_size[0])
-        self.width = int(visual.conv1.out_channels)
-        self.native_grid = tuple(int(g) for g in visual.grid_size)
-        self.embed_dim = int(visual.proj.shape[1])
+        if self.vision_tower == "vit":
+            self.patch_size = int(visual.conv1.kernel_size[0])
+            self.width = int(visual.conv1.out_channels)
+            self.native_grid = tuple(int(g) for g in visual.grid_size)
+            self.num_layers = len(visual.transformer.resblocks)
+        else:  # a ConvNeXt: the "patch" is the output stride of its last stage
+            self.patch_size = int(visual.trunk.feature_info[-1]["reduction"])
+            self.width = int(visual.trunk.num_features)
+            self.native_grid = tuple(int(s) // self.patch_size for s in visual.image_size)
+            self.num_layers = 0
+        self.embed_dim = int(config["embed_dim"])
         self.text_width = int(self.clip.token_embedding.weight.shape[1])
-        self.num_layers = len(visual.transformer.resblocks)
         self.num_text_layers = len(self.clip.transformer.resblocks)
         if image_size % self.patch_size:
             raise ValueError(f"image_size must be a multiple of the patch size {self.patch_size}, got {image_size}")
@@ -203,6 +223,7 @@ class CLIPBackbone(nn.Module):
 
         self.visual_prompts: Optional[nn.Parameter] = None
         if visual_prompts:
+            self._require_vit("visual_prompts")
             # VPT's initialisation: uniform with the Xavier bound of a patch-embedding-sized layer.
             bound = math.sqrt(6.0 / (3 * self.patch_size**2 + self.width))
             self.visual_prompts = nn.Parameter(
@@ -235,7 +256,8 @@ class CLIPBackbone(nn.Module):
         self._pos_cache: dict[tuple[int, int], tuple[tuple, Tensor]] = {}
         self._text_cache: collections.OrderedDict[tuple, Tensor] = collections.OrderedDict()
         self._text_cache_size = 32
-        self.positional_embedding((image_size // self.patch_size, image_size // self.patch_size))
+        if self.vision_tower == "vit":
+            self.positional_embedding((image_size // self.patch_size, image_size // self.patch_size))
 
     # -- parameters -----------------------------------------------------------------------------
     def added_parameters(self) -> Iterator[nn.Parameter]:
@@ -260,6 +282,7 @@ class CLIPBackbone(nn.Module):
         bicubically (align_corners=False, as ZegCLIP/MaskCLIP do), cached per grid and
         recomputed when the weights change or need gradients.
         """
+        self._require_vit("positional_embedding")
         pos = self.clip.visual.positional_embedding
         grid = (int(grid[0]), int(grid[1]))
         if grid == self.native_grid:
@@ -277,6 +300,7 @@ class CLIPBackbone(nn.Module):
 
     def project(self, tokens: Tensor) -> Tensor:
         """Vision tokens (..., width) into the joint space (..., D): ``ln_post`` then ``proj``."""
+        self._require_vit("project")
         visual = self.clip.visual
         return visual.ln_post(tokens) @ visual.proj
 
@@ -286,7 +310,8 @@ class CLIPBackbone(nn.Module):
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def dense_features(self, images: Tensor, *, prompt_fn: Optional[PromptFn] = None) -> Tensor:
-        """(B, h, w, D) MaskCLIP dense features of the last layer (see :meth:`encode_image_features`)."""
+        """(B, h, w, D) dense features of the last layer: MaskCLIP's for a ViT (see
+        :meth:`encode_image_features`), :func:`convnext_dense_features` for a ConvNeXt."""
         return self.encode_image_features(images, layers=(), dense=True, prompt_fn=prompt_fn).dense
 
     def encode_image_features(
@@ -325,10 +350,16 @@ class CLIPBackbone(nn.Module):
                 prompts they are placed after [CLS], attend and are attended to, and are dropped
                 after the layer.
 
+        A ConvNeXt tower has no tokens: ``layers`` must be None or empty and ``prompt_fn`` None;
+        ``image_embedding`` is open_clip's (average pool of the last stage, head norm,
+        projection) and ``dense`` is :func:`convnext_dense_features`, from one trunk pass.
+
         Returns:
             :class:`ImageFeatures`.
         """
         check_images("images", images, multiple_of=self.patch_size)
+        if self.vision_tower == "convnext":
+            return self._convnext_features(images, layers, dense, prompt_fn)
         visual = self.clip.visual
         take = self._layer_indices(layers)
         b = images.shape[0]
@@ -369,6 +400,31 @@ class CLIPBackbone(nn.Module):
             image_embedding=image_embedding,
             dense=dense_out,
         )
+
+    def _convnext_features(
+        self, images: Tensor, layers: Optional[Sequence[int]], dense: bool, prompt_fn: Optional[PromptFn]
+    ) -> ImageFeatures:
+        if prompt_fn is not None or (layers is not None and len(layers)):
+            self._require_vit("layers and prompt_fn (per-layer tokens)")
+        visual = self.clip.visual
+        maps = visual.trunk.forward_features(images.to(visual.trunk.stem[0].weight.dtype))
+        pooled = _convnext_project(visual, maps.mean((-2, -1), keepdim=True))[:, 0, 0]
+        return ImageFeatures(
+            layers=(),
+            cls_tokens=[],
+            patch_tokens=[],
+            cls_embeddings=[],
+            patch_embeddings=[],
+            image_embedding=pooled,
+            dense=_convnext_project(visual, maps) if dense else None,
+        )
+
+    def _require_vit(self, what: str) -> None:
+        if self.vision_tower != "vit":
+            raise ValueError(
+                f"{what}: needs a ViT image tower; {self.model_name} has a {self.vision_tower} (image embeddings "
+                "and dense features only)"
+            )
 
     def _layer_indices(self, layers: Optional[Sequence[int]]) -> set[int]:
         n = self.num_layers
@@ -586,6 +642,24 @@ def _resize_pos(pos: Tensor, native: tuple[int, int], grid: tuple[int, int]) -> 
     return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], width)], dim=0)
 
 
+# -- the ConvNeXt tower, run from open_clip's TimmModel -------------------------------------------
+def convnext_dense_features(visual: nn.Module, images: Tensor) -> Tensor:
+    """(B, h, w, D) dense features of an open_clip timm ConvNeXt tower ``visual`` (not normalised).
+
+    The last stage's map (``trunk.forward_features``, stride 32) through what open_clip applies
+    after its average pool, at every pixel instead: the trunk's head norm (a LayerNorm over
+    channels), then open_clip's projection head. This is PixelCLIP's ConvNeXt dense path (their
+    ``encode_image(dense=True)``); the image embedding is the same applied to the pooled map.
+    """
+    check_images("images", images)
+    return _convnext_project(visual, visual.trunk.forward_features(images.to(visual.trunk.stem[0].weight.dtype)))
+
+
+def _convnext_project(visual: nn.Module, maps: Tensor) -> Tensor:
+    """(B, C, h, w) last-stage maps -> (B, h, w, D): the trunk's head norm, then open_clip's head."""
+    return visual.head(visual.trunk.head.norm(maps).permute(0, 2, 3, 1))
+
+
 # -- building and loading -----------------------------------------------------------------------
 def _model_config(name: Union[str, dict]) -> tuple[str, dict]:
     if isinstance(name, dict):
@@ -601,23 +675,36 @@ def _model_config(name: Union[str, dict]) -> tuple[str, dict]:
     return name, config
 
 
-def _build_clip(model_name: str, config: dict) -> nn.Module:
+def _build_clip(model_name: str, config: dict, *, convnext: bool = False) -> nn.Module:
     open_clip = _open_clip()
     config = dict(config)
     for key in ("custom_text", "multimodal_cfg"):
         if config.get(key):
             raise ValueError(f"{model_name}: open_clip configs with {key!r} are not supported (plain CLIP only)")
     vision = config["vision_cfg"]
-    if isinstance(vision.get("layers"), (list, tuple)) or vision.get("timm_model_name"):
-        # Refused before building: a ResNet or timm tower would be built (seconds) only to be rejected.
-        raise ValueError(f"{model_name}: only ViT image towers are supported (open_clip's own VisionTransformer)")
+    timm_name = vision.get("timm_model_name")
+    # Refused before building: a ResNet or another timm tower would be built (seconds) only to be rejected.
+    if timm_name and convnext and "convnext" in str(timm_name).lower():
+        if vision.get("timm_model_pretrained"):
+            raise ValueError(
+                f"{model_name}: timm_model_pretrained would download timm's ImageNet weights; nothing is "
+                "downloaded: leave it False and pass pretrained=<CLIP checkpoint file>"
+            )
+    elif isinstance(vision.get("layers"), (list, tuple)) or timm_name:
+        towers = "ViT and timm ConvNeXt" if convnext else "ViT"
+        raise ValueError(f"{model_name}: only {towers} image towers are supported (open_clip's own ViT)")
     return open_clip.CLIP(**config)
 
 
-def _check_supported(model_name: str, clip: nn.Module) -> None:
+def _check_supported(model_name: str, clip: nn.Module) -> str:
+    """The image tower's kind, ``"vit"`` or ``"convnext"``; anything else is a ``ValueError``."""
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
     visual = clip.visual
+    text_blocks = clip.transformer.resblocks
+    if _is_convnext_tower(visual):
+        _check_blocks(model_name, "text", text_blocks, ResidualAttentionBlock)
+        return "convnext"
     if not isinstance(visual, VisionTransformer):
         raise ValueError(f"{model_name}: only ViT image towers are supported, got {type(visual).__name__}")
     if visual.attn_pool is not None or visual.pool_type != "tok" or visual.final_ln_after_pool or visual.proj is None:
@@ -625,10 +712,41 @@ def _check_supported(model_name: str, clip: nn.Module) -> None:
     if not isinstance(visual.patch_dropout, nn.Identity):
         # Dense features need every patch of the grid; CLIP's own configs have no patch dropout.
         raise ValueError(f"{model_name}: configs with patch_dropout > 0 are not supported (tokens must keep the grid)")
-    for tower, blocks in (("vision", visual.transformer.resblocks), ("text", clip.transformer.resblocks)):
-        for blk in blocks:
-            if type(blk) is not ResidualAttentionBlock or hasattr(blk, "ln_1_kv"):
-                raise ValueError(f"{model_name}: the {tower} tower must use open_clip's default blocks")
+    for tower, blocks in (("vision", visual.transformer.resblocks), ("text", text_blocks)):
+        _check_blocks(model_name, tower, blocks, ResidualAttentionBlock)
+    return "vit"
+
+
+def _check_blocks(model_name: str, tower: str, blocks, block_type: type) -> None:
+    for blk in blocks:
+        if type(blk) is not block_type or hasattr(blk, "ln_1_kv"):
+            raise ValueError(f"{model_name}: the {tower} tower must use open_clip's default blocks")
+
+
+def _is_convnext_tower(visual: nn.Module) -> bool:
+    """An open_clip TimmModel on a timm ConvNeXt whose head is what :func:`convnext_dense_features`
+    runs per pixel: timm's norm-then-pool head (average pool, no hidden layer), open_clip's linear
+    or MLP projection without attention pooling. A ConvNeXt with another head is a ``ValueError``."""
+    trunk = getattr(visual, "trunk", None)
+    if trunk is None:
+        return False
+    from timm.layers import NormMlpClassifierHead
+    from timm.models.convnext import ConvNeXt
+
+    if not isinstance(trunk, ConvNeXt):
+        return False
+    head = trunk.head
+    if (
+        not isinstance(head, NormMlpClassifierHead)
+        or not isinstance(head.pre_logits, nn.Identity)
+        or getattr(head.global_pool, "pool_type", "avg") != "avg"
+        or "pool" in visual.head._modules
+    ):
+        raise ValueError(
+            "ConvNeXt image towers are supported with timm's default head (norm after an average pool, no "
+            "hidden layer) and open_clip's linear or MLP projection (timm_pool '' or 'avg')"
+        )
+    return True
 
 
 def _tokenizer(open_clip, name: Union[str, dict], config: dict):

@@ -16,9 +16,9 @@ padded to (B, M, ...) with a validity mask):
    n_iters=3)``, then a hard assignment ``c_m = argmax_j Q_mj``.
 5. **Targets**: for image b and concept j, ``Y_bj = union of the masks m of b with c_m = j``.
 6. **Student** (CLIP's image encoder; for the ViT only attention layers and the positional
-   embedding train) -> dense features ``F_s``; ``cos(F_s, T)`` per concept, upsampled by a light
-   convolutional decoder to S x S -> ``P`` (B, k, S, S); loss = BCE(P, Y) over the pixels that some
-   mask covers.
+   embedding train, the ConvNeXt trains whole) -> dense features ``F_s``; ``cos(F_s, T)`` per
+   concept, upsampled by a light convolutional decoder to S x S -> ``P`` (B, k, S, S); loss =
+   BCE(P, Y) over the pixels that some mask covers.
 7. After the optimiser step the teacher follows: ``theta_t <- gamma theta_t + (1 - gamma) theta_s``
    (:meth:`PixelCLIP.update_teacher`, gamma = 0.999).
 
@@ -30,9 +30,14 @@ Dense features are the authors' form of the last ViT block (``forward_dense`` in
 [CLS] token, ``v_p = x_cls + out_proj(W_v ln_1(x_p) + b_v)``, ``v_p <- v_p + mlp(ln_2(v_p))``, then
 ``ln_post`` and ``proj``. (MaskCLIP's form, :meth:`CLIPBackbone.dense_features`, adds x_p instead.)
 
-The authors' detectron2 checkpoints load with ``create_model("pixelclip", pretrained=path)``
-(see :func:`convert_pixelclip_state_dict`). The ConvNeXt-B variant is not available: the CLIP layer
-supports ViT image towers only.
+``pixelclip_convnext_b`` is the authors' ConvNeXt-B config (``pixelclip_convnext_base.yaml``):
+open_clip's ``convnext_base_w_320`` CLIP (LAION-aesthetic weights, 640-d joint space) at 640 x 640,
+the whole image tower trained, clustering logits 1 x cosine. Its dense features are the last stage's
+map (stride 32) through the trunk's head norm and open_clip's projection at every pixel
+(:func:`~ovseg_fast.models.clip.convnext_dense_features`, their ``encode_image(dense=True)``).
+
+The authors' detectron2 checkpoints load with ``create_model("pixelclip", pretrained=path)`` (ViT-B/16)
+or ``create_model("pixelclip_convnext_b", pretrained=path)`` (see :func:`convert_pixelclip_state_dict`).
 """
 
 from __future__ import annotations
@@ -63,11 +68,14 @@ __all__ = [
     "MaskDecoder",
     "PixelCLIP",
     "PixelCLIPConfig",
+    "PixelCLIPConvNeXtB",
+    "PixelCLIPConvNeXtBConfig",
     "check_pixelclip_state_dict",
     "cluster_masks",
     "convert_pixelclip_state_dict",
     "interpolation_matrix",
     "pixelclip_config_overrides",
+    "pixelclip_model_name",
     "read_pixelclip_checkpoint",
 ]
 
@@ -91,11 +99,15 @@ EVAL_TEMPLATES = (
 class PixelCLIPConfig:
     """Config of ``pixelclip``; defaults are the authors' ViT-B/16 config (``pixelclip_vit_base.yaml``).
 
-    - ``clip``: open_clip model name or config dict (ViT only; "ViT-B-16-quickgelu" is OpenAI's ViT-B/16).
+    - ``clip``: open_clip model name or config dict: a ViT ("ViT-B-16-quickgelu" is OpenAI's ViT-B/16)
+      or a timm ConvNeXt ("convnext_base_w_320", see ``pixelclip_convnext_b``).
     - ``image_size``: side the images are resized to, in training and inference (``CLIP_RESOLUTION``).
     - ``mask_size``: side of masks, targets and predictions in training (``MASK_RESOLUTION``).
     - ``min_mask_area``: masks with fewer pixels at ``mask_size`` are dropped (the authors keep > 1).
     - ``num_concepts`` (k), ``prompt_length`` (n), ``prompt_template``: the learnable class prompts.
+    - ``finetune``: which weights of the student's image tower train (the authors' ``CLIP_FINETUNE``):
+      "attention" (the ViT's attention layers and positional embedding) or "full" (every weight of
+      the tower; the ConvNeXt's setting).
     - ``momentum``: gamma of the teacher's EMA.
     - ``clustering_scale``: s in ``s cos`` before the clustering softmax (``MODEL.EPS``; 100 for ViT).
     - ``sinkhorn_iters``: Sinkhorn iterations of the clustering.
@@ -115,12 +127,25 @@ class PixelCLIPConfig:
     prompt_length: int = 4
     prompt_template: str = "a photo of a {} in the scene"
     momentum: float = 0.999
+    finetune: str = "attention"
     clustering_scale: float = 100.0
     sinkhorn_iters: int = 3
     decoder_channels: tuple[int, int, int] = (64, 64, 32)
     templates: Union[str, tuple[str, ...]] = EVAL_TEMPLATES
     feature_size: Optional[int] = 64
     seed: int = 0
+
+
+@dataclasses.dataclass
+class PixelCLIPConvNeXtBConfig(PixelCLIPConfig):
+    """Config of ``pixelclip_convnext_b``: the authors' ConvNeXt-B config (``pixelclip_convnext_base.yaml``:
+    ``CLIP_PRETRAINED convnext_base``, i.e. open_clip's ``convnext_base_w_320``, ``CLIP_RESOLUTION``
+    640, ``CLIP_FINETUNE full``, ``EPS`` 1); the rest as ``pixelclip``."""
+
+    clip: Union[str, dict] = "convnext_base_w_320"
+    image_size: int = 640
+    finetune: str = "full"
+    clustering_scale: float = 1.0
 
 
 @dataclasses.dataclass
@@ -201,7 +226,7 @@ def _process_group(process_group):
 
 @register_model("pixelclip")
 class PixelCLIP(Segmentor):
-    """PixelCLIP on open_clip's ViT; see the module docstring for the method.
+    """PixelCLIP on open_clip's ViT (or ConvNeXt, ``pixelclip_convnext_b``); see the module docstring.
 
     Training: ``losses = model.training_step(images, masks, valid)``, ``losses["loss_masks"].backward()``,
     ``optimizer.step()``, then ``model.update_teacher()``. Inference: ``forward`` / ``predict``.
@@ -224,15 +249,23 @@ class PixelCLIP(Segmentor):
             if _is_clip_state_dict(sd):
                 clip_checkpoint = path
             else:
+                _check_checkpoint_tower(sd, config.clip, path)
                 state = (path, sd)
         with _quiet_random_weights(state is not None):
-            self.backbone = CLIPBackbone(config.clip, clip_checkpoint, image_size=config.image_size, frozen=True)
+            self.backbone = CLIPBackbone(
+                config.clip, clip_checkpoint, image_size=config.image_size, frozen=True, convnext=True
+            )
         self.patch_size = self.backbone.patch_size
         self.output_stride = self.patch_size
 
-        # Student: the attention layers and the positional embedding of the image tower train.
+        # Student: the ViT's attention layers and positional embedding train, or the whole tower.
+        if config.finetune == "attention" and self.backbone.vision_tower != "vit":
+            raise ValueError(
+                f"finetune='attention' trains a ViT's attention layers; {self.backbone.model_name} has a "
+                f"{self.backbone.vision_tower} image tower: use finetune='full' (pixelclip_convnext_b does)"
+            )
         for name, p in self.backbone.clip.visual.named_parameters():
-            if ".attn." in name or name == "positional_embedding":
+            if config.finetune == "full" or ".attn." in name or name == "positional_embedding":
                 p.requires_grad_(True)
         self.teacher = copy.deepcopy(self.backbone.clip.visual).requires_grad_(False)
 
@@ -261,7 +294,11 @@ class PixelCLIP(Segmentor):
     def update_teacher(self) -> None:
         """EMA step of the teacher: ``theta_t <- gamma theta_t + (1 - gamma) theta_s`` for every
         trainable student weight of the image tower (the frozen ones are equal in both), as one
-        ``torch._foreach`` call per operation."""
+        ``torch._foreach`` call per operation.
+
+        The teacher is a submodule: ``model.train()`` puts it in training mode too, so a tower with
+        stochastic depth (``convnext_base_w``'s drop path 0.1) drops paths in the teacher as well,
+        as in the authors' code (their teacher is a deep copy run in the training loop's mode)."""
         gamma = self.config.momentum
         teacher = dict(self.teacher.named_parameters())
         pairs = [(teacher[n], p) for n, p in self.backbone.clip.visual.named_parameters() if p.requires_grad]
@@ -524,10 +561,13 @@ def _runs(flags: Tensor, longest: int) -> list[tuple[int, int]]:
 
 
 def _dense(visual: nn.Module, images: Tensor, positional) -> Tensor:
-    """The authors' dense features of an open_clip ``VisionTransformer`` (see the module docstring).
+    """The authors' dense features of an open_clip ``VisionTransformer`` (see the module docstring),
+    or of a timm ConvNeXt tower (:func:`~ovseg_fast.models.clip.convnext_dense_features`).
 
-    ``positional(grid)`` gives the resized positional embedding (the student's cached, gradient-aware
-    one); None resizes ``visual``'s own (the teacher)."""
+    ``positional(grid)`` gives the ViT's resized positional embedding (the student's cached,
+    gradient-aware one); None resizes ``visual``'s own (the teacher)."""
+    if hasattr(visual, "trunk"):  # open_clip's TimmModel: the ConvNeXt
+        return clip_module.convnext_dense_features(visual, images)
     b = images.shape[0]
     x = visual.conv1(images.to(visual.conv1.weight.dtype))
     gh, gw = x.shape[-2:]
@@ -556,6 +596,14 @@ def _dense(visual: nn.Module, images: Tensor, positional) -> Tensor:
     return (visual.ln_post(v) @ visual.proj).reshape(b, gh, gw, -1)
 
 
+@register_model("pixelclip_convnext_b")
+class PixelCLIPConvNeXtB(PixelCLIP):
+    """``pixelclip_convnext_b``: PixelCLIP on open_clip's ConvNeXt-B CLIP (``convnext_base_w_320``), the
+    whole image tower trained; ``pretrained`` may be the authors' ConvNeXt-B ``.pth``."""
+
+    config_class = PixelCLIPConvNeXtBConfig
+
+
 def _check_config(config: PixelCLIPConfig) -> None:
     check_int("image_size", config.image_size, minimum=1)
     check_int("mask_size", config.mask_size, minimum=1)
@@ -574,6 +622,8 @@ def _check_config(config: PixelCLIPConfig) -> None:
         raise ValueError(f"prompt_template must be a str with exactly one '{{}}', got {config.prompt_template!r}")
     if len(tuple(config.decoder_channels)) != 3:
         raise ValueError(f"decoder_channels must be 3 ints, got {config.decoder_channels!r}")
+    if config.finetune not in ("attention", "full"):
+        raise ValueError(f"finetune must be 'attention' or 'full', got {config.finetune!r}")
 
 
 class _quiet_random_weights:
@@ -620,25 +670,43 @@ def _is_clip_state_dict(sd: dict[str, Tensor]) -> bool:
     return "visual.conv1.weight" in sd or "visual.trunk.stem.0.weight" in sd
 
 
+def _checkpoint_tower(sd: dict[str, Tensor]) -> str:
+    """``"convnext"`` for a PixelCLIP state dict (theirs or ours) of a timm ConvNeXt tower, else ``"vit"``."""
+    return "convnext" if any("visual.trunk." in k or k.startswith("teacher.trunk.") for k in sd) else "vit"
+
+
+def _check_checkpoint_tower(sd: dict[str, Tensor], clip: Union[str, dict], path) -> None:
+    """A ConvNeXt checkpoint for a ViT config (or the reverse) is refused before anything is built."""
+    name, config = clip_module._model_config(clip)
+    tower = "convnext" if config["vision_cfg"].get("timm_model_name") else "vit"
+    theirs = _checkpoint_tower(sd)
+    if theirs != tower:
+        model = _MODEL_OF_TOWER[theirs]
+        raise ValueError(
+            f"pretrained: {path} is a PixelCLIP checkpoint with a {theirs} image tower, but clip={name!r} has a "
+            f"{tower} one: use create_model({model!r}, pretrained=...)"
+        )
+
+
+# The registered model whose config has each image tower.
+_MODEL_OF_TOWER = {"vit": "pixelclip", "convnext": "pixelclip_convnext_b"}
+
+
 def convert_pixelclip_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The authors' detectron2 state dict (ViT) -> this model's keys.
+    """The authors' detectron2 state dict (ViT-B/16 or ConvNeXt-B) -> this model's keys.
 
     ``sem_seg_head.predictor.clip_model.*`` -> ``backbone.clip.*`` (OpenAI CLIP's names, which are
-    open_clip's); ``sem_seg_head.predictor.prompt_tokens`` (k, n, width) -> ``prompt_words``;
+    open_clip's; the ConvNeXt is open_clip's own CLIP, ``visual.trunk.*`` timm's ConvNeXt and
+    ``visual.head.proj`` open_clip's projection); ``sem_seg_head.predictor.prompt_tokens`` (k, n,
+    width) -> ``prompt_words``;
     ``teacher_encoder.visual.*`` -> ``teacher.*``; ``head.*`` (their ``ConvHead``) -> ``decoder.*``.
     Their teacher also carries copies of the frozen text embedding parts (``teacher_encoder.
     token_embedding`` etc.): each must equal the student's, and is then dropped. ``dino.*`` (the
     DINO ViT-S/16 that makes masks in their DINO-mask training, not a part of the segmenter) is
-    dropped and logged. Any other key, a ConvNeXt checkpoint, or a text copy that differs is a
-    ``ValueError``.
+    dropped and logged. Any other key, or a text copy that differs, is a ``ValueError``.
     """
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
-    if any(k.startswith(_STUDENT + "visual.trunk.") for k in state_dict):
-        raise ValueError(
-            "this is a ConvNeXt PixelCLIP checkpoint (pixelclip_convnext_b): not supported, the CLIP layer "
-            "supports ViT image towers only"
-        )
     out: dict[str, Tensor] = {}
     copies: dict[str, Tensor] = {}
     unknown, dino = [], 0
@@ -710,11 +778,19 @@ def read_pixelclip_checkpoint(path: Union[str, os.PathLike]) -> dict[str, Tensor
     return sd
 
 
+def pixelclip_model_name(state_dict: dict[str, Tensor]) -> str:
+    """The registered model a PixelCLIP state dict (theirs or ours) is of: ``"pixelclip"`` (ViT) or
+    ``"pixelclip_convnext_b"`` (a timm ConvNeXt image tower)."""
+    return _MODEL_OF_TOWER[_checkpoint_tower(state_dict)]
+
+
 def pixelclip_config_overrides(state_dict: dict[str, Tensor]) -> dict:
-    """The ``create_model("pixelclip", **overrides)`` whose parameters have the shapes of
-    ``state_dict`` (this model's keys): the CLIP architecture as an open_clip config dict (heads =
-    width / 64, as OpenAI's CLIP), the prompts' k and n, and the decoder's channels. Used to check
-    a converted checkpoint; attention heads and activations do not change shapes and are not known."""
+    """The ``create_model(pixelclip_model_name(state_dict), **overrides)`` whose parameters have the
+    shapes of ``state_dict`` (this model's keys): the prompts' k and n, the decoder's channels and,
+    for a ViT, the CLIP architecture as an open_clip config dict (heads = width / 64, as OpenAI's
+    CLIP). Used to check a converted checkpoint; attention heads and activations do not change
+    shapes and are not known. A ConvNeXt's trunk cannot be told from its shapes (timm builds it by
+    name): its CLIP is the config's, ``convnext_base_w_320`` unless the caller overrides ``clip``."""
 
     def get(key: str) -> Tensor:
         if key not in state_dict:
@@ -723,6 +799,17 @@ def pixelclip_config_overrides(state_dict: dict[str, Tensor]) -> dict:
 
     def count(prefix: str) -> int:
         return len({k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)})
+
+    prompts = get("prompt_words")
+    channels = (
+        int(get("decoder.stem.weight").shape[0]),
+        int(get("decoder.up1.weight").shape[1]),
+        int(get("decoder.up2.weight").shape[1]),
+    )
+    overrides = {"num_concepts": int(prompts.shape[0]), "prompt_length": int(prompts.shape[1])}
+    overrides["decoder_channels"] = channels
+    if _checkpoint_tower(state_dict) == "convnext":
+        return overrides
 
     conv1 = get("backbone.clip.visual.conv1.weight")
     width, patch = int(conv1.shape[0]), int(conv1.shape[-1])
@@ -749,29 +836,19 @@ def pixelclip_config_overrides(state_dict: dict[str, Tensor]) -> dict:
             "mlp_ratio": text_mlp / text_width,
         },
     }
-    prompts = get("prompt_words")
-    channels = (
-        int(get("decoder.stem.weight").shape[0]),
-        int(get("decoder.up1.weight").shape[1]),
-        int(get("decoder.up2.weight").shape[1]),
-    )
-    return {
-        "clip": clip,
-        "image_size": patch * grid,
-        "num_concepts": int(prompts.shape[0]),
-        "prompt_length": int(prompts.shape[1]),
-        "decoder_channels": channels,
-    }
+    return {"clip": clip, "image_size": patch * grid, **overrides}
 
 
-def check_pixelclip_state_dict(state_dict: dict[str, Tensor], source: str = "state_dict") -> dict:
-    """Builds the PixelCLIP that ``state_dict`` (this model's keys) describes and loads it strictly:
-    a ``ValueError`` lists what does not fit. Returns the config overrides (see
-    :func:`pixelclip_config_overrides`)."""
+def check_pixelclip_state_dict(
+    state_dict: dict[str, Tensor], source: str = "state_dict", overrides: Optional[dict] = None
+) -> dict:
+    """Builds the PixelCLIP that ``state_dict`` (this model's keys) describes, with ``overrides`` (config
+    fields, e.g. ``clip``) over the inferred ones, and loads it strictly: a ``ValueError`` lists what
+    does not fit. Returns the config overrides used (see :func:`pixelclip_config_overrides`)."""
     from ovseg_fast.models.registry import create_model
 
-    overrides = pixelclip_config_overrides(state_dict)
+    overrides = {**pixelclip_config_overrides(state_dict), **(overrides or {})}
     with _quiet_random_weights(True):
-        model = create_model("pixelclip", **overrides)
+        model = create_model(pixelclip_model_name(state_dict), **overrides)
     _load_strict(model, state_dict, source)
     return overrides

@@ -1,5 +1,6 @@
 """PixelCLIP: training step shapes, clustering (pooling, balance, targets), EMA teacher, global
-clustering across gloo processes, backends, ragged masks, the authors' checkpoints, inference."""
+clustering across gloo processes, backends, ragged masks, the authors' checkpoints, inference; the
+ConvNeXt-B variant (``pixelclip_convnext_b``) on a tiny timm ConvNeXt."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ovseg_fast import ops
+from ovseg_fast.cli import main as cli_main
+from ovseg_fast.models import clip as clip_module
 from ovseg_fast.models import create_model
 from ovseg_fast.models.pixelclip import PixelCLIP, convert_pixelclip_state_dict, interpolation_matrix
 from tests.helpers import run_gloo_workers, tiny_clip
@@ -343,9 +346,6 @@ def test_authors_checkpoint_errors(tmp_path, model):
     changed["teacher_encoder.token_embedding.weight"] = changed["teacher_encoder.token_embedding.weight"] + 1
     with pytest.raises(ValueError, match=r"teacher_encoder\.token_embedding\.weight"):
         convert_pixelclip_state_dict(changed)
-    convnext = {"sem_seg_head.predictor.clip_model.visual.trunk.stem.0.weight": torch.zeros(1)}
-    with pytest.raises(ValueError, match="ConvNeXt"):
-        convert_pixelclip_state_dict(convnext)
     # DINO's mask generator is not part of the segmenter: dropped.
     assert convert_pixelclip_state_dict(dict(theirs, **{"dino.cls_token": torch.zeros(1)})).keys() == (
         convert_pixelclip_state_dict(theirs).keys()
@@ -369,3 +369,219 @@ def test_synonyms_are_averaged_per_template(model):
     expected = F.normalize(torch.stack(per_template).mean(0), dim=-1)
     torch.testing.assert_close(emb, expected)
     torch.testing.assert_close(emb[1], model.backbone.encode_text(["cat"], model.config.templates)[0])
+
+
+# -- pixelclip_convnext_b: the ConvNeXt-B variant, on a tiny timm ConvNeXt ------------------------------
+# open_clip's timm tower on timm's test_convnext (dims 24..64, 0.21 M parameters with the projection;
+# timm's pretrained stays False), stride 32: a 2 x 2 map at 64 x 64; tiny_clip's text tower.
+TINY_CONVNEXT = {
+    **tiny_clip(64),
+    "vision_cfg": {
+        "timm_model_name": "test_convnext",
+        "timm_model_pretrained": False,
+        "timm_pool": "",
+        "timm_proj": "linear",
+        "image_size": 64,
+    },
+}
+
+
+def _convnext(seed: int = 0, **overrides) -> PixelCLIP:
+    torch.manual_seed(seed)
+    kw = dict(clip=TINY_CONVNEXT, image_size=64, mask_size=32, num_concepts=K)
+    return create_model("pixelclip_convnext_b", **{**kw, **overrides})
+
+
+@pytest.fixture(scope="module")
+def convnext():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*RANDOM weights")
+        return _convnext()
+
+
+def test_convnext_registered_defaults_are_the_authors_convnext_config():
+    import open_clip
+
+    from ovseg_fast.models import model_config
+
+    cfg = model_config("pixelclip_convnext_b")
+    # pixelclip_convnext_base.yaml: CLIP_PRETRAINED convnext_base (open_clip's convnext_base_w_320),
+    # CLIP_RESOLUTION 640, CLIP_FINETUNE full, EPS 1; the rest from the ViT config.
+    assert (cfg.clip, cfg.image_size, cfg.finetune, cfg.clustering_scale) == ("convnext_base_w_320", 640, "full", 1.0)
+    assert (cfg.num_concepts, cfg.prompt_length, cfg.momentum, cfg.mask_size) == (64, 4, 0.999, 256)
+    vision = open_clip.get_model_config(cfg.clip)["vision_cfg"]
+    assert vision["timm_model_name"] == "convnext_base" and not vision["timm_model_pretrained"]
+    assert model_config("pixelclip").finetune == "attention"
+
+
+def test_convnext_shapes(convnext):
+    images, masks = _batch()
+    concepts = convnext.concept_embeddings()
+    assert convnext.patch_size == convnext.output_stride == 32
+    assert concepts.shape == (K, 32)
+    student = convnext.dense_features(images)
+    assert student.shape == (2, 2, 2, 32)
+    teacher = convnext.dense_features(images, teacher=True)
+    clusters = convnext.cluster(teacher, masks, None, concepts.detach())
+    assert clusters.targets.shape == (2, K, 32, 32) and clusters.plan.shape == (int(clusters.keep.sum()), K)
+    # Logits 1 x cosine (EPS 1), not 100 x as for the ViT.
+    assert clusters.logits.abs().max() <= 1 + 1e-5
+    assert convnext.mask_logits(student, concepts).shape == (2, K, 32, 32)
+    loss = convnext.training_step(images, masks)["loss_masks"]
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    assert convnext(images, ["cat", "dog"]).shape == (2, 2, 64, 64)  # feature_size 64
+    text = convnext.encode(["cat", "dog", "sky"])
+    assert convnext.segment(images, text).shape == (2, 3, 64, 64)
+    probs = convnext.predict(torch.randn(1, 3, 40, 56), ["cat", "dog", "sky"])
+    assert probs.shape == (1, 3, 40, 56) and torch.allclose(probs.sum(1), torch.ones(1, 40, 56))
+
+
+def test_convnext_dense_features_are_the_last_map_through_head_norm_and_projection(convnext):
+    """The authors' encode_image(dense=True): trunk.forward_features -> trunk.head.norm -> visual.head
+    per pixel; pooled, the same path is open_clip's encode_image."""
+    images = torch.randn(2, 3, 64, 96)
+    visual = convnext.backbone.clip.visual
+    with torch.no_grad():
+        maps = visual.trunk.forward_features(images)
+        expected = visual.head(visual.trunk.head.norm(maps).permute(0, 2, 3, 1))
+        dense = convnext.dense_features(images)
+        torch.testing.assert_close(dense, expected)
+        assert dense.shape == (2, 2, 3, 32)
+        torch.testing.assert_close(convnext.dense_features(images, teacher=True), expected)
+        torch.testing.assert_close(convnext.backbone.dense_features(images), expected)
+        torch.testing.assert_close(convnext.backbone.encode_image(images), convnext.backbone.clip.encode_image(images))
+    with pytest.raises(ValueError, match="multiples of the patch size 32"):
+        convnext.dense_features(torch.randn(1, 3, 48, 64))
+    with pytest.raises(ValueError, match="needs a ViT image tower"):
+        convnext.backbone.encode_image_features(images, layers=(0,))
+
+
+def test_convnext_gradients_reach_exactly_the_trainable_parameters():
+    """The whole image tower (trunk and projection head) trains, with the prompts and the decoder;
+    nothing else gets a gradient, the teacher none."""
+    model = _convnext()
+    images, masks = _batch()
+    model.training_step(images, masks)["loss_masks"].backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    visual = {"backbone.clip.visual." + n for n, _ in model.backbone.clip.visual.named_parameters()}
+    decoder = {"decoder." + n for n, _ in model.decoder.named_parameters()}
+    assert trained == trainable == visual | decoder | {"prompt_words"}
+    assert any(".trunk.stem." in n for n in trained) and "backbone.clip.visual.head.proj.weight" in trained
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    # EMA over the whole tower: every teacher weight follows its formula.
+    student = dict(model.backbone.clip.visual.named_parameters())
+    with torch.no_grad():
+        for p in model.teacher.parameters():
+            p.add_(torch.randn_like(p))
+    before = {n: p.clone() for n, p in model.teacher.named_parameters()}
+    model.update_teacher()
+    gamma = model.config.momentum
+    for name, p in model.teacher.named_parameters():
+        torch.testing.assert_close(p, gamma * before[name] + (1 - gamma) * student[name])
+
+
+def test_convnext_config_checks():
+    with pytest.raises(ValueError, match="finetune='attention' trains a ViT's attention layers"):
+        create_model("pixelclip", clip=TINY_CONVNEXT, image_size=64, mask_size=32, num_concepts=K)
+    with pytest.raises(ValueError, match="finetune must be 'attention' or 'full'"):
+        _convnext(finetune="all")
+    with pytest.raises(ValueError, match="image_size must be a multiple of the patch size 32"):
+        _convnext(image_size=80)
+    with pytest.raises(ValueError, match="only ViT image towers are supported"):
+        clip_module.CLIPBackbone(TINY_CONVNEXT, image_size=64)  # models on ViT tokens refuse it
+    pretrained = {**TINY_CONVNEXT, "vision_cfg": {**TINY_CONVNEXT["vision_cfg"], "timm_model_pretrained": True}}
+    with pytest.raises(ValueError, match="nothing is downloaded"):
+        _convnext(clip=pretrained)
+
+
+def test_convnext_random_weights_warn(monkeypatch):
+    monkeypatch.setattr(clip_module, "_warned_random", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _convnext()
+    messages = [str(w.message) for w in caught if "RANDOM weights" in str(w.message)]
+    assert len(messages) == 1 and "meaningless" in messages[0]
+
+
+def test_convnext_authors_checkpoint_loads_strictly_and_runs_their_inference(tmp_path, convnext):
+    """Their ConvNeXt-B checkpoint: ``clip_model`` is open_clip's CLIP (``visual.trunk.*`` timm's
+    ConvNeXt, ``visual.head.proj`` open_clip's projection), the teacher its copy without the text
+    transformer, prompt tokens (k, n, 640) at full size."""
+    theirs = _their_state_dict(convnext)
+    assert "sem_seg_head.predictor.clip_model.visual.trunk.stages.3.blocks.1.mlp.fc2.weight" in theirs
+    assert "teacher_encoder.visual.head.proj.weight" in theirs
+    path = tmp_path / "pixelclip_convnext_base.pth"
+    torch.save({"model": theirs, "iteration": 10000}, path)
+    loaded = _convnext(seed=1, pretrained=str(path))
+    own = loaded.state_dict()
+    prefix = "sem_seg_head.predictor.clip_model."
+    assert torch.equal(own["prompt_words"], theirs["sem_seg_head.predictor.prompt_tokens"])
+    assert torch.equal(own["teacher.trunk.stem.0.weight"], theirs["teacher_encoder.visual.trunk.stem.0.weight"])
+    assert torch.equal(own["backbone.clip.visual.head.proj.weight"], theirs[prefix + "visual.head.proj.weight"])
+    assert torch.equal(own["backbone.clip.visual.trunk.head.norm.bias"], theirs[prefix + "visual.trunk.head.norm.bias"])
+    assert torch.equal(own["decoder.block1.0.weight"], theirs["head.conv1.double_conv.0.weight"])
+    # Their evaluation path: student dense features -> 64 x 64 (feature_size) bilinear -> cosine.
+    images, _ = _batch(b=1)
+    visual = loaded.backbone.clip.visual
+    with torch.no_grad():
+        feats = visual.head(visual.trunk.head.norm(visual.trunk.forward_features(images)).permute(0, 2, 3, 1))
+        text = loaded.encode(["cat", "dog"])
+        feats = F.interpolate(feats.permute(0, 3, 1, 2), size=(64, 64), mode="bilinear", align_corners=False)
+        cos = torch.einsum("bdhw,cd->bchw", F.normalize(feats, dim=1), text.embeddings)
+        torch.testing.assert_close(loaded(images, text), loaded.backbone.logit_scale * cos)
+
+
+def test_convnext_authors_checkpoint_errors(tmp_path, convnext, model):
+    theirs = _their_state_dict(convnext)
+    bad = dict(theirs)
+    del bad["sem_seg_head.predictor.clip_model.visual.trunk.stages.2.blocks.0.gamma"]
+    bad["teacher_encoder.visual.head.proj.weight"] = torch.zeros(32, 16)
+    path = tmp_path / "bad.pth"
+    torch.save({"model": bad}, path)
+    expected = (
+        r"shapes differ: teacher\.head\.proj\.weight: checkpoint \(32, 16\) vs model \(32, 64\).*"
+        r"missing from the checkpoint: backbone\.clip\.visual\.trunk\.stages\.2\.blocks\.0\.gamma"
+    )
+    with pytest.raises(ValueError, match=expected):
+        _convnext(pretrained=str(path))
+    extra = dict(theirs, **{"sem_seg_head.predictor.clip_model.visual.trunk.extra.weight": torch.zeros(1)})
+    torch.save({"model": extra}, path)
+    with pytest.raises(ValueError, match=r"not in the model: backbone\.clip\.visual\.trunk\.extra\.weight"):
+        _convnext(pretrained=str(path))
+    # A ConvNeXt checkpoint for the ViT model, and the reverse: refused before building, naming the model.
+    torch.save({"model": theirs}, path)
+    with pytest.raises(ValueError, match=r"convnext image tower.*create_model\('pixelclip_convnext_b'"):
+        _model(pretrained=str(path))
+    vit = tmp_path / "vit.pth"
+    torch.save({"model": _their_state_dict(model)}, vit)
+    with pytest.raises(ValueError, match=r"vit image tower.*create_model\('pixelclip'"):
+        _convnext(pretrained=str(vit))
+
+
+def test_convnext_convert_cli_round_trip(tmp_path, convnext, capsys):
+    theirs = _their_state_dict(convnext)
+    src, dst = tmp_path / "pixelclip_convnext_base.pth", tmp_path / "pixelclip_convnext_base.safetensors"
+    torch.save({"model": theirs}, src)
+    # The trunk is built by name (timm), so a checkpoint of a tiny one is checked against its config.
+    args = ["convert", "pixelclip", str(src), str(dst), "--set", f"clip={TINY_CONVNEXT!r}", "--set", "image_size=64"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "create_model('pixelclip_convnext_b'" in out and "'num_concepts': 8" in out
+    loaded = _convnext(seed=2, pretrained=str(dst))
+    for key, value in convert_pixelclip_state_dict(theirs).items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    bad = dict(theirs)
+    bad["sem_seg_head.predictor.clip_model.visual.trunk.stem.0.weight"] = torch.zeros(24, 3, 2, 2)
+    torch.save({"model": bad}, src)
+    assert cli_main([*args, "--force"]) == 1
+    assert "shapes differ: backbone.clip.visual.trunk.stem.0.weight" in capsys.readouterr().err
+
+
+def test_convnext_profile_cli_at_a_tiny_size(capsys):
+    args = ["profile", "pixelclip_convnext_b", "--size", "64", "--classes", "2", "--min-seconds", "0"]
+    args += ["--set", f"clip={TINY_CONVNEXT!r}", "--set", "image_size=64", "--set", "templates=('a {}.',)"]
+    args += ["--set", "num_concepts=8", "--set", "feature_size=16"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "| pixelclip_convnext_b | 1x3x64x64, C=2 | float32 |" in out
