@@ -7,18 +7,17 @@ detectron2 checkpoint of PixelCLIP (ViT-B/16, or ConvNeXt-B) -> ours. The keys a
 describes is built and loaded strictly (every tensor used, none missing, shapes checked), and only
 then is OUT written. A checkpoint that does not fit exits with status 1 and a message listing what
 does not fit. A ConvNeXt checkpoint is checked against ``pixelclip_convnext_b`` (open_clip's
-``convnext_base_w_320``: a timm trunk is built by name, not told from its shapes); ``--set
-clip=...`` checks it against another CLIP config.
+``convnext_base_w_320``: a timm trunk is built by name, not told from its shapes); ``--clip
+CLIP`` checks a checkpoint against another CLIP config than the one inferred.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import sys
 from pathlib import Path
 from typing import Optional
-
-from ovseg_fast.cli.profile import _override
 
 # The models whose published checkpoints convert.
 _CONVERTERS = ("pixelclip",)
@@ -36,15 +35,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("output", metavar="OUT", help="the file to write (.safetensors)")
     parser.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        type=_override,
-        default=[],
-        metavar="KEY=VALUE",
-        help="config field of the model the checkpoint is checked against, over the inferred ones (repeatable)",
+        "--clip",
+        type=_literal_or_str,
+        help="open_clip model name or config dict (a Python literal) of the CLIP the checkpoint is checked against "
+        "(default: inferred from a ViT's shapes; convnext_base_w_320 for a ConvNeXt)",
     )
     return parser
+
+
+def _literal_or_str(text: str):
+    """A Python literal (e.g. an open_clip config dict), or else the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def convert(model: str, src, dst, *, force: bool = False, overrides: Optional[dict] = None) -> tuple[str, dict]:
@@ -80,7 +84,8 @@ def convert(model: str, src, dst, *, force: bool = False, overrides: Optional[di
 
 def run(args: argparse.Namespace) -> int:
     try:
-        name, overrides = convert(args.model, args.input, args.output, force=args.force, overrides=dict(args.overrides))
+        extra = {} if args.clip is None else {"clip": args.clip}
+        name, overrides = convert(args.model, args.input, args.output, force=args.force, overrides=extra)
     except (OSError, ValueError, TypeError) as exc:
         print(f"ovseg-fast convert: {exc}", file=sys.stderr)
         return 1

@@ -18,12 +18,30 @@ from ovseg_fast.models.pixelclip import PixelCLIP, convert_pixelclip_state_dict,
 from tests.helpers import run_gloo_workers, tiny_clip
 
 K = 8
+# pixelclip_convnext_b's tiny CLIP: open_clip's timm tower on timm's test_convnext (dims 24..64, 0.21 M
+# parameters with the projection; timm's pretrained stays False), stride 32, so a 2 x 2 map at 64 x 64;
+# tiny_clip's text tower.
+TINY_CONVNEXT = {
+    **tiny_clip(64),
+    "vision_cfg": {
+        "timm_model_name": "test_convnext",
+        "timm_model_pretrained": False,
+        "timm_pool": "",
+        "timm_proj": "linear",
+        "image_size": 64,
+    },
+}
 
 
-def _model(seed: int = 0, **overrides) -> PixelCLIP:
+def _model(seed: int = 0, name: str = "pixelclip", **overrides) -> PixelCLIP:
     torch.manual_seed(seed)
-    kw = dict(clip=tiny_clip(64), image_size=64, mask_size=32, num_concepts=K)
-    return create_model("pixelclip", **{**kw, **overrides})
+    clip = TINY_CONVNEXT if name == "pixelclip_convnext_b" else tiny_clip(64)
+    kw = dict(clip=clip, image_size=64, mask_size=32, num_concepts=K)
+    return create_model(name, **{**kw, **overrides})
+
+
+def _convnext(seed: int = 0, **overrides) -> PixelCLIP:
+    return _model(seed, "pixelclip_convnext_b", **overrides)
 
 
 def _batch(b: int = 2, m: int = 5, size: int = 32, seed: int = 0):
@@ -33,12 +51,21 @@ def _batch(b: int = 2, m: int = 5, size: int = 32, seed: int = 0):
     return images, masks
 
 
-@pytest.fixture(scope="module")
-def model():
-    # Module-scoped, so built before conftest's per-test silencing of the random-weights warning.
+def _quiet_model(name: str) -> PixelCLIP:
+    # For module-scoped fixtures, built before conftest's per-test silencing of the random-weights warning.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*RANDOM weights")
-        return _model()
+        return _model(name=name)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _quiet_model("pixelclip")
+
+
+@pytest.fixture(scope="module")
+def convnext():
+    return _quiet_model("pixelclip_convnext_b")
 
 
 def test_registered_defaults_are_the_authors_vit_config():
@@ -135,7 +162,13 @@ def test_targets_are_the_union_of_each_concepts_masks(model):
 
 
 def test_ema_update_matches_its_formula():
-    model = _model()
+    followed = _check_ema(_model())
+    assert "positional_embedding" in followed and all(".attn." in n for n in followed - {"positional_embedding"})
+
+
+def _check_ema(model: PixelCLIP) -> set[str]:
+    """Moves the teacher away, runs update_teacher and checks every teacher weight against its
+    formula; returns the names of those that followed the student."""
     student = dict(model.backbone.clip.visual.named_parameters())
     with torch.no_grad():
         for p in model.teacher.parameters():
@@ -143,11 +176,14 @@ def test_ema_update_matches_its_formula():
     before = {n: p.clone() for n, p in model.teacher.named_parameters()}
     model.update_teacher()
     gamma = model.config.momentum
+    followed = set()
     for name, p in model.teacher.named_parameters():
         if student[name].requires_grad:
             torch.testing.assert_close(p, gamma * before[name] + (1 - gamma) * student[name])
+            followed.add(name)
         else:  # frozen in the student: equal in both, the teacher's own copy is left alone
             assert torch.equal(p, before[name])
+    return followed
 
 
 def test_teacher_receives_no_gradient_and_student_trains_attention_and_position():
@@ -371,34 +407,7 @@ def test_synonyms_are_averaged_per_template(model):
     torch.testing.assert_close(emb[1], model.backbone.encode_text(["cat"], model.config.templates)[0])
 
 
-# -- pixelclip_convnext_b: the ConvNeXt-B variant, on a tiny timm ConvNeXt ------------------------------
-# open_clip's timm tower on timm's test_convnext (dims 24..64, 0.21 M parameters with the projection;
-# timm's pretrained stays False), stride 32: a 2 x 2 map at 64 x 64; tiny_clip's text tower.
-TINY_CONVNEXT = {
-    **tiny_clip(64),
-    "vision_cfg": {
-        "timm_model_name": "test_convnext",
-        "timm_model_pretrained": False,
-        "timm_pool": "",
-        "timm_proj": "linear",
-        "image_size": 64,
-    },
-}
-
-
-def _convnext(seed: int = 0, **overrides) -> PixelCLIP:
-    torch.manual_seed(seed)
-    kw = dict(clip=TINY_CONVNEXT, image_size=64, mask_size=32, num_concepts=K)
-    return create_model("pixelclip_convnext_b", **{**kw, **overrides})
-
-
-@pytest.fixture(scope="module")
-def convnext():
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*RANDOM weights")
-        return _convnext()
-
-
+# -- pixelclip_convnext_b: the ConvNeXt-B variant, on TINY_CONVNEXT --------------------------------------
 def test_convnext_registered_defaults_are_the_authors_convnext_config():
     import open_clip
 
@@ -470,15 +479,7 @@ def test_convnext_gradients_reach_exactly_the_trainable_parameters():
     assert any(".trunk.stem." in n for n in trained) and "backbone.clip.visual.head.proj.weight" in trained
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
     # EMA over the whole tower: every teacher weight follows its formula.
-    student = dict(model.backbone.clip.visual.named_parameters())
-    with torch.no_grad():
-        for p in model.teacher.parameters():
-            p.add_(torch.randn_like(p))
-    before = {n: p.clone() for n, p in model.teacher.named_parameters()}
-    model.update_teacher()
-    gamma = model.config.momentum
-    for name, p in model.teacher.named_parameters():
-        torch.testing.assert_close(p, gamma * before[name] + (1 - gamma) * student[name])
+    assert _check_ema(model) == {n for n, _ in model.backbone.clip.visual.named_parameters()}
 
 
 def test_convnext_config_checks():
@@ -564,7 +565,7 @@ def test_convnext_convert_cli_round_trip(tmp_path, convnext, capsys):
     src, dst = tmp_path / "pixelclip_convnext_base.pth", tmp_path / "pixelclip_convnext_base.safetensors"
     torch.save({"model": theirs}, src)
     # The trunk is built by name (timm), so a checkpoint of a tiny one is checked against its config.
-    args = ["convert", "pixelclip", str(src), str(dst), "--set", f"clip={TINY_CONVNEXT!r}", "--set", "image_size=64"]
+    args = ["convert", "pixelclip", str(src), str(dst), "--clip", repr(TINY_CONVNEXT)]
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert "create_model('pixelclip_convnext_b'" in out and "'num_concepts': 8" in out
