@@ -30,6 +30,7 @@ from ovseg_fast.bench._common import record, setup_threads
 open_clip = pytest.importorskip("open_clip")  # the models extra
 
 import ovseg_fast.models.profile  # noqa: E402, F401  (registers the FLOP formula of CPU SDPA, as profile counts it)
+from ovseg_fast.data.masks import random_box_masks  # noqa: E402
 from ovseg_fast.models import CLIPBackbone  # noqa: E402
 
 # (model, batch, image side)
@@ -118,23 +119,6 @@ PIXELCLIP_CLUSTER = {"48 images x M<=128 x k=64": (48, 128, 64)}
 CLUSTER_PROVIDERS = ("ovseg_fast", "eager")
 
 
-def _pixelclip_masks(batch: int, max_masks: int, size: int, seed: int = 0):
-    """Random rectangles, between max_masks / 2 and max_masks per image: (B, M, S, S) bool + (B, M) valid."""
-    gen = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(batch, max_masks, size, size, dtype=torch.bool)
-    valid = torch.zeros(batch, max_masks, dtype=torch.bool)
-    for b in range(batch):
-        n = int(torch.randint(max_masks // 2, max_masks + 1, (1,), generator=gen))
-        valid[b, :n] = True
-        corners = torch.randint(0, size - 8, (n, 2), generator=gen)
-        sides = torch.randint(8, size // 2, (n, 2), generator=gen)
-        for i in range(n):
-            y, x = corners[i].tolist()
-            h, w = sides[i].tolist()
-            masks[b, i, y : y + h, x : x + w] = True
-    return masks, valid
-
-
 @functools.lru_cache(maxsize=1)
 def _pixelclip(k: int):
     from ovseg_fast.models import create_model
@@ -151,7 +135,8 @@ def test_pixelclip_training_step(benchmark, case):
     batch, size, max_masks, k = PIXELCLIP_STEP[case]
     model = _pixelclip(k).train()
     images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-    masks, valid = _pixelclip_masks(batch, max_masks, model.config.mask_size)
+    gen = torch.Generator().manual_seed(0)
+    masks, valid = random_box_masks(batch, max_masks, model.config.mask_size, generator=gen)
     params = list(model.trainable_parameters())
     optimizer = torch.optim.SGD(params, lr=0.0)  # lr 0: the step's cost, weights left as they are
 
@@ -210,7 +195,7 @@ def _cluster_inputs(batch: int, max_masks: int, k: int):
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(batch, 20, 20, 512, generator=gen)
     concepts = F.normalize(torch.randn(k, 512, generator=gen), dim=-1)
-    masks, valid = _pixelclip_masks(batch, max_masks, 256, seed=1)
+    masks, valid = random_box_masks(batch, max_masks, 256, generator=torch.Generator().manual_seed(1))
     return feats, masks, valid, concepts
 
 

@@ -1,6 +1,7 @@
 """``ovseg-fast profile MODEL``: parameters, GFLOPs, latency/FPS, peak memory and efficiency of one
-forward of a registered model (:func:`ovseg_fast.models.profile.profile`), printed as Markdown tables
-beside ZegCLIP's quoted row; ``--json`` saves the results."""
+forward (``--train``: and of one training step) of a registered model
+(:func:`ovseg_fast.models.profile.profile`), printed as Markdown tables beside ZegCLIP's quoted row;
+``--json`` saves the results."""
 
 from __future__ import annotations
 
@@ -60,6 +61,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="model config override, a Python literal or a string (repeatable), e.g. --set image_size=224",
     )
+    parser.add_argument(
+        "--train",
+        action="store_true",
+        help="also profile one training step (forward, losses, backward, AdamW step) on random targets",
+    )
     parser.add_argument("--min-seconds", type=float, default=2.0, help="least time spent on timed forwards")
     parser.add_argument("--json", help="save the results as JSON (written atomically)")
     return parser
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
                 depth=args.depth,
                 pretrained=args.pretrained,
                 min_seconds=args.min_seconds,
+                train=args.train,
                 progress=progress,
                 **overrides,
             )

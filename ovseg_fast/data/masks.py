@@ -8,6 +8,8 @@ they arrive in into the tensors the model takes:
 - :func:`label_map_to_masks`: an integer label map -> one bool mask per label present;
 - :func:`resize_masks` (nearest) and :func:`crop_masks`: geometry that **drops** masks left with
   fewer than ``min_area`` pixels, returning the indices kept;
+- :func:`random_box_masks`: ragged sets of random rectangles, padded: stand-in masks for timing a
+  training step (``profile``, the benchmarks) where no mask files exist;
 - :func:`pad_masks`: a batch of ragged mask sets (N_i, H, W) -> (B, M, H, W) plus a (B, M) validity
   mask, the input of ``PixelCLIP.training_step``;
 - :class:`SA1BFolder`: a small reader of SA-1B-style folders (``x.jpg`` beside ``x.json``), and
@@ -42,6 +44,7 @@ __all__ = [
     "decode_rle",
     "label_map_to_masks",
     "pad_masks",
+    "random_box_masks",
     "resize_masks",
     "rles_to_masks",
 ]
@@ -326,6 +329,30 @@ class SA1BFolder(torch.utils.data.Dataset):
 
 class _SkipCounter:
     total = 0
+
+
+def random_box_masks(
+    batch: int, max_masks: int, size: int, *, generator: Optional[torch.Generator] = None
+) -> tuple[Tensor, Tensor]:
+    """Random axis-aligned rectangles: (B, M, S, S) bool masks and their (B, M) validity, with
+    between ``max_masks // 2`` (at least 1) and ``max_masks`` valid masks per image, each side 8
+    to ``size // 2`` pixels (at most ``size``). For timing and tests, not for training."""
+    for name, value, minimum in (("batch", batch, 1), ("max_masks", max_masks, 1), ("size", size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    masks = torch.zeros(batch, max_masks, size, size, dtype=torch.bool)
+    valid = torch.zeros(batch, max_masks, dtype=torch.bool)
+    low_side, high_side = min(8, size), max(min(8, size), size // 2)
+    for b in range(batch):
+        n = int(torch.randint(max(1, max_masks // 2), max_masks + 1, (1,), generator=generator))
+        valid[b, :n] = True
+        sides = torch.randint(low_side, high_side + 1, (n, 2), generator=generator)
+        for i, (h, w) in enumerate(sides.tolist()):
+            y, x = (int(torch.randint(0, size - side + 1, (1,), generator=generator)) for side in (h, w))
+            masks[b, i, y : y + h, x : x + w] = True
+    return masks, valid
 
 
 def collate_masks(samples: Sequence[Mapping[str, Any]], *, max_masks: Optional[int] = None) -> Optional[dict[str, Any]]:

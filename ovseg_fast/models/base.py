@@ -6,8 +6,10 @@ A model subclasses :class:`Segmentor` and implements two methods:
 - ``segment(images, text) -> logits (B, C, h, w)``: images already checked, text already encoded.
 
 The base class supplies the input checks, the conversion of a class-name list into embeddings,
-whole-image and sliding-window inference at the input size (``predict``), and a cross-entropy
-``loss`` that models with their own losses override.
+whole-image and sliding-window inference at the input size (``predict``), a cross-entropy
+``loss`` that models with their own losses override, and ``example_training_step``: one training
+step's work on random targets, which ``profile(train=True)`` times (models trained from something
+other than label maps, as PixelCLIP from masks, override it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from typing import Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from torch import Tensor, nn
 from ovseg_fast.models.losses import cross_entropy
 from ovseg_fast.ops._checks import check_choice, check_int, check_tensor
 
-__all__ = ["Segmentor", "TextEmbeddings", "check_class_names", "check_images"]
+__all__ = ["Segmentor", "TextEmbeddings", "TrainingStep", "check_class_names", "check_images"]
 
 IMAGE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -51,6 +53,20 @@ class TextEmbeddings:
 
     def to(self, *args, **kwargs) -> TextEmbeddings:
         return TextEmbeddings(self.embeddings.to(*args, **kwargs), self.class_names)
+
+
+def _no_op() -> None:
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingStep:
+    """One training step of a model on a fixed batch, for timing it: ``losses()`` runs the forward
+    and returns the named losses (their sum is what is back-propagated); after the optimiser step,
+    ``after_optimizer_step()`` does what the model needs then (PixelCLIP's teacher EMA)."""
+
+    losses: Callable[[], dict[str, Tensor]]
+    after_optimizer_step: Callable[[], None] = _no_op
 
 
 def check_class_names(name: str, value: object) -> tuple[str, ...]:
@@ -171,6 +187,18 @@ class Segmentor(nn.Module):
         outputs, targets = self._check_loss_inputs(outputs, targets, ignore_index)
         logits = _resize(outputs, targets.shape[-2:])
         return {"loss_ce": cross_entropy(logits.float(), targets, ignore_index=ignore_index)}
+
+    def example_training_step(
+        self, images: Tensor, class_names: Sequence[str], *, generator: Optional[torch.Generator] = None
+    ) -> TrainingStep:
+        """The trainer's step on ``images`` with random label maps over ``class_names`` as targets:
+        ``loss(self(images, class_names), targets)`` (the text encoded inside the step, since prompt
+        tuning trains through it). Models trained from other targets override this."""
+        check_images("images", images)
+        names = check_class_names("class_names", class_names)
+        b, _, h, w = images.shape
+        targets = torch.randint(len(names), (b, h, w), generator=generator).to(images.device)
+        return TrainingStep(lambda: self.loss(self(images, list(names)), targets))
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The parameters an optimiser should update (those with ``requires_grad``)."""

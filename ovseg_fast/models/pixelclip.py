@@ -56,8 +56,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovseg_fast.compat.swav import pixelclip_sinkhorn
+from ovseg_fast.data.masks import random_box_masks
 from ovseg_fast.models import clip as clip_module
-from ovseg_fast.models.base import Segmentor, TextEmbeddings, check_class_names, check_images
+from ovseg_fast.models.base import Segmentor, TextEmbeddings, TrainingStep, check_class_names, check_images
 from ovseg_fast.models.clip import CLIPBackbone, _block, _resize_pos, read_state_dict, resolve_checkpoint
 from ovseg_fast.models.registry import register_model
 from ovseg_fast.ops._checks import check_float, check_int, check_tensor
@@ -425,6 +426,22 @@ class PixelCLIP(Segmentor):
             world = dist.get_world_size(group)
         loss = total * (world / count.clamp(min=1).item())
         return {"loss_masks": loss}
+
+    def example_training_step(
+        self,
+        images: Tensor,
+        class_names: Sequence[str],
+        *,
+        generator: Optional[torch.Generator] = None,
+        max_masks: int = 32,
+    ) -> TrainingStep:
+        """One :meth:`training_step` on ``images`` with random rectangles as masks (up to
+        ``max_masks`` per image, at ``mask_size``), then :meth:`update_teacher` after the optimiser
+        step. PixelCLIP learns no class names: ``class_names`` is not used."""
+        check_images("images", images)
+        masks, valid = random_box_masks(images.shape[0], max_masks, self.config.mask_size, generator=generator)
+        masks, valid = masks.to(images.device), valid.to(images.device)
+        return TrainingStep(lambda: self.training_step(images, masks, valid), self.update_teacher)
 
     # -- inference ----------------------------------------------------------------------------------
     def encode_classes(self, class_names: Sequence[str]) -> TextEmbeddings:

@@ -1,4 +1,5 @@
-"""``profile``: parameters, FLOPs, latency/FPS, peak memory and efficiency of one model forward.
+"""``profile``: parameters, FLOPs, latency/FPS, peak memory and efficiency of one model forward
+(and, with ``train=True``, of one training step).
 
 What one call of :func:`profile` measures, on random inputs (B, 3, size, size) and C classes:
 
@@ -22,6 +23,14 @@ jobs gave an "efficiency" of 104%); their ratios are what to read, the absolute 
 
 ``dtype=torch.bfloat16`` runs the forward under CPU autocast (the ops run their bfloat16 kernels).
 
+``train=True`` also measures one training step in training mode: the model's
+:meth:`~ovseg_fast.models.Segmentor.example_training_step` on random targets (label maps; PixelCLIP:
+random masks), the backward of the summed losses, an AdamW step over the trainable parameters and
+what follows it (PixelCLIP's teacher EMA): its GFLOPs (forward + backward as torch's counter and the
+ops' formulas count them; the optimiser's element-wise work is left out), median time, images per
+second and efficiency, and with ``compare="reference"`` the same step on the reference backend. The
+step updates the weights, so a module passed in is copied first (a model built here by name is not).
+
 The class embeddings are not part of the measured forward: a deployed model encodes its class
 names once and caches them (ZegCLIP loads them from a file). A :class:`~ovseg_fast.models.Segmentor`
 gets random unit vectors of its text dimension (found by encoding one class name once), any other
@@ -35,6 +44,7 @@ GFLOPs most likely come from mmcv's counter (ZegCLIP is an mmsegmentation 0.x pr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import statistics
@@ -48,9 +58,10 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop
 
+from ovseg_fast.models.base import Segmentor, TrainingStep
 from ovseg_fast.ops._checks import check_choice, check_float, check_int
 
-__all__ = ["ZEGCLIP", "ProfileResult", "QuotedRow", "format_profile", "profile"]
+__all__ = ["ZEGCLIP", "ProfileResult", "QuotedRow", "TrainStepResult", "format_profile", "profile"]
 
 _aten = torch.ops.aten
 
@@ -100,6 +111,21 @@ ZEGCLIP = QuotedRow(
 
 
 @dataclasses.dataclass
+class TrainStepResult:
+    """One training step (forward, losses, backward, optimiser step) of the whole batch."""
+
+    gflops: float
+    step_ms: float
+    timed_runs: int
+    images_per_s: float
+    achieved_gflops_per_s: float
+    efficiency: float  #: over the same GEMM rate as the forward's
+    losses: tuple[str, ...]
+    reference_step_ms: Optional[float] = None
+    speedup: Optional[float] = None
+
+
+@dataclasses.dataclass
 class ProfileResult:
     """One model at one input size and dtype. GFLOPs count one forward of the whole batch
     (multiply-add = 2 FLOPs); times are medians; ``None`` marks what was not measured."""
@@ -126,6 +152,7 @@ class ProfileResult:
     efficiency: float
     reference_latency_ms: Optional[float] = None
     speedup: Optional[float] = None
+    train: Optional[TrainStepResult] = None  #: one training step, when profiled with ``train=True``
     quoted: tuple[QuotedRow, ...] = (ZEGCLIP,)
     params: Optional[int] = None  #: exact counts (papers quote trainable counts to the unit)
     trainable_params: Optional[int] = None
@@ -256,7 +283,7 @@ def _default_class_names(classes: int) -> list[str]:
 
 def _text_input(model: nn.Module, classes: int) -> object:
     """Random unit class embeddings of a Segmentor's text dimension, or the class names."""
-    from ovseg_fast.models.base import Segmentor, TextEmbeddings
+    from ovseg_fast.models.base import TextEmbeddings
 
     names = _default_class_names(classes)
     if not isinstance(model, Segmentor):
@@ -286,6 +313,7 @@ def profile(
     min_runs: int = 3,
     min_seconds: float = 2.0,
     memory: bool = True,
+    train: bool = False,
     progress: Optional[Callable[[str], None]] = None,
     **overrides: Any,
 ) -> ProfileResult:
@@ -306,6 +334,7 @@ def profile(
         min_runs, min_seconds: at least ``min_runs`` rounds and ``min_seconds`` of timing (each round
             one forward, one GEMM and, when compared, one reference forward).
         memory: measure the peak resident memory of one forward (one extra forward).
+        train: also profile one training step (see the module docstring).
         progress: called with a line of text before each stage (the CLI prints it to stderr).
         overrides: model config overrides, for a model given by name.
 
@@ -317,10 +346,12 @@ def profile(
 
         name = model
         model = create_model(name, pretrained=pretrained, **overrides)
+        given = False
     elif isinstance(model, nn.Module):
         if pretrained is not None or overrides:
             raise ValueError("pretrained and config overrides apply to a model given by name, not to a module")
         name = _model_name(model)
+        given = True
     else:
         raise TypeError(f"model must be a registered model name or an nn.Module, got {type(model).__name__}")
     if isinstance(size, int) and not isinstance(size, bool):
@@ -339,16 +370,29 @@ def profile(
         check_choice("compare", compare, ("reference",))
     if dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+    if not isinstance(train, bool):
+        raise TypeError(f"train must be a bool, got {type(train).__name__}")
     say = progress or (lambda _msg: None)
 
     was_training = model.training
     model.eval()
     try:
-        return _measure(
+        result = _measure(
             model, name, hw, classes, batch, compare, dtype, depth, warmup, min_runs, min_seconds, memory, say
         )
     finally:
         model.train(was_training)
+    if train:
+        trained = copy.deepcopy(model) if given else model
+        trained.train()
+        try:
+            result.train = _measure_training_step(
+                trained, name, hw, classes, batch, compare, dtype, warmup, min_runs, min_seconds,
+                _gemm(result.gemm_shape), result.gemm_gflops_per_s, say,
+            )
+        finally:
+            model.train(was_training)
+    return result
 
 
 def _measure(
@@ -446,6 +490,97 @@ def _measure(
     )
 
 
+def _training_step(model: nn.Module, images: Tensor, classes: int, generator: torch.Generator) -> TrainingStep:
+    """A Segmentor's own example step; for another module, cross-entropy of ``model(images, names)``
+    (resized to the images) against random label maps."""
+    names = _default_class_names(classes)
+    if isinstance(model, Segmentor):
+        return model.example_training_step(images, names, generator=generator)
+    b, _, h, w = images.shape
+    targets = torch.randint(classes, (b, h, w), generator=generator)
+
+    def losses() -> dict[str, Tensor]:
+        logits = model(images, names)
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        return {"loss_ce": F.cross_entropy(logits.float(), targets)}
+
+    return TrainingStep(losses)
+
+
+def _measure_training_step(
+    model: nn.Module,
+    name: str,
+    hw: tuple[int, int],
+    classes: int,
+    batch: int,
+    compare: Optional[str],
+    dtype: torch.dtype,
+    warmup: int,
+    min_runs: int,
+    min_seconds: float,
+    gemm: Callable[[], Tensor],
+    gemm_rate: float,
+    say: Callable[[str], None],
+) -> TrainStepResult:
+    from ovseg_fast.backends import use_backend
+
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(batch, 3, *hw, generator=gen)
+    example = _training_step(model, images, classes, gen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{name} has no trainable parameters: there is no training step to profile")
+    optimizer = torch.optim.AdamW(params, lr=1e-6)
+    names: list[str] = []
+
+    def forward_backward() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            losses = example.losses()
+        if not isinstance(losses, dict) or not losses:
+            raise TypeError(f"{name}'s training step must return a non-empty dict of named losses")
+        names[:] = list(losses)
+        sum(losses.values()).backward()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward()
+        optimizer.step()
+        example.after_optimizer_step()
+
+    say(f"profile {name}: counting FLOPs of one training step")
+    optimizer.zero_grad(set_to_none=True)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        forward_backward()
+    flops = counter.get_total_flops()
+    fns: list[Callable[[], object]] = [step, gemm]
+    if compare == "reference":
+
+        def reference() -> None:
+            with use_backend("reference"):
+                step()
+
+        fns.append(reference)
+    say(f"profile {name}: timing training steps (warm-up {warmup}, at least {min_runs} runs and {min_seconds:g} s)")
+    medians, runs = _interleaved_medians(fns, warmup=warmup, min_runs=min_runs, min_seconds=min_seconds)
+    seconds = medians[0]
+    achieved = flops / seconds / 1e9
+    reference_ms = speedup = None
+    if compare == "reference":
+        reference_ms, speedup = medians[2] * 1e3, medians[2] / seconds
+    return TrainStepResult(
+        gflops=flops / 1e9,
+        step_ms=seconds * 1e3,
+        timed_runs=runs,
+        images_per_s=batch / seconds,
+        achieved_gflops_per_s=achieved,
+        efficiency=achieved / gemm_rate,
+        losses=tuple(names),
+        reference_step_ms=reference_ms,
+        speedup=speedup,
+    )
+
+
 def _fmt(value: Optional[float], spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -491,6 +626,22 @@ def format_profile(results: Union[ProfileResult, Sequence[ProfileResult]], *, br
             f"| {q.name} (quoted: {q.source}; {q.hardware}) | {q.setting} | | {params} | {q.gflops:.1f} "
             f"| | {q.fps:.3g} | | | |"
         )
+    trained = [r for r in results if r.train is not None]
+    if trained:
+        lines += [
+            "",
+            "| model, one training step | input | dtype | GFLOPs (fwd+bwd) | step ms | images/s | GFLOP/s | efficiency "
+            "| vs reference backend |",
+            "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+        ]
+        for r in trained:
+            t = r.train
+            shape = f"{r.batch}x3x{r.size[0]}x{r.size[1]}, C={r.classes}"
+            versus = "-" if t.speedup is None else f"{_ms(t.reference_step_ms)} ms: {t.speedup:.2f}x"
+            lines.append(
+                f"| {r.model} ({' + '.join(t.losses)}) | {shape} | {r.dtype} | {t.gflops:.4g} | {_ms(t.step_ms)} "
+                f"| {t.images_per_s:.3g} | {t.achieved_gflops_per_s:.1f} | {t.efficiency:.0%} | {versus} |"
+            )
     out = ["\n".join(lines), ""]
     for r in results:
         m, k, n = r.gemm_shape

@@ -16,6 +16,7 @@ from ovseg_fast.data.masks import (
     decode_rle,
     label_map_to_masks,
     pad_masks,
+    random_box_masks,
     resize_masks,
     rles_to_masks,
 )
@@ -174,3 +175,23 @@ def test_sa1b_folder_errors(tmp_path):
     (tmp_path / "x.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="annotations"):
         SA1BFolder(tmp_path)
+
+
+def test_random_box_masks_are_ragged_rectangles_in_valid_slots():
+    masks, valid = random_box_masks(3, 6, 40, generator=torch.Generator().manual_seed(0))
+    assert masks.shape == (3, 6, 40, 40) and masks.dtype == torch.bool and valid.shape == (3, 6)
+    counts = valid.sum(1)
+    assert ((counts >= 3) & (counts <= 6)).all()
+    assert torch.equal(masks.flatten(2).any(-1), valid)  # every valid slot holds a box, padding none
+    for b, m in valid.nonzero().tolist():
+        ys, xs = masks[b, m].nonzero().unbind(1)
+        h, w = int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+        assert 8 <= h <= 20 and 8 <= w <= 20 and masks[b, m].sum() == h * w  # one filled rectangle
+    again, _ = random_box_masks(3, 6, 40, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(masks, again)
+    small, small_valid = random_box_masks(1, 1, 4)
+    assert small_valid.all() and small.any()
+    with pytest.raises(ValueError, match="max_masks must be >= 1"):
+        random_box_masks(1, 0, 8)
+    with pytest.raises(TypeError, match="size must be an int"):
+        random_box_masks(1, 2, 8.0)

@@ -121,6 +121,58 @@ def test_cli_prints_tables_and_writes_json(tmp_path, capsys):
     assert [p.name for p in out.parent.iterdir()] == ["profile.json"]  # no temporary file left
 
 
+def test_training_step_of_a_linear_model_by_hand_leaves_the_given_module_alone():
+    model = PixelLinear(5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = profile(model, size=(8, 6), classes=5, batch=2, memory=False, train=True, **FAST)
+    t = r.train
+    # Backward: only the weight's gradient (the images need none), as many FLOPs as the forward.
+    assert t.gflops * 1e9 == pytest.approx(2 * (2 * 2 * 8 * 6 * 3 * 5))
+    assert t.losses == ("loss_ce",) and t.timed_runs >= 1
+    assert t.step_ms > 0 and t.images_per_s == pytest.approx(2 / (t.step_ms / 1e3))
+    assert t.efficiency == pytest.approx(t.achieved_gflops_per_s / r.gemm_gflops_per_s)
+    assert t.reference_step_ms is None and t.speedup is None
+    # The AdamW steps ran on a copy: the module passed in keeps its weights and its mode.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.training
+    text = format_profile(r)
+    assert "| PixelLinear (loss_ce) | 2x3x8x6, C=5 | float32 |" in text
+    assert json.loads(json.dumps(r.to_dict()))["train"]["losses"] == ["loss_ce"]
+
+
+def test_training_step_counts_the_custom_op_backward_and_compares_to_the_reference():
+    model = WithLPM(4)
+    r = profile(model, size=(4, 6), classes=4, batch=1, compare="reference", memory=False, train=True, **FAST)
+    t = r.train
+    assert t.gflops > r.gflops  # the backward of lpm_logits is counted through its registered formula
+    assert t.reference_step_ms > 0 and t.speedup == pytest.approx(t.reference_step_ms / t.step_ms)
+    assert "ms: " in format_profile(r).split("one training step")[1]
+
+
+def test_training_step_of_a_segmentor_is_its_loss_on_random_labels():
+    r = _tiny_clip(train=True, frozen=False)  # the whole tiny CLIP trains, through Segmentor.loss
+    assert r.train.losses == ("loss_ce",)
+    assert r.train.gflops > 2 * r.gflops  # backward through every layer: about twice the forward again
+
+
+def test_training_step_needs_trainable_parameters():
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        _tiny_clip(train=True)  # the training-free clip model: CLIP frozen, nothing to train
+    with pytest.raises(TypeError, match="train must be a bool"):
+        profile(PixelLinear(2), train="yes")
+
+
+def test_cli_train_profiles_pixelclip_on_random_masks(capsys):
+    args = ["profile", "pixelclip", "--size", "64", "--classes", "2", "--min-seconds", "0", "--train"]
+    args += ["--set", f"clip={tiny_clip(64)!r}", "--set", "image_size=64", "--set", "templates=('a {}.',)"]
+    args += ["--set", "num_concepts=8", "--set", "mask_size=32"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "| pixelclip (loss_masks) | 1x3x64x64, C=2 | float32 |" in out
+
+
 def test_input_errors():
     model = PixelLinear(2)
     with pytest.raises(ValueError, match=r"dtype must be torch\.float32 or torch\.bfloat16"):
