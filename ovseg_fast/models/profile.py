@@ -377,39 +377,41 @@ def profile(
     was_training = model.training
     model.eval()
     try:
-        result = _measure(
-            model, name, hw, classes, batch, compare, dtype, depth, warmup, min_runs, min_seconds, memory, say
-        )
+        run = _Run(name, hw, classes, batch, compare, dtype, warmup, min_runs, min_seconds, say)
+        result = _measure(model, run, depth, memory)
     finally:
         model.train(was_training)
     if train:
         trained = copy.deepcopy(model) if given else model
         trained.train()
         try:
-            result.train = _measure_training_step(
-                trained, name, hw, classes, batch, compare, dtype, warmup, min_runs, min_seconds,
-                _gemm(result.gemm_shape), result.gemm_gflops_per_s, say,
-            )
+            result.train = _measure_training_step(trained, run, _gemm(result.gemm_shape), result.gemm_gflops_per_s)
         finally:
             model.train(was_training)
     return result
 
 
-def _measure(
-    model: nn.Module,
-    name: str,
-    hw: tuple[int, int],
-    classes: int,
-    batch: int,
-    compare: Optional[str],
-    dtype: torch.dtype,
-    depth: int,
-    warmup: int,
-    min_runs: int,
-    min_seconds: float,
-    memory: bool,
-    say: Callable[[str], None],
-) -> ProfileResult:
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What one :func:`profile` call measures, and how long: shared by the forward and the step."""
+
+    name: str
+    hw: tuple[int, int]
+    classes: int
+    batch: int
+    compare: Optional[str]
+    dtype: torch.dtype
+    warmup: int
+    min_runs: int
+    min_seconds: float
+    say: Callable[[str], None]
+
+
+def _measure(model: nn.Module, run: _Run, depth: int, memory: bool) -> ProfileResult:
+    name, hw, classes, batch, compare, dtype, say = (
+        run.name, run.hw, run.classes, run.batch, run.compare, run.dtype, run.say
+    )
+    warmup, min_runs, min_seconds = run.warmup, run.min_runs, run.min_seconds
     from ovseg_fast.backends import use_backend
     from ovseg_fast.bench._common import peak_memory_bytes
 
@@ -508,25 +510,15 @@ def _training_step(model: nn.Module, images: Tensor, classes: int, generator: to
 
 
 def _measure_training_step(
-    model: nn.Module,
-    name: str,
-    hw: tuple[int, int],
-    classes: int,
-    batch: int,
-    compare: Optional[str],
-    dtype: torch.dtype,
-    warmup: int,
-    min_runs: int,
-    min_seconds: float,
-    gemm: Callable[[], Tensor],
-    gemm_rate: float,
-    say: Callable[[str], None],
+    model: nn.Module, run: _Run, gemm: Callable[[], Tensor], gemm_rate: float
 ) -> TrainStepResult:
+    name, hw, batch, dtype, say = run.name, run.hw, run.batch, run.dtype, run.say
+    warmup, min_runs, min_seconds = run.warmup, run.min_runs, run.min_seconds
     from ovseg_fast.backends import use_backend
 
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(batch, 3, *hw, generator=gen)
-    example = _training_step(model, images, classes, gen)
+    example = _training_step(model, images, run.classes, gen)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{name} has no trainable parameters: there is no training step to profile")
@@ -554,7 +546,7 @@ def _measure_training_step(
         forward_backward()
     flops = counter.get_total_flops()
     fns: list[Callable[[], object]] = [step, gemm]
-    if compare == "reference":
+    if run.compare == "reference":
 
         def reference() -> None:
             with use_backend("reference"):
@@ -566,7 +558,7 @@ def _measure_training_step(
     seconds = medians[0]
     achieved = flops / seconds / 1e9
     reference_ms = speedup = None
-    if compare == "reference":
+    if run.compare == "reference":
         reference_ms, speedup = medians[2] * 1e3, medians[2] / seconds
     return TrainStepResult(
         gflops=flops / 1e9,
