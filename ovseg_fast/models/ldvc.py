@@ -3,9 +3,10 @@
 The paper released no code; this is a reimplementation from its description, read top to bottom as
 its figure:
 
-1. **Vision-language prompt tuning (VLPT).** CLIP's towers (ViT-B/16) stay frozen. The image tower
-   gets VPT-deep prompts (``visual_prompts`` learnable tokens in every layer, random init); the text
-   tower gets deep prompts (``text_prompts`` tokens in every layer, right after the start token).
+1. **Vision-language prompt tuning (VLPT).** CLIP's towers (ViT-B/16) stay frozen (``frozen=False``
+   trains them too). The image tower gets VPT-deep prompts (``visual_prompts`` learnable tokens in
+   every layer, random init); the text tower gets deep prompts (``text_prompts`` tokens in every
+   layer, right after the start token).
    The text prompts are ``P_l = P_l^0 + Delta_l``: ``Delta_l`` is learnable and starts at 0,
    ``P_l^0`` is fixed: with ``text_prompt_init="pretrain"`` the *content* the hand-written prompt
    ``"a photo of a"`` has at the input of layer ``l`` of the frozen text encoder (layer 0: its
@@ -98,6 +99,9 @@ class LDVCConfig:
     - ``attention``: ``"lcsa"`` (routed) or ``"dense"`` (plain self-attention, same weights);
       ``num_windows`` (8: windows per side), ``topk`` (16), ``lepe_kernel`` (5, 0 = no LEPE).
     - ``logit_scale``: tau of the cosine logits; ``focal_weight``, ``dice_weight``: 100 and 1.
+    - ``frozen``: freeze CLIP's weights (the paper's setting); False trains them too, e.g. a tiny
+      random CLIP learnt from scratch on the synthetic shapes data (configs/shapes_ldvc.toml, whose
+      ``[model] freeze`` keeps the text tower fixed).
     """
 
     clip: Union[str, dict] = "ViT-B-16"
@@ -119,6 +123,7 @@ class LDVCConfig:
     logit_scale: float = 10.0
     focal_weight: float = FOCAL_WEIGHT
     dice_weight: float = DICE_WEIGHT
+    frozen: bool = True
 
 
 @dataclasses.dataclass
@@ -322,7 +327,7 @@ class LDVC(Segmentor):
 
     ``encode_classes`` runs the prompted text encoder (differentiable in the text prompts while
     gradients are enabled, cached otherwise). Trainable: the visual prompts, the text prompt offsets,
-    the text adapter and the decoder; CLIP is frozen.
+    the text adapter and the decoder; CLIP is frozen unless ``config.frozen`` is False.
     """
 
     config_class = LDVCConfig
@@ -335,7 +340,7 @@ class LDVC(Segmentor):
         self.config = config
         visual = config.visual_prompts if config.vlpt in ("both", "visual") else 0
         self.backbone = CLIPBackbone(
-            config.clip, pretrained, image_size=config.image_size, frozen=True, visual_prompts=visual
+            config.clip, pretrained, image_size=config.image_size, frozen=config.frozen, visual_prompts=visual
         )
         bb = self.backbone
         self.patch_size = self.output_stride = bb.patch_size
@@ -391,9 +396,11 @@ class LDVC(Segmentor):
         bb = self.backbone
         names = check_class_names("class_names", class_names)
         prompts = self.text_prompts()
-        need_graph = prompts is not None and torch.is_grad_enabled() and self.text_prompt_offsets.requires_grad
         watched = [self.text_prompt_offsets, self.text_prompt_base] if prompts is not None else []
-        watched += bb._text_parameters()  # CLIP's text weights: frozen, but a checkpoint load changes them
+        watched += bb._text_parameters()  # CLIP's text weights: frozen or not, a checkpoint load changes them
+        # A graph when anything of the text path trains: the prompt offsets, or the text tower itself
+        # (frozen=False without a freeze of it).
+        need_graph = torch.is_grad_enabled() and any(p.requires_grad for p in watched)
         key = (names, tuple((id(p), p._version, p.data_ptr()) for p in watched))
         if not need_graph and key in self._text_cache:
             return TextEmbeddings(self._text_cache[key], names)

@@ -120,6 +120,35 @@ def test_gradients_reach_exactly_the_trainable_parameters():
     assert (model.text_prompt_offsets.grad.flatten(1).abs().sum(1) > 0).all()
 
 
+
+def test_unfrozen_clip_trains_both_towers():
+    # frozen=False: CLIP's own weights train beside LDVC's parts (a tiny CLIP from scratch on the
+    # synthetic shapes data); the text tower's weights get gradients through the prompted encoder.
+    model = tiny_ldvc(frozen=False)
+    assert model.backbone.frozen is False
+    params = dict(model.named_parameters())
+    assert all(p.requires_grad for n, p in params.items() if n.startswith("backbone.clip."))
+    model.train()
+    logits = model(images(), NAMES)
+    sum(model.loss(logits, torch.randint(0, 3, (2, SIZE, SIZE))).values()).backward()
+    for name in ("backbone.clip.visual.conv1.weight",
+                 "backbone.clip.visual.transformer.resblocks.0.attn.in_proj_weight",
+                 "backbone.clip.token_embedding.weight", "backbone.clip.transformer.resblocks.0.mlp.c_fc.weight",
+                 "decoder.blocks.0.self_attn.qkv.weight"):
+        grad = params[name].grad
+        assert grad is not None and grad.abs().sum() > 0, f"{name} got no gradient"
+    # The text tower frozen again (what configs/shapes_ldvc.toml's [model] freeze does): the class
+    # embeddings still follow the trainable prompt offsets, and the frozen weights get no gradient.
+    model.zero_grad(set_to_none=True)
+    for n, p in params.items():
+        if n.startswith(("backbone.clip.transformer.", "backbone.clip.token_embedding")):
+            p.requires_grad_(False)
+    sum(model.loss(model(images(), NAMES), torch.randint(0, 3, (2, SIZE, SIZE))).values()).backward()
+    assert params["backbone.clip.transformer.resblocks.0.mlp.c_fc.weight"].grad is None
+    assert model.text_prompt_offsets.grad is not None and model.text_prompt_offsets.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match="frozen"):
+        tiny_ldvc(frozen="no")
+
 def test_lcsa_over_every_window_equals_dense_attention():
     routed = tiny_ldvc(topk=16).eval()  # 4x4 = 16 windows: every query window attends to all
     dense = tiny_ldvc(seed=5, attention="dense").eval()
