@@ -231,3 +231,16 @@ def test_shapes_clip_loss_falls(tmp_path):
     losses = [loss for _, loss in train_losses(tmp_path)]
     assert len(losses) == 40
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+
+
+@pytest.mark.slow
+def test_shapes_ldvc_loss_falls(tmp_path):
+    # The config README.md's measured shapes run uses: LDVC with the tiny CLIP's image tower trained.
+    overrides = ["schedule.iterations=40", "schedule.warmup_iters=5", "eval.interval=0", "run.log_interval=1",
+                 "data.val_options={num_samples=4}", f"run.work_dir='{tmp_path}'"]
+    config = load_config(ROOT / "configs" / "shapes_ldvc.toml", overrides)
+    assert config.model.overrides["frozen"] is False
+    Trainer(config, progress=False).run()
+    losses = [loss for _, loss in train_losses(tmp_path)]
+    assert len(losses) == 40
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
