@@ -136,9 +136,14 @@ constexpr int64_t kRowParallelMinElements = 1 << 15;
 // in L2 (1-2 MB per core on current x86 parts) between the sweeps.
 constexpr int64_t kLseBlockBytes = 384 * 1024;
 
-// Problems of at most this many elements are treated as cache resident: their passes are split into
-// phases over all rows (see ForwardSolver::scaling_in_cache) instead of streaming row by row.
+// Problems of at most this many elements are treated as cache resident by the backward: its passes
+// are split into phases over all rows (see BackwardSolver's factored path) instead of streaming row
+// by row.
 constexpr int64_t kCacheResidentElements = 1 << 17;
+
+// Rows per block of the forward's scaling pass (ForwardSolver::scaling_rows): independent dot
+// products, and one load and store of the column accumulators per block.
+constexpr int64_t kRowBlock = 8;
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
@@ -253,9 +258,9 @@ inline ct hmax(const Vec<ct>& v) {
 
 // exp of float vectors, inline, for the AVX2 / AVX-512 copies: Cody-Waite reduction x = n ln2 + r
 // (|r| <= ln2 / 2), Cephes' polynomial for e^r (~1 ulp), 2^n built in the exponent bits, in place of
-// the out-of-line Sleef call, in the passes that exponentiate every element. Results below FLT_MIN are 0 (no denormals: the solvers' underflow
-// bounds already allow an absolute error of FLT_MIN per entry), exp(-inf) = 0, exp(x) = inf from
-// x > 88.376 (the solvers only exponentiate shifted, non-positive arguments), NaN stays NaN.
+// the out-of-line Sleef call, in the passes that exponentiate every element. Results below FLT_MIN
+// are 0 (no denormals: the solvers' underflow bounds already allow an absolute error of FLT_MIN per
+// entry), exp(-inf) = 0, exp(x) = inf from x > 88.376, NaN stays NaN.
 struct ExpConstants {
   static constexpr float kLo = -87.3365447504f;   // ln FLT_MIN
   static constexpr float kHi = 88.3762626647949f;  // largest x with round(x log2 e) <= 127
@@ -265,41 +270,34 @@ struct ExpConstants {
                                   4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 };
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// 2^n for integral n in [-126, 127], built in the exponent bits.
+inline Vec<float> pow2i(const Vec<float>& n) {
 #if defined(CPU_CAPABILITY_AVX512)
-inline __m512 exp_ps(__m512 x) {
-  using C = ExpConstants;
-  // max/min return their second operand when one is NaN: a NaN x stays NaN through the polynomial.
-  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(C::kHi), _mm512_max_ps(_mm512_set1_ps(C::kLo), x));
-  const __m512 n =
-      _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(C::kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::kLn2Hi), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(C::kP[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(C::kP[i]));
-  p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-  y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(C::kLo), _CMP_LT_OQ), y, _mm512_setzero_ps());
-  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(C::kHi), _CMP_GT_OQ), y,
-                              _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+#else
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+#endif
 }
-#elif defined(CPU_CAPABILITY_AVX2)
-inline __m256 exp_ps(__m256 x) {
+
+// kAnySign = false: the caller guarantees x <= 0 (or -inf, or NaN), so the overflow clamp is skipped.
+// Always inlined: out of line, every call reloads the constants (the per-element passes are bound by it).
+template <bool kAnySign>
+__attribute__((always_inline)) inline Vec<float> exp_ps(const Vec<float>& x) {
   using C = ExpConstants;
-  // max/min return their second operand when one is NaN: a NaN x stays NaN through the polynomial.
-  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(C::kHi), _mm256_max_ps(_mm256_set1_ps(C::kLo), x));
-  const __m256 n =
-      _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(C::kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(C::kLn2Hi), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(C::kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(C::kP[0]);
-  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(C::kP[i]));
-  p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(C::kLo), _CMP_LT_OQ));
-  return _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
-                          _mm256_cmp_ps(x, _mm256_set1_ps(C::kHi), _CMP_GT_OQ));
+  using V = Vec<float>;
+  // clamp_min(x, lo) = max(lo, x) returns x when x is NaN: a NaN stays NaN through the polynomial.
+  V xc = at::vec::clamp_min(x, V(C::kLo));
+  if constexpr (kAnySign) xc = at::vec::clamp_max(xc, V(C::kHi));
+  const V n = (xc * V(C::kLog2e)).round();
+  V r = at::vec::fnmadd(n, V(C::kLn2Hi), xc);
+  r = at::vec::fnmadd(n, V(C::kLn2Lo), r);
+  V p(C::kP[0]);
+  for (int i = 1; i < 6; ++i) p = at::vec::fmadd(p, r, V(C::kP[i]));
+  p = at::vec::fmadd(p, r * r, r) + V(1.0f);
+  V y = V::blendv(p * pow2i(n), V(0.0f), x < V(C::kLo));
+  if constexpr (kAnySign) y = V::blendv(y, V(std::numeric_limits<float>::infinity()), x > V(C::kHi));
+  return y;
 }
 #endif
 
@@ -317,10 +315,11 @@ inline Vec<ct> div_eps(const Vec<ct>& s, const Vec<ct>& eps, const Vec<ct>& inv)
   return s / eps;
 }
 
-template <typename ct>
-inline Vec<ct> vexp(const Vec<ct>& v) {
+// exp(v); kAnySign = false promises v <= 0 (or -inf / NaN), which saves the overflow clamp.
+template <typename ct, bool kAnySign = true>
+__attribute__((always_inline)) inline Vec<ct> vexp(const Vec<ct>& v) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<ct, float>) return Vec<float>(exp_ps(v));
+  if constexpr (std::is_same_v<ct, float>) return exp_ps<kAnySign>(v);
 #endif
   return v.exp();
 }
@@ -468,7 +467,6 @@ class ForwardSolver {
     A_ = cv.take<ct>(Np);
     shift_ = cv.take<ct>(Np);
     alpha_ = cv.take<ct>(Np);
-    R_ = cv.take<ct>(Np);
     ceff_ = cv.take<ct>(Kp_);
     logc_ = cv.take<ct>(Kp_);
     g_ = cv.take<ct>(Kp_);
@@ -523,7 +521,7 @@ class ForwardSolver {
 
   size_t workspace_bytes() const {
     const int64_t Np = round_up(N_, kVS);
-    size_t bytes = 7 * Carver::bytes<ct>(Np) + 5 * Carver::bytes<ct>(Kp_) +
+    size_t bytes = 6 * Carver::bytes<ct>(Np) + 5 * Carver::bytes<ct>(Kp_) +
                    Carver::bytes<ct>(n_chunks_ * kChunkArrays * Kp_) + Carver::bytes<ct>(n_chunks_) +
                    Carver::bytes<int32_t>(n_chunks_);
     bytes += Carver::bytes<ct>(Kp_);
@@ -592,14 +590,14 @@ class ForwardSolver {
       ct* prow = P + i * K;
       if (share) {
         for (int64_t j = 0; j < K; j += kVS) {
-          const V e = vexp<ct>(V::loadu(tmp + j) - vsh);
+          const V e = vexp<ct, false>(V::loadu(tmp + j) - vsh);
           e.store(prow + j, imin(kVS, K - j));
           (V::loadu(acc + j) + e).store(acc + j);
         }
       } else {
         const V w(std::exp(M - mrun));
         for (int64_t j = 0; j < K; j += kVS) {
-          const V e = vexp<ct>(V::loadu(tmp + j) - vsh);
+          const V e = vexp<ct, false>(V::loadu(tmp + j) - vsh);
           e.store(prow + j, imin(kVS, K - j));
           at::vec::fmadd(e, w, V::loadu(acc + j)).store(acc + j);
         }
@@ -688,49 +686,74 @@ class ForwardSolver {
 
   // Row step on rows [i0, i1): a_i = r_i / (K b)_i, then either the column sums K^T a of the next
   // column step (acc) or, in the last iteration, the plan a_i K_ij b_j written to the output (in
-  // place when the output is the base). Same failure bound as column_scaling.
+  // place when the output is the base). Same failure bound as column_scaling. Rows go in blocks of
+  // kRowBlock: the block's dot products are independent chains (they pipeline where one short row's
+  // chain, horizontal sum and divide would not), and each column vector of acc is loaded and stored
+  // once per block. Every sum runs in row order, as a row-by-row pass would.
   bool scaling_rows(int64_t i0, int64_t i1, bool last, ct thr, ct* acc, ct* max_a) const {
-    const int64_t K = K_;
-    const ct* const P = P_;
-    const ct* const B = B_;
-    const ct* const reff = reff_;
-    ct* const A = A_;
-    in_t* const out = out_;
     ct ma = 0;
-    for (int64_t i = i0; i < i1; ++i) {
-      in_t* orow = out + i * K;
-      if (reff[i] == 0) {  // zero-mass row: a = 0 from the first row step on
-        A[i] = 0;
-        if (last) zero_row(orow, K);
-        continue;
-      }
-      const ct* prow = P + i * K;
-      V vs(0);
-      for (int64_t j = 0; j < K; j += kVS)
-        vs = at::vec::fmadd(V::loadu(prow + j, imin(kVS, K - j)), V::loadu(B + j), vs);
-      const ct R = hsum<ct>(vs);
-      if (!(R >= thr && R < kInf)) return false;
-      const ct a = reff[i] / R;
-      if (!(a >= std::numeric_limits<ct>::min() && a < kInf)) return false;
-      A[i] = a;
-      ma = tmax(ma, a);
-      const V va(a);
-      if (last) {
-        for (int64_t j = 0; j < K; j += kVS) {
-          const int64_t n = imin(kVS, K - j);
-          store_as<in_t, ct>(orow + j, V::loadu(prow + j, n) * va * V::loadu(B + j), n);
-        }
-      } else {
-        for (int64_t j = 0; j < K; j += kVS)
-          at::vec::fmadd(V::loadu(prow + j, imin(kVS, K - j)), va, V::loadu(acc + j)).store(acc + j);
-      }
-    }
+    int64_t i = i0;
+    for (; i + kRowBlock <= i1; i += kRowBlock)
+      if (!scaling_block<kRowBlock>(i, last, thr, acc, &ma)) return false;
+    for (; i < i1; ++i)
+      if (!scaling_block<1>(i, last, thr, acc, &ma)) return false;
     *max_a = ma;
     return true;
   }
 
+  template <int64_t R>
+  __attribute__((always_inline)) bool scaling_block(int64_t i0, bool last, ct thr, ct* acc, ct* max_a) const {
+    const int64_t K = K_;
+    const ct* const P = P_ + i0 * K;
+    const ct* const B = B_;  // padded with zeros
+    // vs = sum_j P_rj B_j in column order; the first term is the product alone (= fmadd onto 0).
+    V vs[R];
+    const int64_t n0 = imin(kVS, K);
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < R; ++r) vs[r] = V::loadu(P + r * K, n0) * V::loadu(B);
+    int64_t j = kVS;
+    for (; j + kVS <= K; j += kVS) {
+      const V b = V::loadu(B + j);
+#pragma GCC unroll 8
+      for (int64_t r = 0; r < R; ++r) vs[r] = at::vec::fmadd(V::loadu(P + r * K + j), b, vs[r]);
+    }
+    if (j < K) {
+      const V b = V::loadu(B + j);
+#pragma GCC unroll 8
+      for (int64_t r = 0; r < R; ++r) vs[r] = at::vec::fmadd(V::loadu(P + r * K + j, K - j), b, vs[r]);
+    }
+    ct a[R], sums[R];
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < R; ++r) sums[r] = hsum<ct>(vs[r]);
+    ct ma = *max_a;
+    for (int64_t r = 0; r < R; ++r) {
+      const ct ri = reff_[i0 + r];
+      a[r] = 0;  // zero-mass row: a = 0 from the first row step on (its base row is finite)
+      if (ri != 0) {
+        const ct S = sums[r];
+        if (!(S >= thr && S < kInf)) return false;
+        a[r] = ri / S;
+        if (!(a[r] >= std::numeric_limits<ct>::min() && a[r] < kInf)) return false;
+        ma = tmax(ma, a[r]);
+      }
+      A_[i0 + r] = a[r];
+    }
+    *max_a = ma;
+    if (last) {
+      for (int64_t r = 0; r < R; ++r) write_plan_row(i0 + r, a[r]);
+      return true;
+    }
+    for (int64_t j = 0; j < K; j += kVS) {
+      const int64_t n = imin(kVS, K - j);
+      V s = V::loadu(acc + j);
+#pragma GCC unroll 8
+      for (int64_t r = 0; r < R; ++r) s = at::vec::fmadd(V::loadu(P + r * K + j, n), V(a[r]), s);
+      s.store(acc + j);
+    }
+    return true;
+  }
+
   bool scaling_rows_all(bool last, ct thr, ct* max_a) {
-    if (n_chunks_ == 1 && N_ * K_ <= kCacheResidentElements) return scaling_in_cache(last, thr, max_a);
     for_row_chunks(N_, n_chunks_, [&](int64_t c, int64_t i0, int64_t i1) {
       ct* acc = chunk_array(c, 4);
       if (!last) fill(acc, ct(0), Kp_);
@@ -748,106 +771,21 @@ class ForwardSolver {
     return true;
   }
 
-  // The same row step for a problem that stays in cache (one chunk). The fused pass above is
-  // latency-bound when rows are short (horizontal sum -> compare -> divide -> axpy, per row); here
-  // each phase runs over all rows: the row dot products (independent, so they pipeline), the
-  // scalings, then the column sums with register accumulators over blocks of columns.
-  bool scaling_in_cache(bool last, ct thr, ct* max_a) {
-    const int64_t N = N_, K = K_;
-    const ct* const P = P_;
-    const ct* const B = B_;
-    const ct* const reff = reff_;
-    ct* const A = A_;
-    ct* const R = R_;
-    for (int64_t i = 0; i < N; ++i) {
-      const ct* prow = P + i * K;
-      V vs(0);
-      if (reff[i] != 0)
-        for (int64_t j = 0; j < K; j += kVS)
-          vs = at::vec::fmadd(V::loadu(prow + j, imin(kVS, K - j)), V::loadu(B + j), vs);
-      R[i] = hsum<ct>(vs);
+  // Plan row i: a K_ij b_j (zeros for a = 0, including base rows that were never written).
+  void write_plan_row(int64_t i, ct a) const {
+    in_t* orow = out_ + i * K_;
+    const ct* prow = P_ + i * K_;
+    const V va(a);
+    for (int64_t j = 0; j < K_; j += kVS) {
+      const int64_t n = imin(kVS, K_ - j);
+      store_as<in_t, ct>(orow + j, a == 0 ? V(0) : V::loadu(prow + j, n) * va * V::loadu(B_ + j), n);
     }
-    ct ma = 0;
-    for (int64_t i = 0; i < N; ++i) {
-      if (reff[i] == 0) {
-        A[i] = 0;
-        continue;
-      }
-      if (!(R[i] >= thr && R[i] < kInf)) return false;
-      const ct a = reff[i] / R[i];
-      if (!(a >= std::numeric_limits<ct>::min() && a < kInf)) return false;
-      A[i] = a;
-      ma = tmax(ma, a);
-    }
-    *max_a = ma;
-    if (last) {
-      in_t* const out = out_;
-      for (int64_t i = 0; i < N; ++i) {
-        const ct* prow = P + i * K;
-        in_t* orow = out + i * K;
-        const V va(A[i]);  // 0 on zero-mass rows, whose base rows are finite
-        for (int64_t j = 0; j < K; j += kVS) {
-          const int64_t n = imin(kVS, K - j);
-          store_as<in_t, ct>(orow + j, V::loadu(prow + j, n) * va * V::loadu(B + j), n);
-        }
-      }
-    } else {
-      column_sums_in_cache(chunk_array(0, 4));
-    }
-    return true;
-  }
-
-  // acc_j = sum_i A_i P_ij, four column vectors at a time held in registers across all rows (rows
-  // with A = 0 contribute 0: every row of the base is finite).
-  void column_sums_in_cache(ct* acc) const {
-    const int64_t N = N_, K = K_;
-    const ct* const P = P_;
-    const ct* const A = A_;
-    int64_t jb = 0;
-    for (; jb + 4 * kVS <= K; jb += 4 * kVS) {
-      V a0(0), a1(0), a2(0), a3(0);
-      const ct* p = P + jb;
-      for (int64_t i = 0; i < N; ++i, p += K) {
-        const V va(A[i]);
-        a0 = at::vec::fmadd(V::loadu(p), va, a0);
-        a1 = at::vec::fmadd(V::loadu(p + kVS), va, a1);
-        a2 = at::vec::fmadd(V::loadu(p + 2 * kVS), va, a2);
-        a3 = at::vec::fmadd(V::loadu(p + 3 * kVS), va, a3);
-      }
-      a0.store(acc + jb);
-      a1.store(acc + jb + kVS);
-      a2.store(acc + jb + 2 * kVS);
-      a3.store(acc + jb + 3 * kVS);
-    }
-    for (; jb < K; jb += kVS) {
-      const int64_t n = imin(kVS, K - jb);
-      V a0(0);
-      const ct* p = P + jb;
-      for (int64_t i = 0; i < N; ++i, p += K) a0 = at::vec::fmadd(V::loadu(p, n), V(A[i]), a0);
-      a0.store(acc + jb);  // padding lanes: 0
-    }
-  }
-
-  static void zero_row(in_t* orow, int64_t K) {
-    for (int64_t j = 0; j < K; j += kVS) store_as<in_t, ct>(orow + j, V(0), imin(kVS, K - j));
   }
 
   // Plan a_i K_ij b_j (early stop during scaling iterations).
   void write_scaled_plan() {
     for_row_chunks(N_, n_chunks_, [&](int64_t, int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        in_t* orow = out_ + i * K_;
-        if (A_[i] == 0) {  // includes rows of the base that were never written
-          zero_row(orow, K_);
-          continue;
-        }
-        const ct* prow = P_ + i * K_;
-        const V va(A_[i]);
-        for (int64_t j = 0; j < K_; j += kVS) {
-          const int64_t n = imin(kVS, K_ - j);
-          store_as<in_t, ct>(orow + j, V::loadu(prow + j, n) * va * V::loadu(B_ + j), n);
-        }
-      }
+      for (int64_t i = i0; i < i1; ++i) write_plan_row(i, A_[i]);
     });
   }
 
@@ -887,7 +825,7 @@ class ForwardSolver {
         const in_t* row = scores + i * K;
         for (int64_t j = 0; j < K; j += kVS) {
           const V z = load_as<ct>(row + j, imin(kVS, K - j)) / veps + off;
-          (V::loadu(ss + j) + vexp<ct>(z - V::loadu(mm + j))).store(ss + j);
+          (V::loadu(ss + j) + vexp<ct, false>(z - V::loadu(mm + j))).store(ss + j);
         }
       }
       if (!first) merge_lse(m, s, bm, bs);
@@ -901,7 +839,7 @@ class ForwardSolver {
       const V ma = V::loadu(m + j), mb = V::loadu(bm + j);
       const V sa = V::loadu(s + j), sb = V::loadu(bs + j);
       const V d = ma - mb;  // NaN only when both are -inf (then both sums are 0)
-      const V e = V::blendv(vexp<ct>(zero - d.abs()), zero, d != d);
+      const V e = V::blendv(vexp<ct, false>(zero - d.abs()), zero, d != d);
       V::blendv(sa + sb * e, sb + sa * e, ma < mb).store(s + j);
       vmax<ct>(ma, mb).store(m + j);
     }
@@ -964,7 +902,7 @@ class ForwardSolver {
       const V vM(M);
       V vs(0);
       for (int64_t j = 0; j < K; j += kVS) {
-        const V e = vexp<ct>(V::loadu(tmp + j) - vM);
+        const V e = vexp<ct, false>(V::loadu(tmp + j) - vM);
         e.store(tmp + j);
         vs = vs + e;
       }
@@ -1072,7 +1010,7 @@ class ForwardSolver {
   const int64_t lse_rows_;
   Scratch scratch_;
   // workspace
-  ct *reff_, *logr_, *f0_, *A_, *shift_, *alpha_, *R_;
+  ct *reff_, *logr_, *f0_, *A_, *shift_, *alpha_;
   ct *ceff_, *logc_, *g_, *B_, *beta_;
   ct* chunk_;
   ct* chunk_max_;
@@ -1280,7 +1218,7 @@ class BackwardSolver {
       V vd(0), vs(0);
       for (int64_t j = 0; j < K; j += kVS) {
         const int64_t n = imin(kVS, K - j);
-        const V k = vexp<ct>(V::loadu(tmp + j) - vM);
+        const V k = vexp<ct, false>(V::loadu(tmp + j) - vM);
         k.store(tmp + j);
         k.store(krow + j, n);
         const V kw = k * V::loadu(wT + j);
@@ -1460,9 +1398,9 @@ class BackwardSolver {
   }
 
   // ---- factored path, cache-resident problems ---------------------------------------------------
-  // Same passes split into phases over all rows (see ForwardSolver::scaling_in_cache): per-row
-  // work that ends in horizontal sums, then the row factors vectorised over rows, then the column
-  // sums with register accumulators. Requires every row of K in buf_ to be finite.
+  // The passes split into phases over all rows: per-row work that ends in horizontal sums, then the
+  // row factors vectorised over rows, then the column sums with register accumulators. Requires
+  // every row of K in buf_ to be finite.
 
   // accA_j = sum_i cA_i K_ij with cA_i = ga_i G_ij - ca_i (kWithG) or ca_i, and
   // accB_j = sum_i cb_i K_ij, four column vectors at a time.
@@ -1572,7 +1510,7 @@ class BackwardSolver {
       V vd(0), vs(0);
       for (int64_t j = 0; j < K; j += kVS) {
         const int64_t n = imin(kVS, K - j);
-        const V k = vexp<ct>(V::loadu(tmp + j) - vM);
+        const V k = vexp<ct, false>(V::loadu(tmp + j) - vM);
         k.store(krow + j, n);
         const V kw = k * V::loadu(wT + j);
         vs = vs + kw;
