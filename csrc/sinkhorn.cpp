@@ -229,32 +229,29 @@ inline void store_as(out_t* p, const Vec<ct>& v, int64_t n) {
   }
 }
 
-// Horizontal sum / max of a vector: the shuffle-tree members of the AVX2/AVX-512 float vectors;
-// elsewhere (the DEFAULT copy, double) a small array.
-template <typename ct>
-inline ct hsum(const Vec<ct>& v) {
+// Horizontal sum / max of a vector (max: of lanes that are never NaN here): the shuffle-tree members
+// of the AVX2/AVX-512 float vectors; elsewhere (the DEFAULT copy, double) a loop over the lanes.
+template <typename ct, bool kMax>
+inline ct hreduce(const Vec<ct>& v) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<ct, float>) return v.reduce_add();
+  if constexpr (std::is_same_v<ct, float>) return kMax ? v.reduce_max() : v.reduce_add();
 #endif
   ct buf[Vec<ct>::size()];
   v.store(buf);
-  ct acc = 0;
-  for (int64_t i = 0; i < Vec<ct>::size(); ++i) acc += buf[i];
+  ct acc = kMax ? buf[0] : ct(0);
+  for (int64_t i = kMax ? 1 : 0; i < Vec<ct>::size(); ++i) {
+    if constexpr (kMax) {
+      acc = buf[i] > acc ? buf[i] : acc;
+    } else {
+      acc += buf[i];
+    }
+  }
   return acc;
 }
-
-// Max of lanes that are never NaN here.
 template <typename ct>
-inline ct hmax(const Vec<ct>& v) {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<ct, float>) return v.reduce_max();
-#endif
-  ct buf[Vec<ct>::size()];
-  v.store(buf);
-  ct acc = buf[0];
-  for (int64_t i = 1; i < Vec<ct>::size(); ++i) acc = buf[i] > acc ? buf[i] : acc;
-  return acc;
-}
+inline ct hsum(const Vec<ct>& v) { return hreduce<ct, false>(v); }
+template <typename ct>
+inline ct hmax(const Vec<ct>& v) { return hreduce<ct, true>(v); }
 
 // exp of float vectors, inline, for the AVX2 / AVX-512 copies: Cody-Waite reduction x = n ln2 + r
 // (|r| <= ln2 / 2), Cephes' polynomial for e^r (~1 ulp), 2^n built in the exponent bits, in place of
@@ -329,6 +326,24 @@ __attribute__((always_inline)) inline Vec<ct> vexp(const Vec<ct>& v) {
 template <typename ct>
 inline Vec<ct> vmax(const Vec<ct>& a, const Vec<ct>& b) {
   return at::vec::clamp_min(a, b);
+}
+
+// tmp = x = row / eps, rounded as the division is (padding lanes -inf: neutral for max, exp -> 0);
+// returns max_j x_j (-inf for an empty row).
+template <typename ct, typename in_t>
+inline ct scaled_row(const in_t* row, int64_t K, ct eps, ct* tmp) {
+  using V = Vec<ct>;
+  constexpr int64_t kVS = V::size();
+  const V veps(eps), vinv(ct(1) / eps), vninf(-std::numeric_limits<ct>::infinity());
+  V vm = vninf;
+  for (int64_t j = 0; j < K; j += kVS) {
+    const int64_t n = imin(kVS, K - j);
+    V y = div_eps<ct>(load_as<ct>(row + j, n), veps, vinv);
+    if (n < kVS) y = V::set(vninf, y, n);
+    y.store(tmp + j);
+    vm = vmax<ct>(vm, y);
+  }
+  return hmax<ct>(vm);
 }
 
 template <typename ct>
@@ -554,7 +569,6 @@ class ForwardSolver {
     const ct* const f0 = f0_;
     ct* const P = P_;
     ct* const shift = shift_;
-    const V veps(eps_), vinv(ct(1) / eps_), vninf(kNegInf);
     fill(acc, ct(0), Kp);
     ct mrun = kNegInf;
     for (int64_t i = i0; i < i1; ++i) {
@@ -563,16 +577,7 @@ class ForwardSolver {
         fill(P + i * K, ct(0), K);
         continue;
       }
-      const in_t* row = scores + i * K;
-      V vm(kNegInf);
-      for (int64_t j = 0; j < K; j += kVS) {
-        const int64_t n = imin(kVS, K - j);
-        V y = div_eps<ct>(load_as<ct>(row + j, n), veps, vinv);  // x exactly as the reference's
-        if (n < kVS) y = V::set(vninf, y, n);  // padding lanes: -inf (neutral for max, exp -> 0)
-        y.store(tmp + j);
-        vm = vmax<ct>(vm, y);
-      }
-      const ct M = hmax<ct>(vm);
+      const ct M = scaled_row<ct>(scores + i * K, K, eps_, tmp);  // x exactly as the reference's
       if (!(M > kNegInf)) continue;  // K == 0: empty row
       if (M > mrun) {
         if (mrun > kNegInf) {
@@ -810,24 +815,19 @@ class ForwardSolver {
         fill(bm, kNegInf, Kp);
         fill(bs, ct(0), Kp);
       }
-      for (int64_t i = ib; i < ie; ++i) {
-        if (fr[i] == kNegInf) continue;
-        const V off(fr[i]);
-        const in_t* row = scores + i * K;
-        for (int64_t j = 0; j < K; j += kVS) {
-          const V z = load_as<ct>(row + j, imin(kVS, K - j)) / veps + off;
-          vmax<ct>(V::loadu(mm + j), z).store(mm + j);
+      // f(j, z) for every column vector j of every row of the block with mass.
+      const auto sweep = [&](const auto& f) {
+        for (int64_t i = ib; i < ie; ++i) {
+          if (fr[i] == kNegInf) continue;
+          const V off(fr[i]);
+          const in_t* row = scores + i * K;
+          for (int64_t j = 0; j < K; j += kVS) f(j, load_as<ct>(row + j, imin(kVS, K - j)) / veps + off);
         }
-      }
-      for (int64_t i = ib; i < ie; ++i) {
-        if (fr[i] == kNegInf) continue;
-        const V off(fr[i]);
-        const in_t* row = scores + i * K;
-        for (int64_t j = 0; j < K; j += kVS) {
-          const V z = load_as<ct>(row + j, imin(kVS, K - j)) / veps + off;
-          (V::loadu(ss + j) + vexp<ct, false>(z - V::loadu(mm + j))).store(ss + j);
-        }
-      }
+      };
+      sweep([&](int64_t j, const V& z) { vmax<ct>(V::loadu(mm + j), z).store(mm + j); });
+      sweep([&](int64_t j, const V& z) {
+        (V::loadu(ss + j) + vexp<ct, false>(z - V::loadu(mm + j))).store(ss + j);
+      });
       if (!first) merge_lse(m, s, bm, bs);
     }
   }
@@ -1170,6 +1170,18 @@ class BackwardSolver {
     return true;
   }
 
+  // One row of K: S_i = sum_j K_ij w_j (into *S) and z_i = -p_i (sum_j K_ij y_j) / S_i (0 for S_i = 0).
+  ct row_z(const ct* krow, const ct* y, const ct* w, ct p, ct* S) const {
+    V vd(0), vs(0);
+    for (int64_t j = 0; j < K_; j += kVS) {
+      const V k = V::loadu(krow + j, imin(kVS, K_ - j));
+      vd = at::vec::fmadd(k, V::loadu(y + j), vd);
+      vs = at::vec::fmadd(k, V::loadu(w + j), vs);
+    }
+    *S = hsum<ct>(vs);
+    return *S > 0 ? -p * hsum<ct>(vd) / *S : ct(0);
+  }
+
   // Pass 0 on rows [i0, i1): K = exp(x - M) into buf_, p^T, p^{T-1}; S^T = K w^T,
   // F^T_i = p^T_i sum_j G_ij K_ij w^T_j, z^T = F^T / S^T; accumulates sum_i (p^T_i G_ij - z^T_i) K_ij
   // (Gg^T / w^T) and, if T >= 2, sum_i p^{T-1}_i K_ij (Sig^T).
@@ -1187,7 +1199,6 @@ class BackwardSolver {
     ct* const pTm1_out = P_at(T - 1);
     ct* const zT_out = Z_at(T);
     ct* const ST_out = S_at(T);
-    const V veps(eps_), vninf(kNegInf);
     for (int64_t i = i0; i < i1; ++i) {
       Mrow[i] = kNegInf;
       pT_out[i] = 0;
@@ -1195,16 +1206,7 @@ class BackwardSolver {
       zT_out[i] = 0;
       ST_out[i] = 0;
       if (!mask[i]) continue;  // every dual of a masked row is -inf: no term at all
-      const in_t* srow = scores + i * K;
-      V vm(kNegInf);
-      for (int64_t j = 0; j < K; j += kVS) {
-        const int64_t n = imin(kVS, K - j);
-        V y = load_as<ct>(srow + j, n) / veps;
-        if (n < kVS) y = V::set(vninf, y, n);
-        y.store(tmp + j);
-        vm = vmax<ct>(vm, y);
-      }
-      const ct M = hmax<ct>(vm);
+      const ct M = scaled_row<ct>(scores + i * K, K, eps_, tmp);
       Mrow[i] = M;
       if (!(M > kNegInf)) continue;  // K == 0
       ct* krow = Kbuf + i * K;
@@ -1275,15 +1277,7 @@ class BackwardSolver {
       const ct* krow = Kbuf + i * K;
       ct z = 0;
       if (p1[i] > 0) {
-        V vd(0), vs(0);
-        for (int64_t j = 0; j < K; j += kVS) {
-          const V k = V::loadu(krow + j, imin(kVS, K - j));
-          vd = at::vec::fmadd(k, V::loadu(yt + j), vd);
-          vs = at::vec::fmadd(k, V::loadu(w1 + j), vs);
-        }
-        const ct S = hsum<ct>(vs);
-        s1[i] = S;
-        z = S > 0 ? -p1[i] * hsum<ct>(vd) / S : ct(0);
+        z = row_z(krow, yt, w1, p1[i], &s1[i]);
         z1[i] = z;
       }
       const ct q = p2[i];
@@ -1483,22 +1477,10 @@ class BackwardSolver {
     ct* const S = S_at(T);
     ct* const Z = Z_at(T);
     ct* const tmp = chunk_array(0, 2);
-    const V veps(eps_), vninf(kNegInf);
     for (int64_t i = 0; i < N; ++i) {
       ct* krow = Kbuf + i * K;
-      const in_t* srow = scores + i * K;
       const in_t* grow = grad + i * K;
-      V vm(kNegInf);
-      if (mask[i]) {
-        for (int64_t j = 0; j < K; j += kVS) {
-          const int64_t n = imin(kVS, K - j);
-          V y = load_as<ct>(srow + j, n) / veps;
-          if (n < kVS) y = V::set(vninf, y, n);
-          y.store(tmp + j);
-          vm = vmax<ct>(vm, y);
-        }
-      }
-      const ct M = hmax<ct>(vm);
+      const ct M = mask[i] ? scaled_row<ct>(scores + i * K, K, eps_, tmp) : kNegInf;
       Mrow[i] = M;
       if (!(M > kNegInf)) {  // masked (or empty) row: zero K row, no terms
         fill(krow, ct(0), K);
@@ -1545,15 +1527,7 @@ class BackwardSolver {
       s1[i] = 0;
       if (!(p1[i] > 0)) continue;
       const ct* krow = Kbuf + i * K;
-      V vd(0), vs(0);
-      for (int64_t j = 0; j < K; j += kVS) {
-        const V k = V::loadu(krow + j, imin(kVS, K - j));
-        vd = at::vec::fmadd(k, V::loadu(yt + j), vd);
-        vs = at::vec::fmadd(k, V::loadu(w1 + j), vs);
-      }
-      const ct S = hsum<ct>(vs);
-      s1[i] = S;
-      z1[i] = S > 0 ? -p1[i] * hsum<ct>(vd) / S : ct(0);
+      z1[i] = row_z(krow, yt, w1, p1[i], &s1[i]);
     }
     // accG_j = -sum_i z^{t-1}_i K_ij: accumulate with +z and negate (exact).
     colsums_in_cache<true, false, true>(nullptr, z1, P_at(t - 2), chunk_array(0, 0), chunk_array(0, 1));
@@ -1856,27 +1830,22 @@ void run_batch(const Args& a) {
   }
 }
 
+// The solver for the dtype of the arguments (16-bit types compute in float32).
+template <template <typename, typename> class Solver, typename Args>
+void run_for_dtype(const Args& a) {
+  using sinkhorn::DType;
+  switch (a.dtype) {
+    case DType::Float: return run_batch<Solver<float, float>>(a);
+    case DType::Double: return run_batch<Solver<double, double>>(a);
+    case DType::BFloat16: return run_batch<Solver<c10::BFloat16, float>>(a);
+    case DType::Half: return run_batch<Solver<c10::Half, float>>(a);
+  }
+}
+
 }  // namespace
 
-void sinkhorn_forward_kernel(const sinkhorn::ForwardArgs& a) {
-  using sinkhorn::DType;
-  switch (a.dtype) {
-    case DType::Float: return run_batch<ForwardSolver<float, float>>(a);
-    case DType::Double: return run_batch<ForwardSolver<double, double>>(a);
-    case DType::BFloat16: return run_batch<ForwardSolver<c10::BFloat16, float>>(a);
-    case DType::Half: return run_batch<ForwardSolver<c10::Half, float>>(a);
-  }
-}
-
-void sinkhorn_backward_kernel(const sinkhorn::BackwardArgs& a) {
-  using sinkhorn::DType;
-  switch (a.dtype) {
-    case DType::Float: return run_batch<BackwardSolver<float, float>>(a);
-    case DType::Double: return run_batch<BackwardSolver<double, double>>(a);
-    case DType::BFloat16: return run_batch<BackwardSolver<c10::BFloat16, float>>(a);
-    case DType::Half: return run_batch<BackwardSolver<c10::Half, float>>(a);
-  }
-}
+void sinkhorn_forward_kernel(const sinkhorn::ForwardArgs& a) { run_for_dtype<ForwardSolver>(a); }
+void sinkhorn_backward_kernel(const sinkhorn::BackwardArgs& a) { run_for_dtype<BackwardSolver>(a); }
 
 }  // namespace CPU_CAPABILITY
 }  // namespace ovseg_fast
