@@ -331,10 +331,10 @@ inline Vec<ct> vmax(const Vec<ct>& a, const Vec<ct>& b) {
 // tmp = x = row / eps, rounded as the division is (padding lanes -inf: neutral for max, exp -> 0);
 // returns max_j x_j (-inf for an empty row).
 template <typename ct, typename in_t>
-inline ct scaled_row(const in_t* row, int64_t K, ct eps, ct* tmp) {
+inline ct scaled_row(const in_t* row, int64_t K, ct eps, ct inv_eps, ct* tmp) {
   using V = Vec<ct>;
   constexpr int64_t kVS = V::size();
-  const V veps(eps), vinv(ct(1) / eps), vninf(-std::numeric_limits<ct>::infinity());
+  const V veps(eps), vinv(inv_eps), vninf(-std::numeric_limits<ct>::infinity());
   V vm = vninf;
   for (int64_t j = 0; j < K; j += kVS) {
     const int64_t n = imin(kVS, K - j);
@@ -469,6 +469,7 @@ class ForwardSolver {
         n_chunks_(n_chunks < 1 ? 1 : n_chunks),
         keep_history_(a.log_u != nullptr),
         eps_(static_cast<ct>(a.epsilon)),
+        inv_eps_(ct(1) / eps_),
         tol_(static_cast<ct>(a.tol)),
         use_tol_(a.tol > 0),
         check_every_(a.check_every < 1 ? 1 : a.check_every),
@@ -577,7 +578,7 @@ class ForwardSolver {
         fill(P + i * K, ct(0), K);
         continue;
       }
-      const ct M = scaled_row<ct>(scores + i * K, K, eps_, tmp);  // x exactly as the reference's
+      const ct M = scaled_row<ct>(scores + i * K, K, eps_, inv_eps_, tmp);  // x exactly as the reference's
       if (!(M > kNegInf)) continue;  // K == 0: empty row
       if (M > mrun) {
         if (mrun > kNegInf) {
@@ -1003,7 +1004,7 @@ class ForwardSolver {
   const sinkhorn::ForwardArgs& a_;
   const int64_t N_, K_, Kp_, T_, n_chunks_;
   const bool keep_history_;
-  const ct eps_;
+  const ct eps_, inv_eps_;
   const ct tol_;
   const bool use_tol_;
   const int64_t check_every_;
@@ -1071,6 +1072,7 @@ class BackwardSolver {
         Ttot_(a.n_iters),
         n_chunks_(n_chunks < 1 ? 1 : n_chunks),
         eps_(static_cast<ct>(a.epsilon)),
+        inv_eps_(ct(1) / eps_),
         scratch_(workspace_bytes()) {
     Carver cv(scratch_.data());
     reff_ = cv.take<ct>(Np_);
@@ -1206,7 +1208,7 @@ class BackwardSolver {
       zT_out[i] = 0;
       ST_out[i] = 0;
       if (!mask[i]) continue;  // every dual of a masked row is -inf: no term at all
-      const ct M = scaled_row<ct>(scores + i * K, K, eps_, tmp);
+      const ct M = scaled_row<ct>(scores + i * K, K, eps_, inv_eps_, tmp);
       Mrow[i] = M;
       if (!(M > kNegInf)) continue;  // K == 0
       ct* krow = Kbuf + i * K;
@@ -1480,7 +1482,7 @@ class BackwardSolver {
     for (int64_t i = 0; i < N; ++i) {
       ct* krow = Kbuf + i * K;
       const in_t* grow = grad + i * K;
-      const ct M = mask[i] ? scaled_row<ct>(scores + i * K, K, eps_, tmp) : kNegInf;
+      const ct M = mask[i] ? scaled_row<ct>(scores + i * K, K, eps_, inv_eps_, tmp) : kNegInf;
       Mrow[i] = M;
       if (!(M > kNegInf)) {  // masked (or empty) row: zero K row, no terms
         fill(krow, ct(0), K);
@@ -1782,7 +1784,7 @@ class BackwardSolver {
 
   const sinkhorn::BackwardArgs& a_;
   const int64_t N_, K_, Kp_, Np_, Ttot_, n_chunks_;
-  const ct eps_;
+  const ct eps_, inv_eps_;
   Scratch scratch_;
   ct *reff_, *logr_, *f0_, *phi_, *M_;
   ct *Pt_, *Zt_, *St_;
