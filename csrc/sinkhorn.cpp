@@ -166,20 +166,18 @@ class Scratch {
   void* ptr_;
 };
 
-// Carves 64-byte aligned arrays out of one Scratch.
+// Carves 64-byte aligned arrays out of one Scratch; with a null base it only measures (size()), so
+// that one list of arrays both sizes the workspace and lays it out.
 class Carver {
  public:
   explicit Carver(char* base) : base_(base) {}
   template <typename T>
   T* take(int64_t count) {
-    T* p = reinterpret_cast<T*>(base_ + offset_);
+    T* p = base_ ? reinterpret_cast<T*>(base_ + offset_) : nullptr;
     offset_ += static_cast<size_t>(round_up(count * static_cast<int64_t>(sizeof(T)), 64));
     return p;
   }
-  template <typename T>
-  static size_t bytes(int64_t count) {
-    return static_cast<size_t>(round_up(count * static_cast<int64_t>(sizeof(T)), 64));
-  }
+  size_t size() const { return offset_; }
 
  private:
   char* base_;
@@ -474,9 +472,14 @@ class ForwardSolver {
         use_tol_(a.tol > 0),
         check_every_(a.check_every < 1 ? 1 : a.check_every),
         lse_rows_(tmax<int64_t>(4, kLseBlockBytes / tmax<int64_t>(1, a.k * int64_t(sizeof(in_t))))),
-        scratch_(workspace_bytes()) {
+        scratch_(carve(nullptr)) {
+    carve(scratch_.data());
+  }
+
+  // Lays the workspace out from base (null: only measures); returns its size in bytes.
+  size_t carve(char* base) {
     const int64_t Np = round_up(N_, kVS);
-    Carver cv(scratch_.data());
+    Carver cv(base);
     reff_ = cv.take<ct>(Np);
     logr_ = cv.take<ct>(Np);
     f0_ = cv.take<ct>(Np);
@@ -497,6 +500,7 @@ class ForwardSolver {
       A_prev_ = cv.take<ct>(Np);
     }
     if (!kPlanIsCompute) P_scratch_ = cv.take<ct>(N_ * K_);
+    return cv.size();
   }
 
   void solve(int64_t b) {
@@ -534,17 +538,6 @@ class ForwardSolver {
   // accumulator, row scratch.
   static constexpr int64_t kChunkArrays = 6;
   ct* chunk_array(int64_t c, int64_t which) const { return chunk_ + (c * kChunkArrays + which) * Kp_; }
-
-  size_t workspace_bytes() const {
-    const int64_t Np = round_up(N_, kVS);
-    size_t bytes = 6 * Carver::bytes<ct>(Np) + 5 * Carver::bytes<ct>(Kp_) +
-                   Carver::bytes<ct>(n_chunks_ * kChunkArrays * Kp_) + Carver::bytes<ct>(n_chunks_) +
-                   Carver::bytes<int32_t>(n_chunks_);
-    bytes += Carver::bytes<ct>(Kp_);
-    if (!keep_history_) bytes += Carver::bytes<ct>(2 * Np) + Carver::bytes<ct>(Np);
-    if (!kPlanIsCompute) bytes += Carver::bytes<ct>(N_ * K_);
-    return bytes;
-  }
 
   // Row duals f^t (t >= 1) and column duals g^t: the history rows, or without a history (a forward
   // that no backward will follow) two alternating row buffers, the only ones a fallback level reads
@@ -1073,8 +1066,13 @@ class BackwardSolver {
         n_chunks_(n_chunks < 1 ? 1 : n_chunks),
         eps_(static_cast<ct>(a.epsilon)),
         inv_eps_(ct(1) / eps_),
-        scratch_(workspace_bytes()) {
-    Carver cv(scratch_.data());
+        scratch_(carve(nullptr)) {
+    carve(scratch_.data());
+  }
+
+  // Lays the workspace out from base (null: only measures); returns its size in bytes.
+  size_t carve(char* base) {
+    Carver cv(base);
     reff_ = cv.take<ct>(Np_);
     logr_ = cv.take<ct>(Np_);
     f0_ = cv.take<ct>(Np_);
@@ -1096,6 +1094,7 @@ class BackwardSolver {
     chunk_ = cv.take<ct>(n_chunks_ * kChunkArrays * Kp_);
     chunk_coef_ = cv.take<ct>(n_chunks_ * 2 * (Ttot_ + 1));
     if (!kOutIsCompute) buf_scratch_ = cv.take<ct>(N_ * K_);
+    return cv.size();
   }
 
   void solve(int64_t b) {
@@ -1121,15 +1120,6 @@ class BackwardSolver {
   // Per-chunk arrays (Kp each): two column accumulators, row scratch.
   static constexpr int64_t kChunkArrays = 3;
   ct* chunk_array(int64_t c, int64_t which) const { return chunk_ + (c * kChunkArrays + which) * Kp_; }
-
-  size_t workspace_bytes() const {
-    size_t bytes = 5 * Carver::bytes<ct>(Np_) + 3 * Carver::bytes<ct>((Ttot_ + 1) * Np_) +
-                   7 * Carver::bytes<ct>(Kp_) + 2 * Carver::bytes<ct>((Ttot_ + 1) * Kp_) +
-                   Carver::bytes<ct>(Ttot_ + 1) +
-                   Carver::bytes<ct>(n_chunks_ * kChunkArrays * Kp_) + Carver::bytes<ct>(n_chunks_ * 2 * (Ttot_ + 1));
-    if (!kOutIsCompute) bytes += Carver::bytes<ct>(N_ * K_);
-    return bytes;
-  }
 
   V load_x(const in_t* p, int64_t n) const { return load_as<ct>(p, n) / V(eps_); }
   const ct* f_at(int64_t t) const { return t == 0 ? f0_ : hf_ + (t - 1) * N_; }
