@@ -107,6 +107,9 @@ class Segmentor(nn.Module):
 
     patch_size: int = 1
     output_stride: int = 1
+    #: Whether the model learns from label maps through ``loss`` (what ``ovseg-fast train`` does).
+    #: Models trained otherwise (PixelCLIP: unlabeled masks, its own ``training_step``) set False.
+    trains_from_labels: bool = True
 
     # -- to implement -------------------------------------------------------------------------
     def encode_classes(self, class_names: Sequence[str]) -> TextEmbeddings:

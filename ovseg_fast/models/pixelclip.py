@@ -238,6 +238,7 @@ class PixelCLIP(Segmentor):
     """
 
     config_class = PixelCLIPConfig
+    trains_from_labels = False  # unlabeled masks, through training_step
 
     def __init__(self, config: PixelCLIPConfig, *, pretrained: Optional[Union[str, os.PathLike]] = None) -> None:
         super().__init__()

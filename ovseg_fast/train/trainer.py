@@ -120,6 +120,12 @@ def build_model(config: TrainConfig) -> nn.Module:
 
     c = config.model
     model = create_model(c.name, pretrained=c.pretrained, **c.overrides)
+    if not getattr(model, "trains_from_labels", True):
+        raise ValueError(
+            f"{config.source}: {c.name} does not learn from label maps, which is what ovseg-fast train does "
+            f"(a cross-entropy on the dataset's masks would not be {c.name}'s training): train it through its "
+            f"own training_step (see the README's example); eval and segment take it as any model"
+        )
     if c.freeze:
         names = [n for n, _ in model.named_parameters()]
         for key in c.freeze:

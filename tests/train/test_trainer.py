@@ -16,7 +16,7 @@ from PIL import Image
 
 from ovseg_fast.data import BadSampleError
 from ovseg_fast.train.config import TrainConfig, load_config, parse_override
-from ovseg_fast.train.trainer import Trainer, atomic_save, load_weights, poly_warmup
+from ovseg_fast.train.trainer import Trainer, atomic_save, build_model, load_weights, poly_warmup
 from tests.helpers import run_gloo_workers
 from tests.train.helpers import train_losses, write_tiny_config
 
@@ -209,6 +209,15 @@ def test_two_gloo_processes_equal_one_with_the_same_global_batch(tmp_path):
             torch.testing.assert_close(r["weights"][k], v, rtol=0, atol=3 * 1e-3)
     assert results[0]["miou"] == results[1]["miou"]
     assert (tmp_path / "two" / "checkpoint.pt").exists()
+
+
+def test_a_model_that_does_not_learn_from_label_maps_is_refused(tmp_path):
+    # PixelCLIP learns from unlabeled masks: a cross-entropy on label maps would silently be another method.
+    config = write_tiny_config(tmp_path / "pixelclip.toml", tmp_path / "run")
+    text = config.read_text().replace('name = "clip"', 'name = "pixelclip"').replace("frozen = false\n", "")
+    config.write_text(text)
+    with pytest.raises(ValueError, match=r"pixelclip does not learn from label maps.*own training_step"):
+        build_model(load_config(config))
 
 
 def test_shipped_configs_load_and_name_known_models_and_data():
