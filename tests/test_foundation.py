@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +194,20 @@ def test_bench_command_end_to_end(tmp_path):
     )
     assert report.returncode == 0, report.stderr
     assert "| sinkhorn | many-small B=256 N=64 K=64 | fwd |" in report.stdout
+
+
+def test_bench_runs_keep_one_compile_cache_per_requested_capability():
+    # torch.compile reuses its on-disk kernels across ATEN_CPU_CAPABILITY values, and a kernel compiled
+    # in an AVX2-emulating run aborted a native AVX-512 run: bench/conftest.py separates the caches.
+    conftest = Path(__file__).resolve().parents[1] / "bench" / "conftest.py"
+    code = f"import os, runpy; runpy.run_path({str(conftest)!r}); print(os.environ['TORCHINDUCTOR_CACHE_DIR'])"
+
+    def cache_dir(**env) -> str:
+        base = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "TORCHINDUCTOR_CACHE_DIR")}
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    native, avx2 = cache_dir(), cache_dir(ATEN_CPU_CAPABILITY="AVX2")
+    assert native != avx2 and avx2.endswith(os.path.join("ovseg_fast_bench_inductor", "avx2"))
+    assert cache_dir(ATEN_CPU_CAPABILITY="avx2", TORCHINDUCTOR_CACHE_DIR="/elsewhere") == "/elsewhere"
