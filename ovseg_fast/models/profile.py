@@ -58,7 +58,8 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop
 
-from ovseg_fast.models.base import Segmentor, TrainingStep
+from ovseg_fast.models.base import Segmentor, TrainingStep, _resize
+from ovseg_fast.models.losses import cross_entropy
 from ovseg_fast.ops._checks import check_choice, check_float, check_int
 
 __all__ = ["ZEGCLIP", "ProfileResult", "QuotedRow", "TrainStepResult", "format_profile", "profile"]
@@ -501,10 +502,8 @@ def _training_step(model: nn.Module, images: Tensor, classes: int, generator: to
     b, _, h, w = images.shape
     targets = torch.randint(classes, (b, h, w), generator=generator)
 
-    def losses() -> dict[str, Tensor]:
-        logits = model(images, names)
-        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        return {"loss_ce": F.cross_entropy(logits.float(), targets)}
+    def losses() -> dict[str, Tensor]:  # Segmentor.loss's default, on a module that is not one
+        return {"loss_ce": cross_entropy(_resize(model(images, names), (h, w)).float(), targets)}
 
     return TrainingStep(losses)
 
