@@ -34,9 +34,11 @@
 //       logits = rstd * (A x + a0) + scale e . beta,   A = scale (e * gamma) Vc (C x D, per image),
 //   a C-sized GEMM, and rstd needs only |Vc x + v0c|. That is |R [x; 1]| with R the triangular factor
 //   of the QR of [Vc | v0c]: a triangular product (about D^2 / 2 instead of D * D_out multiply-adds
-//   per pixel for D_out = D). For channel-first pixels (RPN's map) it is fused with its norm in our
-//   own broadcast micro-kernel (tri_sumsq: z never reaches memory, R's zeros are skipped row by row);
-//   other layouts run it as MKL GEMMs K-split in column blocks that skip R's zero blocks. The
+//   per pixel for D_out = D). For channel-first pixels (RPN's map) our own broadcast micro-kernel
+//   (panel_product) runs it fused with its norm (z never reaches memory, R's zeros are skipped row by
+//   row), and then A x from the same block of pixels while it is in cache (an MKL GEMM of C rows
+//   would re-pack all of x: a third slower at C = 20); other layouts run the triangular product as
+//   MKL GEMMs K-split in column blocks that skip R's zero blocks, and A x^T as one GEMM. The
 //   centring happens on the weights, before any product, so a large mean of y costs no accuracy.
 //   The QR runs on one thread while the other builds the C-sized numerators, and is memoised on the
 //   exact weights (QrCache), so repeated inference with the same head pays it once.
@@ -532,65 +534,87 @@ QrCache& qr_cache() {
   return cache;
 }
 
-// The squared norms |R [x_n; 1]|^2 of a block of pixels, for channel-first pixels (x^T rows contiguous
-// over n, RPN's (B, D, H, W) map): the triangular product and its norm fused, so z = R [x; 1] never
-// reaches memory and no GEMM re-packs its operands (MKL's packing copies were an eighth of the blocked
-// addmm form). Broadcast GEMM: rows i of R (kTriRows at a time, one R[i, l] broadcast per FMA row)
-// against the block's x^T rows (kTriVecs vectors of pixels, packed contiguous, in L2), over l >= i
-// only: R is upper trapezoidal with exact zeros below the diagonal, so a row block wastes at most
-// kTriRows^2 / 2 multiply-adds (under 1% at D = 512) against the 6-12% of the column-blocked form.
+// The broadcast micro-kernel of the folded inference, for channel-first pixels (x^T rows contiguous
+// over n, RPN's (B, D, H, W) map): a packed matrix (R, or A) times a block of pixels, each product
+// consumed by an epilogue as it leaves the registers (|R [x; 1]|^2, or the finished logits), so
+// z = R [x; 1] never reaches memory and no GEMM re-packs x (MKL's packing copies were an eighth of
+// the blocked addmm form). Rows i of the matrix (kTriRows at a time, one entry broadcast per FMA row)
+// against the block's x^T rows (kTriVecs vectors of pixels, packed contiguous, in L2); for R over
+// l >= i only: R is upper trapezoidal with exact zeros below the diagonal, so a row block wastes at
+// most kTriRows^2 / 2 multiply-adds (under 1% at D = 512) against the 6-12% of the column-blocked form.
 #if defined(CPU_CAPABILITY_AVX512)
 constexpr int kTriRows = 6, kTriVecs = 4;  // 24 accumulators + 4 x vectors + a broadcast of 32 zmm
 #else
-constexpr int kTriRows = 3, kTriVecs = 4;  // 12 accumulators + 4 x vectors + a broadcast of 16 registers
+constexpr int kTriRows = 3, kTriVecs = 4;  // 12 accumulators + a broadcast + 3 x vectors (the FMAs read the 4th)
 #endif
 
-template <int RB, typename T>
-inline void tri_sumsq_rows(const T* r, int64_t ldr, int64_t i0, int64_t D, const T* xt, int64_t ldx,
-                           at::vec::Vectorized<T>* ss) {
+// Rows of a matrix M (rows x D, leading dimension ld) in the micro-kernel's order, row block by row
+// block (blocks of kTriRows rows, the last one shorter): a block of rb rows starting at row i0 holds
+// its rb initial values init[i], then for each l in [l0, D) its rb entries M[i, l] side by side
+// (l0 = i0 for an upper trapezoidal M, whose entries left of the diagonal are zeros, else 0), so the
+// kernel's broadcasts walk one pointer. Read through one pointer per row instead, the rows' pointers
+// and the x vectors outgrow the registers.
+template <typename T>
+void pack_panels(const T* m, int64_t ld, int64_t rows, int64_t D, const T* init, int64_t init_stride,
+                 bool upper, T* out) {
+  for (int64_t i0 = 0; i0 < rows; i0 += kTriRows) {
+    const int64_t rb = std::min<int64_t>(kTriRows, rows - i0);
+    for (int64_t q = 0; q < rb; ++q) *out++ = init ? init[(i0 + q) * init_stride] : T(0);
+    for (int64_t l = upper ? i0 : 0; l < D; ++l)
+      for (int64_t q = 0; q < rb; ++q) *out++ = m[(i0 + q) * ld + l];
+  }
+}
+
+template <typename T>
+int64_t panels_size(int64_t rows, int64_t D, bool upper) {
+  int64_t n = 0;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTriRows) n += std::min<int64_t>(kTriRows, rows - i0) * (1 + D - (upper ? i0 : 0));
+  return n;
+}
+
+// One row block: acc[q] = init_q + sum_{l < n_l} panel_l[q] x_l for the kTriVecs * VS pixels whose
+// x^T rows are xt[l * ldx ..], then epi(q, v, acc[q][v]) for each accumulator, by value: an array
+// whose address reached the epilogue would be kept in memory, every FMA then loading and storing it.
+template <int RB, typename T, typename Epi>
+__attribute__((always_inline)) inline void panel_block(const T* panel, int64_t n_l, const T* xt, int64_t ldx,
+                                                       const Epi& epi) {
   using Vec = at::vec::Vectorized<T>;
   constexpr int VS = Vec::size();
   Vec acc[RB][kTriVecs];
-  for (int q = 0; q < RB; ++q) {
-    const Vec bias(r[(i0 + q) * ldr + D]);  // R's last column multiplies the constant 1 of [x; 1]
-    for (int v = 0; v < kTriVecs; ++v) acc[q][v] = bias;
-  }
-  const T* rr[RB];
-  for (int q = 0; q < RB; ++q) rr[q] = r + (i0 + q) * ldr;
-  for (int64_t l = i0; l < D; ++l) {
-    const T* xl = xt + l * ldx;
+  for (int q = 0; q < RB; ++q)
+    for (int v = 0; v < kTriVecs; ++v) acc[q][v] = Vec(panel[q]);
+  panel += RB;
+  for (int64_t l = 0; l < n_l; ++l, panel += RB, xt += ldx) {
     Vec xv[kTriVecs];
-    for (int v = 0; v < kTriVecs; ++v) xv[v] = Vec::loadu(xl + v * VS);
+    for (int v = 0; v < kTriVecs; ++v) xv[v] = Vec::loadu(xt + v * VS);
     for (int q = 0; q < RB; ++q) {
-      const Vec rv(rr[q][l]);
+      const Vec rv(panel[q]);
       for (int v = 0; v < kTriVecs; ++v) acc[q][v] = at::vec::fmadd(rv, xv[v], acc[q][v]);
     }
   }
   for (int q = 0; q < RB; ++q)
-    for (int v = 0; v < kTriVecs; ++v) ss[v] = at::vec::fmadd(acc[q][v], acc[q][v], ss[v]);
+    for (int v = 0; v < kTriVecs; ++v) epi(q, v, acc[q][v]);
 }
 
-template <int RB, typename T>
-inline void tri_sumsq_tail(int rows, const T* r, int64_t ldr, int64_t i0, int64_t D, const T* xt, int64_t ldx,
-                           at::vec::Vectorized<T>* ss) {
+template <int RB, typename T, typename Epi>
+inline void panel_block_tail(int rows, const T* panel, int64_t n_l, const T* xt, int64_t ldx, const Epi& epi) {
   if constexpr (RB > 1) {
-    if (rows < RB) return tri_sumsq_tail<RB - 1>(rows, r, ldr, i0, D, xt, ldx, ss);
+    if (rows < RB) return panel_block_tail<RB - 1>(rows, panel, n_l, xt, ldx, epi);
   }
-  tri_sumsq_rows<RB>(r, ldr, i0, D, xt, ldx, ss);
+  panel_block<RB>(panel, n_l, xt, ldx, epi);
 }
 
-// ss[n] = |R [x_n; 1]|^2 for the kTriVecs * VS pixels whose x^T rows are xt[l * ldx ..] (R: K x (D + 1)
-// row-major, upper trapezoidal).
-template <typename T>
-void tri_sumsq(const T* r, int64_t K, int64_t D, const T* xt, int64_t ldx, T* ss) {
-  using Vec = at::vec::Vectorized<T>;
-  Vec acc[kTriVecs];
-  for (int v = 0; v < kTriVecs; ++v) acc[v] = Vec(T(0));
-  for (int64_t i0 = 0; i0 < K; i0 += kTriRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kTriRows, K - i0));
-    tri_sumsq_tail<kTriRows>(rows, r, D + 1, i0, D, xt, ldx, acc);
+// The product of a packed matrix (pack_panels) with a block of kTriVecs * VS pixels: epi(i, v, z) receives
+// vector v of the pixels' row i of the product.
+template <typename T, typename Epi>
+void panel_product(const T* panels, int64_t rows, int64_t D, bool upper, const T* xt, int64_t ldx, const Epi& epi) {
+  for (int64_t i0 = 0; i0 < rows; i0 += kTriRows) {
+    const int rb = static_cast<int>(std::min<int64_t>(kTriRows, rows - i0));
+    const int64_t l0 = upper ? i0 : 0;
+    panel_block_tail<kTriRows>(rb, panels, D - l0, xt + l0 * ldx, ldx,
+                               [&](int q, int v, const auto z) { epi(i0 + q, v, z); });
+    panels += rb * (1 + D - l0);
   }
-  for (int v = 0; v < kTriVecs; ++v) acc[v].store(ss + v * Vec::size());
 }
 
 // Inference logits with the LayerNorm folded into the weights (B, C, N); x (B, N, D) any strides, e
@@ -637,10 +661,14 @@ at::Tensor folded_logits(const at::Tensor& x, const at::Tensor& e_in, const at::
     }
     const at::Tensor vc = aug.narrow(1, 0, D), v0c = aug.select(1, D);
     // Phase 1, scheduled dynamically: the QR (LAPACK's many panel steps run single-threaded, without
-    // a fork/join per step; memoised, see QrCache) alongside the C-sized numerators, written raw into
-    // the logits:
+    // a fork/join per step; memoised, see QrCache) alongside the C-sized numerators
     // logits_b = A_b x_b^T with A_b = scale (e_b * gamma) Vc, a0_b = scale (e_b * gamma) v0c and
-    // cb_b = scale e_b beta.
+    // cb_b = scale e_b beta: for channel-first pixels A_b is packed for phase 2's micro-kernel, which
+    // multiplies it with each block of pixels it already holds (MKL would pack x_b^T again for a
+    // GEMM of only C rows); else its product is written raw into the logits.
+    const bool channel_first = x.stride(1) == 1;
+    const int64_t a_size = channel_first ? panels_size<scalar_t>(C, D, false) : 0;
+    std::vector<scalar_t> a_panels(B * a_size);
     parallel_tasks(B + 1, [&](int64_t, const auto& claim) {
       at::Tensor ep = at::empty({C, Do}, opts), a = at::empty({C, D}, opts);
       scalar_t* pep = ep.data_ptr<scalar_t>();
@@ -671,8 +699,12 @@ at::Tensor folded_logits(const at::Tensor& x, const at::Tensor& e_in, const at::
           pcb[b * C + c] = scalar_t(scale) * (hsum(acc1) + t1);
         }
         at::mm_out(a, ep, vc);
-        at::Tensor lb = logits[b];
-        at::mm_out(lb, a, x[b].t());
+        if (channel_first) {
+          pack_panels(a.data_ptr<scalar_t>(), D, C, D, pa0 + b * C, 1, false, a_panels.data() + b * a_size);
+        } else {
+          at::Tensor lb = logits[b];
+          at::mm_out(lb, a, x[b].t());
+        }
       }
     });
     const int64_t K = r.size(0);
@@ -687,16 +719,20 @@ at::Tensor folded_logits(const at::Tensor& x, const at::Tensor& e_in, const at::
         for (; i < rows; ++i) row[i] = (row[i] + s0) * rs[i] + s1;
       }
     };
-    if (x.stride(1) == 1) {
-      // Channel-first pixels: the fused triangular norm (tri_sumsq) per block of pixels, its x^T rows
-      // packed contiguous (zero past N) so every block, the last one included, reads whole vectors.
+    if (channel_first) {
+      // Phase 2 for channel-first pixels, per block of P pixels whose x^T rows are packed contiguous
+      // (zero past N, so every block, the last one included, reads whole vectors): the squared norms
+      // |R [x; 1]|^2 from R's packed triangle (z never reaches memory, R's zeros are skipped), then
+      // the block's logits a0 + A x from A's panels, finished as they leave the registers.
       constexpr int64_t P = kTriVecs * W;
       const int64_t blocks = (N + P - 1) / P;
       const scalar_t* px = x.data_ptr<scalar_t>();
       const int64_t sb = x.stride(0), sd = x.stride(2);
       const scalar_t* pr = r.data_ptr<scalar_t>();
+      std::vector<scalar_t> r_panels(panels_size<scalar_t>(K, D, true));
+      pack_panels(pr, D + 1, K, D, pr + D, D + 1, true, r_panels.data());
       parallel_tasks(B * blocks, [&](int64_t, const auto& claim) {
-        std::vector<scalar_t> xt(D * P), ss(P), rs(P);
+        std::vector<scalar_t> xt(D * P), ss(P), rs(P), tail(N % P ? C * P : 0);
         for (int64_t task; (task = claim()) >= 0;) {
           const int64_t b = task / blocks, n0 = (task % blocks) * P, rows = std::min(P, N - n0);
           for (int64_t l = 0; l < D; ++l) {
@@ -704,9 +740,27 @@ at::Tensor folded_logits(const at::Tensor& x, const at::Tensor& e_in, const at::
             std::copy(src, src + rows, xt.data() + l * P);
             std::fill(xt.data() + l * P + rows, xt.data() + (l + 1) * P, scalar_t(0));
           }
-          tri_sumsq(pr, K, D, xt.data(), P, ss.data());
-          for (int64_t i = 0; i < rows; ++i) rs[i] = scalar_t(1) / std::sqrt(ss[i] / scalar_t(Do) + scalar_t(eps));
-          finish(b, n0, rows, rs.data());
+          // The epilogues keep their operands in memory (ss, rs): vectors live across the micro-kernel's
+          // loop would push its accumulators out of the registers.
+          std::fill(ss.begin(), ss.end(), scalar_t(0));
+          scalar_t* const pss = ss.data();
+          panel_product(r_panels.data(), K, D, true, xt.data(), P, [&](int64_t, int v, const Vec z) {
+            at::vec::fmadd(z, z, Vec::loadu(pss + v * W)).store(pss + v * W);
+          });
+          for (int64_t i = 0; i < P; ++i) rs[i] = scalar_t(1) / std::sqrt(ss[i] / scalar_t(Do) + scalar_t(eps));
+          const scalar_t* const prs = rs.data();
+          // Whole vectors only: a partial store's memcpy would be a call inside the epilogue, across which
+          // the accumulators would have to live in memory. The last, partial block goes through tail.
+          const bool whole = rows == P;
+          scalar_t* const dst = whole ? pl + b * C * N + n0 : tail.data();
+          const int64_t ld = whole ? N : P;
+          const scalar_t* const cbb = pcb + b * C;
+          panel_product(a_panels.data() + b * a_size, C, D, false, xt.data(), P, [&](int64_t c, int v, const Vec z) {
+            at::vec::fmadd(z, Vec::loadu(prs + v * W), Vec(cbb[c])).store(dst + c * ld + v * W);
+          });
+          if (!whole) {
+            for (int64_t c = 0; c < C; ++c) std::copy(dst + c * P, dst + c * P + rows, pl + (b * C + c) * N + n0);
+          }
         }
       });
       return;
