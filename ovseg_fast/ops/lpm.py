@@ -577,9 +577,9 @@ def lpm_logits(
     scale e . beta`` with the C-sized ``A = scale (e * gamma) Vc``, and ``rstd`` from ``|R [x; 1]|``,
     ``R`` the triangular QR factor of ``[Vc | v0c]``: about half the multiply-adds of the projection
     (for channel-first pixels the triangular product, its norm and ``A x`` are one fused
-    micro-kernel per block of pixels, so ``R [x; 1]`` never reaches memory either). ``R`` is memoised on the exact contents of
-    ``[Vc | v0c]`` (a few entries), so repeated inference with the same weights pays the QR once; any
-    change of the weights, in place or not, recomputes it.
+    micro-kernel per block of pixels, so ``R [x; 1]`` never reaches memory either). ``R`` is
+    memoised on the exact contents of ``[Vc | v0c]`` (a few entries), so repeated inference with the
+    same weights pays the QR once; any change of the weights, in place or not, recomputes it.
     Otherwise, per chunk of pixels, the projection GEMM, the LayerNorm (in place) and the logits GEMM
     run back to back (gamma and beta folded into the class side). With gradients enabled the
     normalised projection and the inverse std are saved (one (B, N, D_out) tensor, nothing else).

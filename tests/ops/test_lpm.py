@@ -298,9 +298,18 @@ def test_cpu_folded_inference_logits(dtype, affine, layout):
     the centred weights, triangular norm, C-sized logits GEMM): equal to the spec, also for a large mean of
     the projection (the centring happens on the weights, before any product), D not a multiple of the
     triangular blocks, N not a multiple of the pixel block, D_out < D and D_out > D + 1; channel-first
-    pixels take the fused triangular norm, (B, N, D) rows the column-blocked GEMMs."""
+    pixels take the fused micro-kernel (triangular norm and class-side product), (B, N, D) rows the
+    column-blocked GEMMs."""
     require_backend("lpm", "cpu", dtype)
-    for b, n, c, d, d_out, mean in ((2, 1500, 3, 130, 128, 0.0), (2, 1500, 4, 256, 192, 1e3), (2, 900, 5, 96, 300, 30)):
+    # C = 13: several whole row blocks of the class-side micro-kernel and a partial one (blocks of 3
+    # rows in the AVX2 copy, 6 in the AVX-512 one).
+    shapes = (
+        (2, 1500, 3, 130, 128, 0.0),
+        (2, 1500, 4, 256, 192, 1e3),
+        (2, 900, 5, 96, 300, 30),
+        (1, 2000, 13, 96, 96, 0.0),
+    )
+    for b, n, c, d, d_out, mean in shapes:
         assert _fold_layer_norm(b, c, n, d, d_out)
         px, e, w, bias, nw, nb = logits_inputs(b, n, c, d, d_out, seed=3)
         if layout == "channel_first":
@@ -723,12 +732,14 @@ def test_every_cpu_capability_copy(capability):
             res[name] = [out.detach(), p.grad.clone(), *[q.grad.clone() for q in m.parameters()]]
         for a, b in zip(res["cpu"], res["reference"]):
             torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
-        # inference at a size that folds the LayerNorm (the triangular norm's per-capability blocking),
-        # channel-first pixels whose count is no multiple of the pixel block
-        from ovseg_fast.ops.lpm import lpm_logits
+        # inference at a size that folds the LayerNorm (the micro-kernel's per-capability blocking),
+        # channel-first pixels whose count is no multiple of the pixel block, 13 classes (whole and
+        # partial row blocks)
+        from ovseg_fast.ops.lpm import _fold_layer_norm, lpm_logits
         from ovseg_fast.ops.lpm_reference import lpm_logits_spec
+        assert _fold_layer_norm(2, 13, 1500, 130, 128)
         x = torch.randn(2, 130, 1500).transpose(1, 2).double()
-        e, w, b = torch.randn(2, 3, 128), torch.randn(128, 130) / 12, torch.randn(128)
+        e, w, b = torch.randn(2, 13, 128), torch.randn(128, 130) / 12, torch.randn(128)
         g, h = torch.rand(128) + 0.5, torch.randn(128)
         args = [t.double() for t in (e, w, b)]
         with torch.no_grad(), use_backend("cpu"):
