@@ -565,10 +565,11 @@ void pack_panels(const T* m, int64_t ld, int64_t rows, int64_t D, const T* init,
   }
 }
 
-template <typename T>
-int64_t panels_size(int64_t rows, int64_t D, bool upper) {
+// Floats that pack_panels writes.
+inline int64_t panels_size(int64_t rows, int64_t D, bool upper) {
   int64_t n = 0;
-  for (int64_t i0 = 0; i0 < rows; i0 += kTriRows) n += std::min<int64_t>(kTriRows, rows - i0) * (1 + D - (upper ? i0 : 0));
+  for (int64_t i0 = 0; i0 < rows; i0 += kTriRows)
+    n += std::min<int64_t>(kTriRows, rows - i0) * (1 + D - (upper ? i0 : 0));
   return n;
 }
 
@@ -667,7 +668,7 @@ at::Tensor folded_logits(const at::Tensor& x, const at::Tensor& e_in, const at::
     // multiplies it with each block of pixels it already holds (MKL would pack x_b^T again for a
     // GEMM of only C rows); else its product is written raw into the logits.
     const bool channel_first = x.stride(1) == 1;
-    const int64_t a_size = channel_first ? panels_size<scalar_t>(C, D, false) : 0;
+    const int64_t a_size = channel_first ? panels_size(C, D, false) : 0;
     std::vector<scalar_t> a_panels(B * a_size);
     parallel_tasks(B + 1, [&](int64_t, const auto& claim) {
       at::Tensor ep = at::empty({C, Do}, opts), a = at::empty({C, D}, opts);
@@ -729,7 +730,7 @@ at::Tensor folded_logits(const at::Tensor& x, const at::Tensor& e_in, const at::
       const scalar_t* px = x.data_ptr<scalar_t>();
       const int64_t sb = x.stride(0), sd = x.stride(2);
       const scalar_t* pr = r.data_ptr<scalar_t>();
-      std::vector<scalar_t> r_panels(panels_size<scalar_t>(K, D, true));
+      std::vector<scalar_t> r_panels(panels_size(K, D, true));
       pack_panels(pr, D + 1, K, D, pr + D, D + 1, true, r_panels.data());
       parallel_tasks(B * blocks, [&](int64_t, const auto& claim) {
         std::vector<scalar_t> xt(D * P), ss(P), rs(P), tail(N % P ? C * P : 0);

@@ -1389,71 +1389,51 @@ class BackwardSolver {
   // every row of K in buf_ to be finite.
 
   // accA_j = sum_i cA_i K_ij with cA_i = ga_i G_ij - ca_i (kWithG) or ca_i, and
-  // accB_j = sum_i cb_i K_ij, four column vectors at a time.
+  // accB_j = sum_i cb_i K_ij, four column vectors at a time, then the remaining ones (the last one
+  // partial: padding lanes -> 0) one at a time.
   template <bool kWithA, bool kWithG, bool kWithB>
   void colsums_in_cache(const ct* ga, const ct* ca, const ct* cb, ct* accA, ct* accB) const {
+    int64_t jb = 0;
+    for (; jb + 4 * kVS <= K_; jb += 4 * kVS)
+      colsum_vectors<4, kWithA, kWithG, kWithB>(jb, kVS, ga, ca, cb, accA, accB);
+    for (; jb < K_; jb += kVS)
+      colsum_vectors<1, kWithA, kWithG, kWithB>(jb, imin(kVS, K_ - jb), ga, ca, cb, accA, accB);
+  }
+
+  // The U column vectors from jb of colsums_in_cache, accumulated in registers over all rows; the
+  // last one has n_last valid lanes.
+  template <int U, bool kWithA, bool kWithG, bool kWithB>
+  __attribute__((always_inline)) void colsum_vectors(int64_t jb, int64_t n_last, const ct* ga, const ct* ca,
+                                                     const ct* cb, ct* accA, ct* accB) const {
     const int64_t N = N_, K = K_;
     const ct* const Kb = buf_;
     const in_t* const grad = G_;
-    int64_t jb = 0;
-    for (; jb + 4 * kVS <= K; jb += 4 * kVS) {
-      V a0(0), a1(0), a2(0), a3(0), b0(0), b1(0), b2(0), b3(0);
-      for (int64_t i = 0; i < N; ++i) {
-        const ct* k = Kb + i * K + jb;
-        const V k0 = V::loadu(k), k1 = V::loadu(k + kVS), k2 = V::loadu(k + 2 * kVS), k3 = V::loadu(k + 3 * kVS);
-        if constexpr (kWithA) {
-          if constexpr (kWithG) {
-            const in_t* g = grad + i * K + jb;
-            const V vg(ga[i]), vc(ca[i]);
-            a0 = at::vec::fmadd(at::vec::fmsub(load_as<ct>(g, kVS), vg, vc), k0, a0);
-            a1 = at::vec::fmadd(at::vec::fmsub(load_as<ct>(g + kVS, kVS), vg, vc), k1, a1);
-            a2 = at::vec::fmadd(at::vec::fmsub(load_as<ct>(g + 2 * kVS, kVS), vg, vc), k2, a2);
-            a3 = at::vec::fmadd(at::vec::fmsub(load_as<ct>(g + 3 * kVS, kVS), vg, vc), k3, a3);
-          } else {
-            const V vc(ca[i]);
-            a0 = at::vec::fmadd(vc, k0, a0);
-            a1 = at::vec::fmadd(vc, k1, a1);
-            a2 = at::vec::fmadd(vc, k2, a2);
-            a3 = at::vec::fmadd(vc, k3, a3);
-          }
-        }
-        if constexpr (kWithB) {
-          const V vq(cb[i]);
-          b0 = at::vec::fmadd(vq, k0, b0);
-          b1 = at::vec::fmadd(vq, k1, b1);
-          b2 = at::vec::fmadd(vq, k2, b2);
-          b3 = at::vec::fmadd(vq, k3, b3);
-        }
-      }
+    V a[U], b[U];
+    for (int u = 0; u < U; ++u) a[u] = b[u] = V(0);
+    for (int64_t i = 0; i < N; ++i) {
+      V k[U];
+      for (int u = 0; u < U; ++u) k[u] = V::loadu(Kb + i * K + jb + u * kVS, u == U - 1 ? n_last : kVS);
       if constexpr (kWithA) {
-        a0.store(accA + jb);
-        a1.store(accA + jb + kVS);
-        a2.store(accA + jb + 2 * kVS);
-        a3.store(accA + jb + 3 * kVS);
+        const V vc(ca[i]);
+        if constexpr (kWithG) {
+          const in_t* g = grad + i * K + jb;
+          const V vg(ga[i]);
+          for (int u = 0; u < U; ++u) {
+            const V gu = load_as<ct>(g + u * kVS, u == U - 1 ? n_last : kVS);
+            a[u] = at::vec::fmadd(at::vec::fmsub(gu, vg, vc), k[u], a[u]);
+          }
+        } else {
+          for (int u = 0; u < U; ++u) a[u] = at::vec::fmadd(vc, k[u], a[u]);
+        }
       }
       if constexpr (kWithB) {
-        b0.store(accB + jb);
-        b1.store(accB + jb + kVS);
-        b2.store(accB + jb + 2 * kVS);
-        b3.store(accB + jb + 3 * kVS);
+        const V vq(cb[i]);
+        for (int u = 0; u < U; ++u) b[u] = at::vec::fmadd(vq, k[u], b[u]);
       }
     }
-    for (; jb < K; jb += kVS) {  // remaining vectors, the last one partial (padding lanes -> 0)
-      const int64_t n = imin(kVS, K - jb);
-      V a(0), b(0);
-      for (int64_t i = 0; i < N; ++i) {
-        const V k = V::loadu(Kb + i * K + jb, n);
-        if constexpr (kWithA) {
-          if constexpr (kWithG) {
-            a = at::vec::fmadd(at::vec::fmsub(load_as<ct>(grad + i * K + jb, n), V(ga[i]), V(ca[i])), k, a);
-          } else {
-            a = at::vec::fmadd(V(ca[i]), k, a);
-          }
-        }
-        if constexpr (kWithB) b = at::vec::fmadd(V(cb[i]), k, b);
-      }
-      if constexpr (kWithA) a.store(accA + jb);
-      if constexpr (kWithB) b.store(accB + jb);
+    for (int u = 0; u < U; ++u) {
+      if constexpr (kWithA) a[u].store(accA + jb + u * kVS);
+      if constexpr (kWithB) b[u].store(accB + jb + u * kVS);
     }
   }
 
