@@ -111,6 +111,8 @@ reductions are owned by one program, or merged in a fixed order from per-program
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -922,6 +924,29 @@ def _stream_split(b: int, n: int, k: int, bn: int, parts: int | None) -> tuple[i
     return per_prog, triton.cdiv(n_blocks, per_prog), min(_pow2(k), STREAM_COLS_BLOCK)
 
 
+class _Streaming(NamedTuple):
+    """The streaming kernels' launch geometry, shared by forward and backward."""
+
+    bn: int  # BLOCK_N
+    bk: int  # BLOCK_K
+    one_chunk: bool  # BLOCK_K covers K
+    per_prog: int  # row blocks per row-phase program
+    n_parts: int  # row-phase programs per problem
+    bkc: int  # column chunk of the column phase
+    warps: int
+
+
+def _streaming(b: int, n: int, k: int, block_n: int | None, block_k: int | None, parts: int | None) -> _Streaming:
+    bn, bk, one_chunk = _stream_blocks(n, k, block_n, block_k)
+    per_prog, n_parts, bkc = _stream_split(b, n, k, bn, parts)
+    return _Streaming(bn, bk, one_chunk, per_prog, n_parts, bkc, _stream_warps(bn * bk))
+
+
+def _strided(*tensors: Tensor) -> tuple:
+    """Each tensor followed by its strides: the kernels take pointers and strides in that order."""
+    return tuple(x for t in tensors for x in (t, *t.stride()))
+
+
 def _choose(variant: str | None, tile: int, limit: int) -> str:
     if variant is None:
         return "resident" if tile <= limit else "streaming"
@@ -1017,24 +1042,19 @@ def sinkhorn_forward(
     rows = _as_float(row_marginals)
     cols = _as_float(col_marginals)
     scale = LOG2E / float(epsilon)
-    args = (
-        scores, *scores.stride(),
-        mask_u8, *mask_u8.stride(),
-        rows, *rows.stride(),
-    )  # fmt: skip
+    args = _strided(scores, mask_u8, rows)
     bn_r, bk_r = _pow2(n), _pow2(k)
     if _choose(variant, bn_r * bk_r, RESIDENT_MAX_TILE_FWD) == "resident":
         _sinkhorn_fwd_resident_kernel[(b,)](
-            *args, cols, *cols.stride(),
+            *args, *_strided(cols),
             plan, log_u, log_v, n_done,
             n, k, n_iters, scale, tol, check_every,
             BLOCK_N=bn_r, BLOCK_K=bk_r, num_warps=_resident_warps(bn_r * bk_r),
         )  # fmt: skip
         return plan, log_u, log_v, n_done
 
-    bn, bk, one_chunk = _stream_blocks(n, k, block_n, block_k)
+    bn, bk, one_chunk, per_prog, n_parts, bkc, warps = _streaming(b, n, k, block_n, block_k, parts)
     n_blocks = triton.cdiv(n, bn)
-    per_prog, n_parts, bkc = _stream_split(b, n, k, bn, parts)
     n_kc = triton.cdiv(k, bkc)
     f32 = dict(dtype=torch.float32, device=dev)
     g_buf = torch.empty((2, b, k), **f32)
@@ -1043,7 +1063,6 @@ def sinkhorn_forward(
     err = torch.empty((b, n_iters, n_kc), **f32)
     act = torch.zeros((b, n_iters), dtype=torch.int32, device=dev)
     act[:, 0] = 1
-    warps = _stream_warps(bn * bk)
     for it in range(n_iters):
         _sinkhorn_fwd_rows_kernel[(b, n_parts)](
             *args,
@@ -1052,7 +1071,7 @@ def sinkhorn_forward(
             BLOCK_N=bn, BLOCK_K=bk, BLOCK_KC=bkc, ONE_CHUNK=one_chunk, num_warps=warps,
         )  # fmt: skip
         _sinkhorn_fwd_cols_kernel[(b, n_kc)](
-            cols, *cols.stride(),
+            *_strided(cols),
             log_v, g_buf, p_max, p_sum, act, err,
             k, n_iters, it, n_parts,
             BLOCK_KC=bkc, num_warps=4,
@@ -1108,12 +1127,7 @@ def sinkhorn_backward(
     rows = _as_float(row_marginals)  # the column masses enter only through the saved duals
     scale = LOG2E / float(epsilon)
     inv_eps = 1.0 / float(epsilon)
-    args = (
-        grad_plan, *grad_plan.stride(),
-        scores, *scores.stride(),
-        mask_u8, *mask_u8.stride(),
-        rows, *rows.stride(),
-    )  # fmt: skip
+    args = _strided(grad_plan, scores, mask_u8, rows)
     bn_r, bk_r = _pow2(n), _pow2(k)
     if _choose(variant, bn_r * bk_r, RESIDENT_MAX_TILE_BWD) == "resident":
         _sinkhorn_bwd_resident_kernel[(b,)](
@@ -1124,12 +1138,10 @@ def sinkhorn_backward(
         )  # fmt: skip
         return grad
 
-    bn, bk, one_chunk = _stream_blocks(n, k, block_n, block_k)
-    per_prog, n_parts, bkc = _stream_split(b, n, k, bn, parts)
+    bn, bk, one_chunk, per_prog, n_parts, bkc, warps = _streaming(b, n, k, block_n, block_k, parts)
     ws_rows = torch.empty((3, b, n_iters, n), dtype=torch.float32, device=dev)  # Fb, row shift, row log-sum
     ws_cols = torch.empty((3, b, n_iters, k), dtype=torch.float32, device=dev)  # Gg, col shift, col log-sum
     partials = torch.empty((3, b, n_parts, k), dtype=torch.float32, device=dev)  # Gg, col max, col sum
-    warps = _stream_warps(bn * bk)
     for st in range(n_iters):  # stage st runs the problems with n_done > st
         _sinkhorn_bwd_rows_kernel[(b, n_parts)](
             *args,
