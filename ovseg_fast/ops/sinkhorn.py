@@ -9,6 +9,7 @@ the Triton kernel (``kernels/sinkhorn.py``) or the reference.
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Optional
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import register_flop_formula
 
 from ovseg_fast.backends import KernelSupport, direct_cpu, dispatch, register_op
-from ovseg_fast.ops._checks import check_float, check_int, check_same_device, check_shape, check_tensor
+from ovseg_fast.ops._checks import check_float, check_int, check_same_device, check_shape, check_tensor, value_range
 from ovseg_fast.ops.sinkhorn_reference import (
     compute_dtype,
     default_marginals,
@@ -58,7 +59,8 @@ def _empty_forward(scores: Tensor, n_iters: int) -> tuple[Tensor, Tensor, Tensor
 def _check_marginal_values(mask: Tensor, row_marginals: Tensor, col_marginals: Tensor) -> None:
     """Marginals must be finite, non-negative, and balanced per problem (needs the data: run time)."""
     for name, m in (("row_marginals", row_marginals), ("col_marginals", col_marginals)):
-        if m.numel() and not bool(torch.isfinite(m).all() & (m >= 0).all()):
+        lo, hi = value_range(m) if m.numel() else (0.0, 0.0)
+        if not (lo >= 0 and math.isfinite(hi)):  # NaN fails too
             raise ValueError(f"sinkhorn: {name} must be finite and non-negative")
     rows = torch.where(mask, row_marginals, torch.zeros((), dtype=row_marginals.dtype, device=mask.device)).sum(1)
     cols = col_marginals.sum(1)

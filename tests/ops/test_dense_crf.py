@@ -330,6 +330,8 @@ def test_gaussian_blur_half_precision_compiled_and_differentiable():
 # Bad inputs.
 
 _P, _I = random_inputs(2, 3, 4, 5)
+_P_ONE_NAN = _P.clone()
+_P_ONE_NAN[1, 2, 3, 4] = float("nan")
 BAD_INPUTS = [
     (dict(probs=[[1.0]]), TypeError, "probs must be a torch.Tensor"),
     (dict(probs=torch.ones(2, 3, 4, 5, dtype=torch.int64)), TypeError, "probs must have dtype"),
@@ -343,6 +345,7 @@ BAD_INPUTS = [
     (dict(probs=_P * 3), ValueError, r"outside \[0, 1\]"),
     (dict(probs=torch.log(_P)), ValueError, "apply a softmax"),
     (dict(probs=torch.full((2, 3, 4, 5), float("nan"))), ValueError, "non-finite"),
+    (dict(probs=_P_ONE_NAN), ValueError, "non-finite"),  # one NaN among probabilities
     (dict(n_iters=-1), ValueError, "n_iters must be >= 0"),
     (dict(n_iters=2.0), TypeError, "n_iters must be an int"),
     (dict(gaussian_sxy=0.0), ValueError, "gaussian_sxy must be > 0"),

@@ -534,6 +534,7 @@ BAD_INPUTS = [
     (dict(row_marginals=-torch.ones(2, 5), col_marginals=-torch.ones(2, 3) * 5 / 3), ValueError, "non-negative"),
     (dict(row_marginals=torch.ones(2, 5), col_marginals=torch.ones(2, 3)), ValueError, "unbalanced"),
     (dict(row_marginals=torch.full((2, 5), float("inf")), col_marginals=torch.ones(2, 3)), ValueError, "finite"),
+    (dict(col_marginals=torch.tensor([[1.0, float("nan"), 1.0]] * 2)), ValueError, "col_marginals must be finite"),
     (dict(mask=torch.ones(2, 5, dtype=torch.bool, device="meta")), ValueError, "mask is on meta"),
 ]
 
