@@ -23,9 +23,9 @@
 // a = r / (K b) (row step); f^t = log a + Mg - sh, g^t = log b - Mg (Mg = max shift). Pass 1 writes
 // K into the plan buffer and sums its columns; each iteration is then one pass over K: per row a dot
 // product (its row sum) and an axpy (the column sums of the next step, so never a strided column
-// read); the last iteration writes a_i K_ij b_j in place. Problems that fit in cache split the pass
-// into phases over all rows (the per-row chain reduction -> divide -> axpy is latency-bound for
-// short rows). Scaling is exact as long as the entries of K that underflowed stay negligible in
+// read); the last iteration writes a_i K_ij b_j in place. The pass goes in blocks of rows, each in
+// phases (all row sums, then all divides, then all axpys), since one row's chain of reduction ->
+// divide -> axpy is latency-bound for short rows. Scaling is exact as long as the entries of K that underflowed stay negligible in
 // every scaling sum once multiplied by the scalings; a cheap bound checks that each iteration and
 // when it fails (scores/eps far beyond the float exponent range between columns, zero masses making
 // sums vanish, ...) the problem continues from the last good duals with a log-domain iteration
@@ -141,9 +141,10 @@ constexpr int64_t kLseBlockBytes = 384 * 1024;
 // by row.
 constexpr int64_t kCacheResidentElements = 1 << 17;
 
-// Rows per block of the forward's scaling pass (ForwardSolver::scaling_rows): independent dot
-// products, and one load and store of the column accumulators per block.
-constexpr int64_t kRowBlock = 8;
+// Rows per block of the forward's scaling pass (ForwardSolver::scaling_rows), and the column vectors
+// whose accumulators it keeps in registers while it sweeps a block's rows.
+constexpr int64_t kScaleRows = 32;
+constexpr int kAxpyVecs = 8;
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
@@ -686,70 +687,102 @@ class ForwardSolver {
   // Row step on rows [i0, i1): a_i = r_i / (K b)_i, then either the column sums K^T a of the next
   // column step (acc) or, in the last iteration, the plan a_i K_ij b_j written to the output (in
   // place when the output is the base). Same failure bound as column_scaling. Rows go in blocks of
-  // kRowBlock: the block's dot products are independent chains (they pipeline where one short row's
-  // chain, horizontal sum and divide would not), and each column vector of acc is loaded and stored
-  // once per block. Every sum runs in row order, as a row-by-row pass would.
+  // kScaleRows, in three phases over the block (which stays in L1 between them): the row sums as
+  // independent chains, the block's scalings and bound checks in vector arithmetic, then the axpys
+  // into column accumulators held in registers. One row at a time, each row's sum -> divide -> axpy
+  // chain made the pass latency-bound. Every sum runs in row order, as a row-by-row pass would.
   bool scaling_rows(int64_t i0, int64_t i1, bool last, ct thr, ct* acc, ct* max_a) const {
-    ct ma = 0;
-    int64_t i = i0;
-    for (; i + kRowBlock <= i1; i += kRowBlock)
-      if (!scaling_block<kRowBlock>(i, last, thr, acc, &ma)) return false;
-    for (; i < i1; ++i)
-      if (!scaling_block<1>(i, last, thr, acc, &ma)) return false;
-    *max_a = ma;
+    alignas(64) ct sums[kScaleRows];
+    alignas(64) ct a[kScaleRows];
+    V vma(0);
+    for (int64_t ib = i0; ib < i1; ib += kScaleRows) {
+      const int64_t n = imin(kScaleRows, i1 - ib);
+      row_sums(ib, n, sums);
+      for (int64_t r = n; r < round_up(n, kVS); ++r) sums[r] = 1;  // lanes past the block (no mass)
+      if (!row_scalings(ib, n, thr, sums, a, &vma)) return false;
+      if (last) {
+        for (int64_t r = 0; r < n; ++r) write_plan_row(ib + r, a[r]);
+      } else {
+        axpy_rows(ib, n, a, acc);
+      }
+    }
+    *max_a = hmax<ct>(vma);
     return true;
   }
 
-  template <int64_t R>
-  __attribute__((always_inline)) bool scaling_block(int64_t i0, bool last, ct thr, ct* acc, ct* max_a) const {
+  // sums_r = sum_j P_(i0+r)j b_j for r < n, in column order (the first term the product alone).
+  void row_sums(int64_t i0, int64_t n, ct* sums) const {
     const int64_t K = K_;
-    const ct* const P = P_ + i0 * K;
     const ct* const B = B_;  // padded with zeros
-    // vs = sum_j P_rj B_j in column order; the first term is the product alone (= fmadd onto 0).
-    V vs[R];
     const int64_t n0 = imin(kVS, K);
-#pragma GCC unroll 8
-    for (int64_t r = 0; r < R; ++r) vs[r] = V::loadu(P + r * K, n0) * V::loadu(B);
-    int64_t j = kVS;
-    for (; j + kVS <= K; j += kVS) {
-      const V b = V::loadu(B + j);
-#pragma GCC unroll 8
-      for (int64_t r = 0; r < R; ++r) vs[r] = at::vec::fmadd(V::loadu(P + r * K + j), b, vs[r]);
+    for (int64_t r = 0; r < n; ++r) {
+      const ct* p = P_ + (i0 + r) * K;
+      V vs = V::loadu(p, n0) * V::loadu(B);
+      int64_t j = kVS;
+      for (; j + kVS <= K; j += kVS) vs = at::vec::fmadd(V::loadu(p + j), V::loadu(B + j), vs);
+      if (j < K) vs = at::vec::fmadd(V::loadu(p + j, K - j), V::loadu(B + j), vs);
+      sums[r] = hsum<ct>(vs);
     }
-    if (j < K) {
-      const V b = V::loadu(B + j);
-#pragma GCC unroll 8
-      for (int64_t r = 0; r < R; ++r) vs[r] = at::vec::fmadd(V::loadu(P + r * K + j, K - j), b, vs[r]);
-    }
-    ct a[R], sums[R];
-#pragma GCC unroll 8
-    for (int64_t r = 0; r < R; ++r) sums[r] = hsum<ct>(vs[r]);
-    ct ma = *max_a;
-    for (int64_t r = 0; r < R; ++r) {
-      const ct ri = reff_[i0 + r];
-      a[r] = 0;  // zero-mass row: a = 0 from the first row step on (its base row is finite)
-      if (ri != 0) {
-        const ct S = sums[r];
-        if (!(S >= thr && S < kInf)) return false;
-        a[r] = ri / S;
-        if (!(a[r] >= std::numeric_limits<ct>::min() && a[r] < kInf)) return false;
-        ma = tmax(ma, a[r]);
-      }
-      A_[i0 + r] = a[r];
-    }
-    *max_a = ma;
-    if (last) {
-      for (int64_t r = 0; r < R; ++r) write_plan_row(i0 + r, a[r]);
-      return true;
-    }
-    for (int64_t j = 0; j < K; j += kVS) {
-      const int64_t n = imin(kVS, K - j);
-      V s = V::loadu(acc + j);
-#pragma GCC unroll 8
-      for (int64_t r = 0; r < R; ++r) s = at::vec::fmadd(V::loadu(P + r * K + j, n), V(a[r]), s);
-      s.store(acc + j);
+  }
+
+  // a_r = r_r / sums_r for the n rows from i0 (0 for rows without mass, whose base row is finite),
+  // into a and A_; vma: running lane-wise max of a. False when a sum or a scaling breaks the bound.
+  bool row_scalings(int64_t i0, int64_t n, ct thr, const ct* sums, ct* a, V* vma) const {
+    const V zero(0), vthr(thr), vinf(kInf), vmin(std::numeric_limits<ct>::min());
+    for (int64_t r = 0; r < n; r += kVS) {
+      const int64_t m = imin(kVS, n - r);
+      const V ri = m == kVS ? V::loadu(reff_ + i0 + r) : V::loadu(reff_ + i0 + r, m);  // lanes >= m: 0
+      const V S = V::loadu(sums + r);
+      const V ar = ri / S;
+      const V ok = (S >= vthr) & (S < vinf) & (ar >= vmin) & (ar < vinf);
+      const V has = ri != zero;
+      if (V::blendv(has, zero, ok).zero_mask() != (1 << kVS) - 1) return false;  // a lane with mass, not ok
+      const V av = V::blendv(zero, ar, has);
+      av.store(a + r);
+      av.store(A_ + i0 + r, m);
+      *vma = vmax<ct>(*vma, av);
     }
     return true;
+  }
+
+  // acc_j += sum_r P_(i0+r)j a_r over n rows, in row order.
+  void axpy_rows(int64_t i0, int64_t n, const ct* a, ct* acc) const {
+    const int64_t K = K_, Kfull = K / kVS * kVS;
+    const ct* const P = P_ + i0 * K;
+    for (int64_t j0 = 0; j0 < Kfull; j0 += kAxpyVecs * kVS) {
+      switch (imin(kAxpyVecs, (Kfull - j0) / kVS)) {
+        case 8: axpy_cols<8>(P + j0, n, a, acc + j0); break;
+        case 7: axpy_cols<7>(P + j0, n, a, acc + j0); break;
+        case 6: axpy_cols<6>(P + j0, n, a, acc + j0); break;
+        case 5: axpy_cols<5>(P + j0, n, a, acc + j0); break;
+        case 4: axpy_cols<4>(P + j0, n, a, acc + j0); break;
+        case 3: axpy_cols<3>(P + j0, n, a, acc + j0); break;
+        case 2: axpy_cols<2>(P + j0, n, a, acc + j0); break;
+        default: axpy_cols<1>(P + j0, n, a, acc + j0); break;
+      }
+    }
+    if (Kfull < K) {  // the partial last vector (acc is padded; the padding lanes get + 0)
+      V s = V::loadu(acc + Kfull);
+      for (int64_t r = 0; r < n; ++r) s = at::vec::fmadd(V::loadu(P + r * K + Kfull, K - Kfull), V(a[r]), s);
+      s.store(acc + Kfull);
+    }
+  }
+
+  // NV column vectors of axpy_rows, their accumulators in registers across the rows.
+  template <int NV>
+  __attribute__((always_inline)) void axpy_cols(const ct* P, int64_t n, const ct* a, ct* acc) const {
+    const int64_t K = K_;
+    V s[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) s[v] = V::loadu(acc + v * kVS);
+    for (int64_t r = 0; r < n; ++r) {
+      const V ar(a[r]);
+      const ct* p = P + r * K;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) s[v] = at::vec::fmadd(V::loadu(p + v * kVS), ar, s[v]);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) s[v].store(acc + v * kVS);
   }
 
   bool scaling_rows_all(bool last, ct thr, ct* max_a) {
