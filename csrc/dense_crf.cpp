@@ -6,10 +6,10 @@
 // class values is a whole number of 8-float vectors; padded lanes stay exactly 0):
 //  * Lattices are built once per image: the elevation/rounding/rank/barycentric maths per pixel runs
 //    in parallel, in float32 with the reference implementation's operation order (FP contraction
-//    off, so the AVX2/AVX512 copies build the very same lattice as pydensecrf); vertices go into an
-//    open-addressing hash table (sequential, chunk by chunk after each parallel embedding, with a
-//    one-entry cache per simplex corner because neighbouring pixels mostly share vertices), then
-//    blur neighbours are looked up in parallel.
+//    off, so the AVX2/AVX512 copies build the very same lattice as pydensecrf); vertices go into
+//    open-addressing hash tables (one per part of the image, one task each, sequential within it,
+//    with a one-entry cache per simplex corner because neighbouring pixels mostly share vertices),
+//    merged afterwards; then blur neighbours are looked up in parallel.
 //  * Layouts: vertex values (M+1, CP) and the unary (N, CP) class-contiguous in 64-byte aligned
 //    buffers, so a row is CP/8 aligned 32-byte vectors that never straddle cache lines; per pixel
 //    (N, d+1) int32 vertex ids and float splat weights.
@@ -23,20 +23,22 @@
 //    instead of serialising on each pixel's slice -> softmax -> splat chain.
 //  * Splatting is a scatter, so each pixel chunk (one per thread) owns private vertex buffers
 //    (vertex counts are small, M << N) that the next iteration sums: no atomics, Q read once.
-//  * Threads: over the batch when it has at least as many images as threads (each image then runs
-//    serially: nested at::parallel_for calls run inline), otherwise within each image. Few parallel
-//    regions per iteration (blur tasks, pixel pass): on a shared machine each one waits for the
-//    slowest thread.
+//  * Threads: over the batch for whole rounds of one image per thread (each image then runs
+//    serially: nested at::parallel_for calls run inline), within each image for the rest. Few
+//    parallel regions per iteration (blur tasks, pixel pass): on a shared machine each one waits for
+//    the slowest thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -283,92 +285,134 @@ inline void pixel_features8(int64_t p0, int64_t width, int64_t npix, float sxy, 
 
 #pragma GCC pop_options
 
+// A lattice built from `parts` ranges of pixels whose vertices are found independently (find_part,
+// one task each: the hash insertion is sequential, and as one task the bilateral lattice's would set
+// the pace of the whole set-up), then merged into the first part's table (finish). Vertex ids do not
+// influence the result (every sum below runs in pixel or axis order), so neither do the parts.
 template <int D>
-std::unique_ptr<Lattice> build_lattice(int64_t height, int64_t width, float sxy, float srgb, const uint8_t* rgb) {
-  constexpr int DP1 = D + 1;
-  const int64_t n = height * width;
-  auto lat = std::make_unique<Lattice>();
-  lat->d = D;
-  lat->n = n;
-  lat->offset = Buffer<int32_t>(n * DP1);
-  lat->weight = Buffer<float>(n * DP1);
-  float scale[D];
-  elevation_scale<D>(scale);
+class LatticeBuild {
+ public:
+  static constexpr int DP1 = D + 1;
 
-  // The embedding runs in parallel, the insertion sequentially, chunk by chunk, so the keys of only
-  // one chunk are ever stored (all n * (d+1) keys would be 30 MB for a 512x512 bilateral lattice).
-  // Vertex ids do not influence the result (every sum below runs in pixel or axis order), and the
-  // previous pixel's corner r is usually the same vertex, which saves most hash lookups.
-  constexpr int64_t kChunk = 1 << 12;
-  constexpr int kAhead = 8;  // pixels between a slot prefetch and its probe
-  std::vector<int32_t> keys(kChunk * DP1 * D);
-  std::vector<uint64_t> hashes(kChunk * DP1);
-  VertexTable<D> table(std::max<int64_t>(n / 4, 64));
-  int32_t prev_id[DP1];
-  for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
-    const int64_t c1 = std::min(n, c0 + kChunk);
-    at::parallel_for(0, (c1 - c0 + 7) / 8, 256, [&](int64_t begin, int64_t end) {
-      v8f f[D];
-      for (int64_t g = begin; g < end; ++g) {
-        const int64_t p = c0 + 8 * g;
-        const int cnt = static_cast<int>(std::min<int64_t>(8, c1 - p));
-        int32_t* k = keys.data() + (p - c0) * DP1 * D;
-        pixel_features8<D>(p, width, n, sxy, srgb, rgb, f);
-        embed_points8<D>(f, scale, k, lat->weight.data() + p * DP1, cnt);
-        for (int e = 0; e < cnt * DP1; ++e) hashes[(p - c0) * DP1 + e] = table.hash(k + e * D);
-      }
-    });
-    for (int64_t p = c0; p < c1; ++p) {
-      const int64_t q = p - c0;
-      if (q + kAhead < c1 - c0)
-        for (int r = 0; r < DP1; ++r) table.prefetch(hashes[(q + kAhead) * DP1 + r]);
-      for (int r = 0; r < DP1; ++r) {
-        const int32_t* k = keys.data() + (q * DP1 + r) * D;
-        // The previous pixel's corner r is usually the same vertex.
-        const int32_t* pk = q > 0 ? k - DP1 * D : p > 0 ? table.key(prev_id[r]) : k;
-        bool same = p > 0;
-        for (int i = 0; i < D; ++i) same &= pk[i] == k[i];
-        if (!same) {
-          // Else the pixel above's (a vertex is always the same corner r of its simplices).
-          if (p >= width) {
-            const int32_t id = lat->offset[(p - width) * DP1 + r];
-            const int32_t* ak = table.key(id);
-            same = true;
-            for (int i = 0; i < D; ++i) same &= ak[i] == k[i];
-            if (same) prev_id[r] = id;
-          }
-          if (!same) {
-            prev_id[r] = table.insert(k, hashes[q * DP1 + r]);
-          }
+  LatticeBuild(int64_t height, int64_t width, float sxy, float srgb, const uint8_t* rgb, int parts)
+      : n_(height * width), width_(width), sxy_(sxy), srgb_(srgb), rgb_(rgb), parts_(parts), lat_(new Lattice) {
+    lat_->d = D;
+    lat_->n = n_;
+    lat_->offset = Buffer<int32_t>(n_ * DP1);
+    lat_->weight = Buffer<float>(n_ * DP1);
+    elevation_scale<D>(scale_);
+    for (int q = 0; q < parts_; ++q)
+      tables_.emplace_back(new VertexTable<D>(std::max<int64_t>((end(q) - begin(q)) / 4, 64)));
+  }
+
+  int parts() const { return parts_; }
+
+  // Part q's pixels: their corners' keys into table q (ids local to it), the ids into lat.offset
+  // and the barycentric weights into lat.weight. The embedding runs in parallel (inline within a
+  // task), the insertion sequentially, chunk by chunk, so the keys of only one chunk are ever stored
+  // (all n * (d+1) keys would be 30 MB for a 512x512 bilateral lattice). The previous pixel's corner
+  // r is usually the same vertex, which saves most hash lookups.
+  void find_part(int q) {
+    VertexTable<D>& table = *tables_[q];
+    Lattice& lat = *lat_;
+    const int64_t p_begin = begin(q), p_end = end(q), n = n_, width = width_;
+    constexpr int64_t kChunk = 1 << 12;
+    constexpr int kAhead = 8;  // pixels between a slot prefetch and its probe
+    std::vector<int32_t> keys(kChunk * DP1 * D);
+    std::vector<uint64_t> hashes(kChunk * DP1);
+    int32_t prev_id[DP1];
+    for (int64_t c0 = p_begin; c0 < p_end; c0 += kChunk) {
+      const int64_t c1 = std::min(p_end, c0 + kChunk);
+      at::parallel_for(0, (c1 - c0 + 7) / 8, 256, [&](int64_t g0, int64_t g1) {
+        v8f f[D];
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t p = c0 + 8 * g;
+          const int cnt = static_cast<int>(std::min<int64_t>(8, c1 - p));
+          int32_t* k = keys.data() + (p - c0) * DP1 * D;
+          pixel_features8<D>(p, width, n, sxy_, srgb_, rgb_, f);
+          embed_points8<D>(f, scale_, k, lat.weight.data() + p * DP1, cnt);
+          for (int e = 0; e < cnt * DP1; ++e) hashes[(p - c0) * DP1 + e] = table.hash(k + e * D);
         }
-        lat->offset[p * DP1 + r] = prev_id[r];
+      });
+      for (int64_t p = c0; p < c1; ++p) {
+        const int64_t i = p - c0;
+        if (i + kAhead < c1 - c0)
+          for (int r = 0; r < DP1; ++r) table.prefetch(hashes[(i + kAhead) * DP1 + r]);
+        for (int r = 0; r < DP1; ++r) {
+          const int32_t* k = keys.data() + (i * DP1 + r) * D;
+          // The previous pixel's corner r is usually the same vertex.
+          const int32_t* pk = i > 0 ? k - DP1 * D : p > p_begin ? table.key(prev_id[r]) : k;
+          bool same = p > p_begin;
+          for (int j = 0; j < D; ++j) same &= pk[j] == k[j];
+          if (!same) {
+            // Else the pixel above's (a vertex is always the same corner r of its simplices).
+            if (p - width >= p_begin) {
+              const int32_t id = lat.offset[(p - width) * DP1 + r];
+              const int32_t* ak = table.key(id);
+              same = true;
+              for (int j = 0; j < D; ++j) same &= ak[j] == k[j];
+              if (same) prev_id[r] = id;
+            }
+            if (!same) {
+              prev_id[r] = table.insert(k, hashes[i * DP1 + r]);
+            }
+          }
+          lat.offset[p * DP1 + r] = prev_id[r];
+        }
       }
     }
   }
-  const int64_t m = table.size();
-  lat->m = m;
-  lat->nb.resize(DP1 * m * 2);
-  at::parallel_for(0, m, 1024, [&](int64_t begin, int64_t end) {
-    int32_t k1[D], k2[D];
-    for (int j = 0; j < DP1; ++j) {
-      for (int64_t v = begin; v < end; ++v) {
-        const int32_t* k = table.key(v);
-        for (int i = 0; i < D; ++i) {
-          k1[i] = k[i] - 1;
-          k2[i] = k[i] + 1;
-        }
-        if (j < D) {
-          k1[j] = k[j] + D;
-          k2[j] = k[j] - D;
-        }
-        const int32_t a = table.find(k1), b = table.find(k2);
-        lat->nb[(j * m + v) * 2] = a < 0 ? static_cast<int32_t>(m) : a;
-        lat->nb[(j * m + v) * 2 + 1] = b < 0 ? static_cast<int32_t>(m) : b;
-      }
+
+  // After every find_part: the parts' vertices merged into table 0 (their pixels' ids remapped),
+  // and the blur neighbours of every vertex.
+  std::unique_ptr<Lattice> finish() {
+    VertexTable<D>& table = *tables_[0];
+    Lattice& lat = *lat_;
+    for (int q = 1; q < parts_; ++q) {
+      const VertexTable<D>& part = *tables_[q];
+      std::vector<int32_t> ids(part.size());
+      for (int64_t v = 0; v < part.size(); ++v) ids[v] = table.insert(part.key(v), table.hash(part.key(v)));
+      at::parallel_for(begin(q) * DP1, end(q) * DP1, 1 << 14, [&](int64_t e0, int64_t e1) {
+        for (int64_t e = e0; e < e1; ++e) lat.offset[e] = ids[lat.offset[e]];
+      });
     }
-  });
-  return lat;
-}
+    const int64_t m = table.size();
+    lat.m = m;
+    // Along axis j, u = v + (1, ..., 1, -D, 1, ..., 1) (-D at j) is v's next neighbour exactly when v
+    // is u's previous one, so one lookup per vertex and axis fills both (each u has one previous).
+    lat.nb.assign(DP1 * m * 2, static_cast<int32_t>(m));
+    at::parallel_for(0, m, 1024, [&](int64_t v0, int64_t v1) {
+      int32_t k2[D];
+      for (int j = 0; j < DP1; ++j) {
+        int32_t* nb = lat.nb.data() + j * m * 2;
+        for (int64_t v = v0; v < v1; ++v) {
+          const int32_t* k = table.key(v);
+          for (int i = 0; i < D; ++i) k2[i] = k[i] + 1;
+          if (j < D) k2[j] = k[j] - D;
+          const int32_t u = table.find(k2);
+          if (u >= 0) {
+            nb[v * 2 + 1] = u;
+            nb[static_cast<int64_t>(u) * 2] = static_cast<int32_t>(v);
+          }
+        }
+      }
+    });
+    tables_.clear();
+    return std::move(lat_);
+  }
+
+ private:
+  int64_t begin(int q) const { return n_ * q / parts_; }
+  int64_t end(int q) const { return n_ * (q + 1) / parts_; }
+
+  const int64_t n_, width_;
+  const float sxy_, srgb_;
+  const uint8_t* rgb_;
+  const int parts_;
+  float scale_[D];
+  std::unique_ptr<Lattice> lat_;
+  std::vector<std::unique_ptr<VertexTable<D>>> tables_;
+};
 
 // ---------------------------------------------------------------------------------------------
 // Mean-field inference
@@ -601,6 +645,16 @@ void normalise_weights(Lattice& lat) {
   });
 }
 
+// Runs every task on up to `threads` threads, each thread taking the next task when done with its
+// last (the tasks' costs differ too much for a static split).
+void run_tasks(const std::vector<std::function<void()>>& tasks, int threads) {
+  const int64_t count = static_cast<int64_t>(tasks.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(threads, count), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < count; i = next++) tasks[i]();
+  });
+}
+
 struct ImageArgs {
   const float* probs;  // (C, H, W)
   const uint8_t* rgb;  // (3, H, W)
@@ -658,27 +712,31 @@ void crf_image(const ImageArgs& args, int cp_rt) {
     });
   };
 
-  // The set-up is one parallel region of independent tasks (instead of a dozen regions, each of
-  // which would wait for the slowest thread, costly when other processes share the cores): each
-  // lattice (build, normalisation, buffers) and the unary, whose inner parallel loops then run
-  // inline. Ordered so that two threads split it evenly: the Gaussian lattice and the unary on one,
-  // the (about twice as costly) bilateral lattice on the other.
-  std::vector<int> tasks;  // lattice index, or -1: the unary
+  // The set-up is two parallel regions of independent tasks (instead of dozens of regions, each of
+  // which would wait for the slowest thread, costly when other processes share the cores), whose
+  // inner parallel loops then run inline: first the lattices' vertices, each lattice in `chunks`
+  // parts of the image, and the unary; then each lattice's merge, neighbours, normalisation and
+  // buffers. The threads take the tasks largest first (the bilateral lattice's parts, the unary, the
+  // Gaussian lattice's parts), each the next one when done.
+  std::unique_ptr<LatticeBuild<2>> gaussian;
+  std::unique_ptr<LatticeBuild<5>> bilateral;
   for (int k = 0; k < static_cast<int>(dims.size()); ++k) {
-    if (dims[k] == 5) tasks.push_back(-1);
-    tasks.push_back(k);
+    if (dims[k] == 2)
+      gaussian.reset(new LatticeBuild<2>(args.h, args.w, args.gaussian_sxy, 1.0f, nullptr, chunks));
+    else
+      bilateral.reset(new LatticeBuild<5>(args.h, args.w, args.bilateral_sxy, args.bilateral_srgb, args.rgb, chunks));
   }
-  if (tasks.size() == dims.size()) tasks.push_back(-1);
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t k0, int64_t k1) {
-    for (int64_t t = k0; t < k1; ++t) {
-      const int k = tasks[t];
-      if (k < 0) {
-        unary();
-        continue;
-      }
-      lattices[k] = dims[k] == 2
-                        ? build_lattice<2>(args.h, args.w, args.gaussian_sxy, 1.0f, nullptr)
-                        : build_lattice<5>(args.h, args.w, args.bilateral_sxy, args.bilateral_srgb, args.rgb);
+  std::vector<std::function<void()>> tasks;
+  if (bilateral)
+    for (int q = 0; q < bilateral->parts(); ++q) tasks.push_back([&, q] { bilateral->find_part(q); });
+  tasks.push_back(unary);
+  if (gaussian)
+    for (int q = 0; q < gaussian->parts(); ++q) tasks.push_back([&, q] { gaussian->find_part(q); });
+  run_tasks(tasks, chunks);
+  tasks.clear();
+  for (int k = 0; k < static_cast<int>(dims.size()); ++k)
+    tasks.push_back([&, k] {
+      lattices[k] = dims[k] == 2 ? gaussian->finish() : bilateral->finish();
       Pairwise& pw = kernels[k];
       Lattice& lat = *lattices[k];
       pw.lat = &lat;
@@ -690,8 +748,8 @@ void crf_image(const ImageArgs& args, int cp_rt) {
       pw.val.zero();
       pw.tmp.zero();
       pw.priv.zero();
-    }
-  });
+    });
+  run_tasks(tasks, chunks);
   std::vector<float> lane_mask(cp);
   for (int l = 0; l < cp; ++l) lane_mask[l] = l < c ? 1.0f : 0.0f;
 
@@ -808,7 +866,10 @@ at::Tensor dense_crf_forward(const at::Tensor& probs, const at::Tensor& image, i
   if (p.numel() == 0) return out;
   const int cp = static_cast<int>((c + 7) / 8 * 8);
   const int threads = at::get_num_threads();
-  const bool over_batch = b > 1 && b >= threads;
+  // Whole rounds of one image per thread run over the batch; the images left over (b % threads) then
+  // run one after another on all threads instead of leaving threads idle for a whole image (B = 3 on
+  // 2 threads: 1.5 image times instead of 2).
+  const int64_t over_batch = b > 1 && b >= threads ? b / threads * threads : 0;
   auto run = [&](int64_t i, int chunks) {
     ImageArgs args{p.data_ptr<float>() + i * c * h * w,
                    im.data_ptr<uint8_t>() + i * 3 * h * w,
@@ -829,13 +890,12 @@ at::Tensor dense_crf_forward(const at::Tensor& probs, const at::Tensor& image, i
       default: crf_image<0>(args, cp); break;
     }
   };
-  if (over_batch) {
-    at::parallel_for(0, b, 1, [&](int64_t i0, int64_t i1) {
+  if (over_batch > 0) {
+    at::parallel_for(0, over_batch, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) run(i, 1);
     });
-  } else {
-    for (int64_t i = 0; i < b; ++i) run(i, threads);
   }
+  for (int64_t i = over_batch; i < b; ++i) run(i, threads);
   return out;
 }
 

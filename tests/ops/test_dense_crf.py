@@ -161,13 +161,20 @@ def test_disabled_kernels(which):
         torch.testing.assert_close(got, probs.clamp(1e-5, 1) / probs.clamp(1e-5, 1).sum(1, keepdim=True))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_batch_of_different_images_equals_one_by_one(backend):
+def test_batch_of_different_images_equals_one_by_one(backend, threads):
     require_backend("dense_crf", backend)
-    probs, img = random_inputs(3, 6, 20, 14, seed=4)  # 3 images: over the batch with 1-3 threads
-    with use_backend(backend):
-        batched = dense_crf(probs, img, n_iters=3)
-        alone = torch.stack([dense_crf(probs[i], img[i], n_iters=3) for i in range(3)])
+    # 3 images on 2 threads: the first two over the batch, the third within the image on both threads.
+    probs, img = random_inputs(3, 6, 20, 14, seed=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with use_backend(backend):
+            batched = dense_crf(probs, img, n_iters=3)
+            alone = torch.stack([dense_crf(probs[i], img[i], n_iters=3) for i in range(3)])
+    finally:
+        torch.set_num_threads(before)
     torch.testing.assert_close(batched, alone, rtol=0, atol=1e-6)
 
 
