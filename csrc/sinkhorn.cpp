@@ -401,7 +401,7 @@ inline void for_row_chunks(int64_t n_rows, int64_t n_chunks, const F& f) {
 // valid rows, -inf on masked ones. Null mask / r / c stand for the defaults of default_marginals
 // (every sample valid, mass 1 per valid sample, N_valid / K per cluster, in the same float
 // arithmetic), which are then written to r_default / c_default. Returns the column marginals the
-// early-stopping error compares against.
+// early-stopping error compares against. logr may be null (not wanted).
 template <typename ct>
 const ct* effective_marginals(int64_t N, int64_t K, int64_t Kp, const bool* mask, const ct* r, const ct* c,
                               ct* reff, ct* logr, ct* f0, ct* ceff, ct* logc, ct* c_default) {
@@ -414,7 +414,7 @@ const ct* effective_marginals(int64_t N, int64_t K, int64_t Kp, const bool* mask
     f0[i] = valid ? ct(0) : -kInf;
     n_valid += valid;
   }
-  log_add<ct>(logr, nullptr, reff, N);
+  if (logr) log_add<ct>(logr, nullptr, reff, N);
   if (c == nullptr) {
     fill(c_default, ct(n_valid) / ct(K), K);
     c = c_default;
@@ -519,7 +519,8 @@ class ForwardSolver {
     c_ = effective_marginals<ct>(N_, K_, Kp_, a_.mask ? a_.mask + b * N_ : nullptr,
                                  a_.row_marginals ? static_cast<const ct*>(a_.row_marginals) + b * N_ : nullptr,
                                  a_.col_marginals ? static_cast<const ct*>(a_.col_marginals) + b * K_ : nullptr,
-                                 reff_, logr_, f0_, ceff_, logc_, cdef_);
+                                 reff_, nullptr, f0_, ceff_, logc_, cdef_);
+    logr_ready_ = false;  // log r only if a log-domain level runs (log_rows_all)
     fill(B_, ct(0), Kp_);  // padding lanes stay 0 (dot products)
     int64_t done = run_base();
     if (done < 0) done = run_absorbed(-done);
@@ -948,6 +949,10 @@ class ForwardSolver {
   // Log-domain row step over all rows; column sums of the written plan (if want_acc) end up in
   // chunk 0's accumulator.
   void log_rows_all(const ct* g, ct* f_out, bool want_q, bool want_acc) {
+    if (!logr_ready_) {
+      log_add<ct>(logr_, nullptr, reff_, N_);
+      logr_ready_ = true;
+    }
     for_row_chunks(N_, n_chunks_, [&](int64_t c, int64_t i0, int64_t i1) {
       ct* acc = want_acc ? chunk_array(c, 4) : nullptr;
       if (acc) fill(acc, ct(0), Kp_);
@@ -1037,6 +1042,7 @@ class ForwardSolver {
   const int64_t lse_rows_;
   Scratch scratch_;
   // workspace
+  bool logr_ready_ = false;
   ct *reff_, *logr_, *f0_, *A_, *shift_, *alpha_;
   ct *ceff_, *logc_, *g_, *B_, *beta_;
   ct* chunk_;
