@@ -692,11 +692,13 @@ void crf_image(const ImageArgs& args, int cp_rt) {
   // The class planes are n floats apart (a multiple of the L1 set stride for power-of-two images), so
   // visiting all C planes per pixel would thrash L1: transpose in runs of kRun pixels per plane
   // instead (the output is written back in runs of kBlock).
-  auto unary = [&]() {
+  // unary(q, parts): part q of `parts` of the pixels.
+  auto unary = [&](int q, int parts) {
     using Vec = at::vec::Vectorized<float>;
     const Vec lo(args.clip), hi(1.0f);
     constexpr int64_t kRun = 64;  // pixels per plane run: whole cache lines, prefetcher-friendly
-    at::parallel_for(0, (n + kRun - 1) / kRun, 64, [&](int64_t b0, int64_t b1) {
+    const int64_t runs = (n + kRun - 1) / kRun;
+    at::parallel_for(runs * q / parts, runs * (q + 1) / parts, 64, [&](int64_t b0, int64_t b1) {
       float tmp[Vec::size()];
       for (int64_t p0 = b0 * kRun; p0 < std::min(n, b1 * kRun); p0 += kRun) {
         const int64_t p1 = std::min(n, p0 + kRun);
@@ -714,10 +716,10 @@ void crf_image(const ImageArgs& args, int cp_rt) {
 
   // The set-up is two parallel regions of independent tasks (instead of dozens of regions, each of
   // which would wait for the slowest thread, costly when other processes share the cores), whose
-  // inner parallel loops then run inline: first the lattices' vertices, each lattice in `chunks`
-  // parts of the image, and the unary; then each lattice's merge, neighbours, normalisation and
-  // buffers. The threads take the tasks largest first (the bilateral lattice's parts, the unary, the
-  // Gaussian lattice's parts), each the next one when done.
+  // inner parallel loops then run inline: first the lattices' vertices and the unary, each in
+  // `chunks` parts of the image; then each lattice's merge, neighbours, normalisation and buffers.
+  // The threads take the tasks largest first (the bilateral lattice's parts, the unary's, the
+  // Gaussian lattice's), each the next one when done.
   std::unique_ptr<LatticeBuild<2>> gaussian;
   std::unique_ptr<LatticeBuild<5>> bilateral;
   for (int k = 0; k < static_cast<int>(dims.size()); ++k) {
@@ -729,7 +731,7 @@ void crf_image(const ImageArgs& args, int cp_rt) {
   std::vector<std::function<void()>> tasks;
   if (bilateral)
     for (int q = 0; q < bilateral->parts(); ++q) tasks.push_back([&, q] { bilateral->find_part(q); });
-  tasks.push_back(unary);
+  for (int q = 0; q < chunks; ++q) tasks.push_back([&, q] { unary(q, chunks); });
   if (gaussian)
     for (int q = 0; q < gaussian->parts(); ++q) tasks.push_back([&, q] { gaussian->find_part(q); });
   run_tasks(tasks, chunks);
