@@ -25,12 +25,12 @@
 // product (its row sum) and an axpy (the column sums of the next step, so never a strided column
 // read); the last iteration writes a_i K_ij b_j in place. The pass goes in blocks of rows, each in
 // phases (all row sums, then all divides, then all axpys), since one row's chain of reduction ->
-// divide -> axpy is latency-bound for short rows. Scaling is exact as long as the entries of K that underflowed stay negligible in
-// every scaling sum once multiplied by the scalings; a cheap bound checks that each iteration and
-// when it fails (scores/eps far beyond the float exponent range between columns, zero masses making
-// sums vanish, ...) the problem continues from the last good duals with a log-domain iteration
-// whose plan becomes the new base (level B), or in the pure log domain (level C). The results are
-// those of the reference in every case, only the cost differs.
+// divide -> axpy is latency-bound for short rows. Scaling is exact as long as the entries of K that
+// underflowed stay negligible in every scaling sum once multiplied by the scalings; a cheap bound
+// checks that each iteration and when it fails (scores/eps far beyond the float exponent range
+// between columns, zero masses making sums vanish, ...) the problem continues from the last good
+// duals with a log-domain iteration whose plan becomes the new base (level B), or in the pure log
+// domain (level C). The results are those of the reference in every case, only the cost differs.
 //
 // Backward (BackwardSolver). With p^t_i = exp(sh_i + f^t_i - C^t) and w^t_j = exp(g^t_j + C^t), the
 // softmaxes of the reverse sweep are A^t_ij = K_ij w^t_j / (K w^t)_i and
@@ -144,7 +144,7 @@ constexpr int64_t kCacheResidentElements = 1 << 17;
 // Rows per block of the forward's scaling pass (ForwardSolver::scaling_rows), and the column vectors
 // whose accumulators it keeps in registers while it sweeps a block's rows.
 constexpr int64_t kScaleRows = 32;
-constexpr int kAxpyVecs = 8;
+constexpr int kAxpyVecs = 8;  // ForwardSolver::axpy_rows dispatches 1..8 column vectors
 
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
@@ -750,6 +750,7 @@ class ForwardSolver {
   void axpy_rows(int64_t i0, int64_t n, const ct* a, ct* acc) const {
     const int64_t K = K_, Kfull = K / kVS * kVS;
     const ct* const P = P_ + i0 * K;
+    static_assert(kAxpyVecs == 8, "axpy_rows: one case per column-vector count");
     for (int64_t j0 = 0; j0 < Kfull; j0 += kAxpyVecs * kVS) {
       switch (imin(kAxpyVecs, (Kfull - j0) / kVS)) {
         case 8: axpy_cols<8>(P + j0, n, a, acc + j0); break;
