@@ -249,6 +249,27 @@ inline ct hreduce(const Vec<ct>& v) {
 }
 template <typename ct>
 inline ct hsum(const Vec<ct>& v) { return hreduce<ct, false>(v); }
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// The 8 lanes of v's sum of halves (AVX-512), or v (AVX2): same horizontal sum, 256 bits.
+inline __m256 fold_to_256(const Vec<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = v;
+  return _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+#else
+  return v;
+#endif
+}
+
+// Lane r = the horizontal sum of v[r], for 8 vectors at once.
+inline __m256 hsum_rows8(const __m256* v) {
+  const __m256 a01 = _mm256_hadd_ps(v[0], v[1]), a23 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 a45 = _mm256_hadd_ps(v[4], v[5]), a67 = _mm256_hadd_ps(v[6], v[7]);
+  // per 128-bit half: rows 0-3 (resp. 4-7), each summed over its half's 4 lanes
+  const __m256 b0 = _mm256_hadd_ps(a01, a23), b1 = _mm256_hadd_ps(a45, a67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
+}
+#endif
 template <typename ct>
 inline ct hmax(const Vec<ct>& v) { return hreduce<ct, true>(v); }
 
@@ -267,7 +288,7 @@ struct ExpConstants {
 };
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// 2^n for integral n in [-126, 127], built in the exponent bits.
+// 2^n for integral n in [-126, 127], built in the exponent bits; n = -127 gives 0 (all bits zero).
 inline Vec<float> pow2i(const Vec<float>& n) {
 #if defined(CPU_CAPABILITY_AVX512)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
@@ -297,6 +318,32 @@ __attribute__((always_inline)) inline Vec<float> exp_ps(const Vec<float>& x) {
 }
 #endif
 
+// 2^t of float vectors, inline, for the AVX2 / AVX-512 copies: t = n + f (n = round(t), |f| <= 1/2,
+// exact), a degree-6 polynomial for 2^f (minimax in relative error, 0.9 ulp in float arithmetic),
+// and 2^n as a factor built in the exponent bits. t <= -127 gives exactly 0 (2^n's bits are 0), as
+// do -inf; results between 2^-127 and FLT_MIN are denormal or 0; NaN stays NaN. The caller
+// guarantees t <= 128 (no overflow clamp).
+struct Exp2Constants {
+  static constexpr float kLo = -127.0f;
+  static constexpr float kP[6] = {1.5353319759e-4f, 1.3398864539e-3f, 9.6184378490e-3f,
+                                  5.5503323674e-2f, 2.4022647738e-1f, 6.9314718246e-1f};
+};
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+__attribute__((always_inline)) inline Vec<float> exp2_ps(const Vec<float>& t) {
+  using C = Exp2Constants;
+  using V = Vec<float>;
+  // max(lo, t) returns t when t is NaN (the second operand), so a NaN goes on through the polynomial.
+  const V tc = at::vec::clamp_min(t, V(C::kLo));
+  const V n = tc.round();
+  const V f = tc - n;
+  V p(C::kP[0]);
+  for (int i = 1; i < 6; ++i) p = at::vec::fmadd(p, f, V(C::kP[i]));
+  p = at::vec::fmadd(p, f, V(1.0f));
+  return p * pow2i(n);
+}
+#endif
+
 // s / eps rounded as the division is (x = scores / eps reaches 1e7, where an ulp of x is a factor e
 // in the plan) without the divider's throughput where FMA is compiled in: q = s * (1 / eps) is within
 // an ulp and one fused residual step rounds it correctly (Markstein's correction).
@@ -318,6 +365,15 @@ __attribute__((always_inline)) inline Vec<ct> vexp(const Vec<ct>& v) {
   if constexpr (std::is_same_v<ct, float>) return exp_ps<kAnySign>(v);
 #endif
   return v.exp();
+}
+
+// 2^v (see exp2_ps; ATen's elsewhere).
+template <typename ct>
+__attribute__((always_inline)) inline Vec<ct> vexp2(const Vec<ct>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<ct, float>) return exp2_ps(v);
+#endif
+  return v.exp2();
 }
 
 // max(a, b) for lanes that are never NaN: a single max instruction (at::vec::maximum adds NaN
@@ -343,6 +399,25 @@ inline ct scaled_row(const in_t* row, int64_t K, ct eps, ct inv_eps, ct* tmp) {
     vm = vmax<ct>(vm, y);
   }
   return hmax<ct>(vm);
+}
+
+// max_j row_j (-inf for an empty row), in two chains.
+template <typename ct, typename in_t>
+inline ct row_max(const in_t* row, int64_t K) {
+  using V = Vec<ct>;
+  constexpr int64_t kVS = V::size();
+  const V vninf(-std::numeric_limits<ct>::infinity());
+  V m0 = vninf, m1 = vninf;
+  int64_t j = 0;
+  for (; j + 2 * kVS <= K; j += 2 * kVS) {
+    m0 = vmax<ct>(m0, load_as<ct>(row + j, kVS));
+    m1 = vmax<ct>(m1, load_as<ct>(row + j + kVS, kVS));
+  }
+  for (; j < K; j += kVS) {
+    const int64_t n = imin(kVS, K - j);
+    m0 = vmax<ct>(m0, n < kVS ? V::set(vninf, load_as<ct>(row + j, n), n) : load_as<ct>(row + j, kVS));
+  }
+  return hmax<ct>(vmax<ct>(m0, m1));
 }
 
 template <typename ct>
@@ -400,21 +475,26 @@ inline void for_row_chunks(int64_t n_rows, int64_t n_chunks, const F& f) {
 // or non-finite masses, count as mass 0 (the reference's safe_log gives them dual -inf); f0 = 0 on
 // valid rows, -inf on masked ones. Null mask / r / c stand for the defaults of default_marginals
 // (every sample valid, mass 1 per valid sample, N_valid / K per cluster, in the same float
-// arithmetic), which are then written to r_default / c_default. Returns the column marginals the
-// early-stopping error compares against. logr may be null (not wanted).
+// arithmetic), which are then written to c_default. In two parts, so that the forward can take the
+// rows' part within its parallel first pass: the rows [i0, i1) (returns how many are valid), then
+// the columns (returns the column marginals the early-stopping error compares against).
 template <typename ct>
-const ct* effective_marginals(int64_t N, int64_t K, int64_t Kp, const bool* mask, const ct* r, const ct* c,
-                              ct* reff, ct* logr, ct* f0, ct* ceff, ct* logc, ct* c_default) {
+int64_t row_marginals(int64_t i0, int64_t i1, const bool* mask, const ct* r, ct* reff, ct* f0) {
   constexpr ct kInf = std::numeric_limits<ct>::infinity();
   int64_t n_valid = 0;
-  for (int64_t i = 0; i < N; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     const bool valid = mask == nullptr || mask[i];
     const ct ri = r ? r[i] : ct(1);
     reff[i] = (valid && ri > 0 && ri < kInf) ? ri : ct(0);
     f0[i] = valid ? ct(0) : -kInf;
     n_valid += valid;
   }
-  if (logr) log_add<ct>(logr, nullptr, reff, N);
+  return n_valid;
+}
+
+template <typename ct>
+const ct* column_marginals(int64_t n_valid, int64_t K, int64_t Kp, const ct* c, ct* ceff, ct* logc, ct* c_default) {
+  constexpr ct kInf = std::numeric_limits<ct>::infinity();
   if (c == nullptr) {
     fill(c_default, ct(n_valid) / ct(K), K);
     c = c_default;
@@ -455,8 +535,10 @@ class ForwardSolver {
   static constexpr ct kInf = std::numeric_limits<ct>::infinity();
   static constexpr bool kPlanIsCompute = std::is_same_v<in_t, ct>;
   // A row whose max is within this of the running max is shifted by the running max (so its column
-  // contribution needs no weight); a row further below is shifted by its own max and weighted.
-  static constexpr ct kShareShift = ct(20);
+  // contribution needs no weight); a row further below is shifted by its own max and weighted
+  // (log2 units: a factor 2^-29 ~ e^-20).
+  static constexpr ct kShareShift = ct(29);
+  static constexpr int64_t kBaseRows = 8;
 
  public:
   ForwardSolver(const sinkhorn::ForwardArgs& a, int64_t n_chunks)
@@ -468,7 +550,8 @@ class ForwardSolver {
         n_chunks_(n_chunks < 1 ? 1 : n_chunks),
         keep_history_(a.log_u != nullptr),
         eps_(static_cast<ct>(a.epsilon)),
-        inv_eps_(ct(1) / eps_),
+        log2e_over_eps_(1.4426950408889634 / a.epsilon),
+        exp2_scale_(static_cast<ct>(log2e_over_eps_)),
         tol_(static_cast<ct>(a.tol)),
         use_tol_(a.tol > 0),
         check_every_(a.check_every < 1 ? 1 : a.check_every),
@@ -495,6 +578,7 @@ class ForwardSolver {
     chunk_ = cv.take<ct>(n_chunks_ * kChunkArrays * Kp_);
     chunk_max_ = cv.take<ct>(n_chunks_);
     chunk_fail_ = cv.take<int32_t>(n_chunks_);
+    chunk_valid_ = cv.take<int64_t>(n_chunks_);
     cdef_ = cv.take<ct>(Kp_);
     if (!keep_history_) {
       f_roll_ = cv.take<ct>(2 * Np);
@@ -516,10 +600,9 @@ class ForwardSolver {
       hf_ = static_cast<ct*>(a_.log_u) + b * T_ * N_;
       hg_ = static_cast<ct*>(a_.log_v) + b * T_ * K_;
     }
-    c_ = effective_marginals<ct>(N_, K_, Kp_, a_.mask ? a_.mask + b * N_ : nullptr,
-                                 a_.row_marginals ? static_cast<const ct*>(a_.row_marginals) + b * N_ : nullptr,
-                                 a_.col_marginals ? static_cast<const ct*>(a_.col_marginals) + b * K_ : nullptr,
-                                 reff_, nullptr, f0_, ceff_, logc_, cdef_);
+    mask_ = a_.mask ? a_.mask + b * N_ : nullptr;
+    r_ = a_.row_marginals ? static_cast<const ct*>(a_.row_marginals) + b * N_ : nullptr;
+    c_given_ = a_.col_marginals ? static_cast<const ct*>(a_.col_marginals) + b * K_ : nullptr;
     logr_ready_ = false;  // log r only if a log-domain level runs (log_rows_all)
     fill(B_, ct(0), Kp_);  // padding lanes stay 0 (dot products)
     int64_t done = run_base();
@@ -557,7 +640,10 @@ class ForwardSolver {
   // Rows [i0, i1): K_ij = exp(x_ij - sh_i) into P and, over valid rows (f^0 = 0),
   // acc_j = sum_i exp(sh_i - mrun) K_ij = exp(-mrun) sum_i exp(x_ij): the column sums of the first
   // column step, relative to the running max mrun of the shifts (acc is rescaled when it grows).
-  void base_rows(int64_t i0, int64_t i1, ct* acc, ct* tmp, ct* mrun_out) const {
+  // Shifts go in log2 units (shift_ = sh_i / ln 2): K_ij = 2^(s_ij c - shift_i) with c = log2(e) / eps
+  // held as a float pair, so the exponent is rounded once, after the shift, where x = s / eps
+  // rounded first and then shifted would round twice; and 2^t costs fewer operations than e^x.
+  void base_rows(int64_t i0, int64_t i1, ct* acc, ct* mrun_out) const {
     // Locals, not members, in the loops: vector stores may alias anything, so members would be
     // reloaded after each of them.
     const int64_t K = K_, Kp = Kp_;
@@ -565,73 +651,120 @@ class ForwardSolver {
     const ct* const f0 = f0_;
     ct* const P = P_;
     ct* const shift = shift_;
+    const double c = log2e_over_eps_;
     fill(acc, ct(0), Kp);
     ct mrun = kNegInf;
-    for (int64_t i = i0; i < i1; ++i) {
-      shift[i] = 0;
-      if (f0[i] == kNegInf) {  // masked: f = -inf for ever; a finite (zero) base row keeps 0 * row exact
-        fill(P + i * K, ct(0), K);
-        continue;
+    // Rows go in blocks, the block's maxima first: one row at a time, the exps of each row would
+    // wait for the latency of its max.
+    alignas(64) ct M[kBaseRows];
+    for (int64_t ib = i0; ib < i1; ib += kBaseRows) {
+      const int64_t n = imin(kBaseRows, i1 - ib);
+      ct Mb = kNegInf;
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t i = ib + r;
+        // masked (f = -inf for ever), K == 0 or a row of -inf: -inf, a row without mass
+        M[r] = f0[i] == kNegInf ? kNegInf : static_cast<ct>(static_cast<double>(row_max<ct>(scores + i * K, K)) * c);
+        Mb = tmax(Mb, M[r]);
       }
-      const ct M = scaled_row<ct>(scores + i * K, K, eps_, inv_eps_, tmp);  // x exactly as the reference's
-      if (!(M > kNegInf)) continue;  // K == 0: empty row
-      if (M > mrun) {
+      if (Mb > mrun) {
         if (mrun > kNegInf) {
-          const V scale(std::exp(mrun - M));
+          const V scale = vexp2<ct>(V(mrun - Mb));
           for (int64_t j = 0; j < Kp; j += kVS) (V::loadu(acc + j) * scale).store(acc + j);
         }
-        mrun = M;
+        mrun = Mb;
       }
-      // Sharing the running max as the shift saves a scalar exp per row; a row further below gets
-      // its own max so that it cannot underflow.
-      const bool share = M >= mrun - kShareShift;
-      const ct sh = share ? mrun : M;
-      shift[i] = sh;
-      const V vsh(sh);
-      ct* prow = P + i * K;
-      if (share) {
-        for (int64_t j = 0; j < K; j += kVS) {
-          const V e = vexp<ct, false>(V::loadu(tmp + j) - vsh);
-          e.store(prow + j, imin(kVS, K - j));
-          (V::loadu(acc + j) + e).store(acc + j);
+      for (int64_t r = 0; r < n; ++r) {
+        const int64_t i = ib + r;
+        const in_t* row = scores + i * K;
+        ct* prow = P + i * K;
+        const ct Mr = M[r];
+        if (!(Mr > kNegInf)) {
+          shift[i] = 0;
+          fill(prow, ct(0), K);
+          continue;
         }
-      } else {
-        const V w(std::exp(M - mrun));
-        for (int64_t j = 0; j < K; j += kVS) {
-          const V e = vexp<ct, false>(V::loadu(tmp + j) - vsh);
-          e.store(prow + j, imin(kVS, K - j));
-          at::vec::fmadd(e, w, V::loadu(acc + j)).store(acc + j);
+        // Sharing the running max as the shift saves a scalar exp per row; a row further below
+        // gets its own max so that it cannot underflow.
+        const bool share = Mr >= mrun - kShareShift;
+        const ct sh = share ? mrun : Mr;
+        shift[i] = sh;
+        if (share) {
+          exp_row(row, K, sh, prow, [&](int64_t j, const V& e) { (V::loadu(acc + j) + e).store(acc + j); });
+        } else {
+          const V w = vexp2<ct>(V(Mr - mrun));
+          exp_row(row, K, sh, prow,
+                  [&](int64_t j, const V& e) { at::vec::fmadd(e, w, V::loadu(acc + j)).store(acc + j); });
         }
       }
     }
     *mrun_out = mrun;
   }
 
+  // prow_j = 2^(s_j c - sh) for the K scores of a row (c = log2(e) / eps rounded to ct), each vector
+  // also passed to add(j, e). The exponent is rounded once, after the shift; its error from c's
+  // rounding, |s c| 2^-24 in float, is the reference's own in rounding x = s / eps (|x| 2^-24).
+  template <typename F>
+  __attribute__((always_inline)) void exp_row(const in_t* row, int64_t K, ct sh, ct* prow, const F& add) const {
+    const V vc(exp2_scale_), vsh(sh);
+    int64_t j = 0;
+    for (; j + kVS <= K; j += kVS) {
+      const V e = vexp2<ct>(at::vec::fmsub(load_as<ct>(row + j, kVS), vc, vsh));
+      e.store(prow + j);
+      add(j, e);
+    }
+    if (j < K) {
+      const int64_t n = K - j;
+      const V t = V::set(V(kNegInf), at::vec::fmsub(load_as<ct>(row + j, n), vc, vsh), n);  // padding: 2^-inf
+      const V e = vexp2<ct>(t);
+      e.store(prow + j, n);
+      add(j, e);
+    }
+  }
+
   // Level A driver: returns n_done, or -t when iteration t must be redone by a more robust level.
   int64_t run_base() {
+    if (!(exp2_scale_ < kInf)) {  // eps so small that log2(e) / eps overflows: the log domain
+      c_ = column_marginals<ct>(row_marginals<ct>(0, N_, mask_, r_, reff_, f0_), K_, Kp_, c_given_, ceff_, logc_, cdef_);
+      return -1;
+    }
     for_row_chunks(N_, n_chunks_, [&](int64_t c, int64_t i0, int64_t i1) {
-      base_rows(i0, i1, chunk_array(c, 4), chunk_array(c, 5), &chunk_max_[c]);
+      chunk_valid_[c] = row_marginals<ct>(i0, i1, mask_, r_, reff_, f0_);
+      base_rows(i0, i1, chunk_array(c, 4), &chunk_max_[c]);
     });
-    // Merge the chunks' column sums to the global max of the shifts, Mg.
+    int64_t n_valid = 0;
+    for (int64_t c = 0; c < n_chunks_; ++c) n_valid += chunk_valid_[c];
+    c_ = column_marginals<ct>(n_valid, K_, Kp_, c_given_, ceff_, logc_, cdef_);
+    // Merge the chunks' column sums to the global max of the shifts, Mg (log2 units).
     ct Mg = kNegInf;
     for (int64_t c = 0; c < n_chunks_; ++c) Mg = tmax(Mg, chunk_max_[c]);
     ct* acc = chunk_array(0, 4);
     if (n_chunks_ > 1) {
       for (int64_t c = 0; c < n_chunks_; ++c) {
-        const ct w = chunk_max_[c] > kNegInf ? std::exp(chunk_max_[c] - Mg) : ct(0);
+        const ct w = chunk_max_[c] > kNegInf ? std::exp2(chunk_max_[c] - Mg) : ct(0);
         const ct* part = chunk_array(c, 4);
         for (int64_t j = 0; j < Kp_; ++j) acc[j] = c == 0 ? part[j] * w : acc[j] + part[j] * w;
       }
     }
     // plan = a_i K_ij b_j = exp(x_ij + f_i + g_j) with f_i = log a_i + (Mg - sh_i), g_j = log b_j - Mg;
     // initially (f^0 = 0) a_i = exp(sh_i - Mg) <= 1.
-    const ct mg = Mg > kNegInf ? Mg : ct(0);
-    for (int64_t i = 0; i < N_; ++i) alpha_[i] = mg - shift_[i];
-    fill(beta_, -mg, Kp_);
+    constexpr double kLn2 = 0.693147180559945309;
+    shift_max_ = Mg > kNegInf ? static_cast<double>(Mg) : 0.0;
+    alpha_ready_ = false;  // formed when the duals f are (history, or a fallback's start)
+    fill(beta_, static_cast<ct>(-shift_max_ * kLn2), Kp_);
     return scaled_iterations(1, ct(1));
   }
 
   // ---- scaling iterations (levels A and B) -----------------------------------------------------
+
+  // alpha_i = (Mg - sh_i) ln 2, the offset of f^t = alpha + log a^t in level A.
+  const ct* alpha() {
+    if (!alpha_ready_) {
+      constexpr double kLn2 = 0.693147180559945309;
+      for (int64_t i = 0; i < N_; ++i) alpha_[i] = static_cast<ct>((shift_max_ - shift_[i]) * kLn2);
+      alpha_ready_ = true;
+    }
+    return alpha_;
+  }
 
   // Iterations t_first..T on the base in P, from the column sums acc = K^T a in chunk 0 (max_a =
   // largest a). Writes history f^t = alpha + log a, g^t = beta + log b; returns n_done or -t.
@@ -643,14 +776,14 @@ class ForwardSolver {
       // fallback level has to redo it from there (f^{t_first - 1} is already in its slot).
       if (!keep_history_) std::swap(A_, A_prev_);
       const auto fail = [&] {
-        if (!keep_history_ && t > t_first) log_add<ct>(f_slot(t - 1), alpha_, A_prev_, N_);
+        if (!keep_history_ && t > t_first) log_add<ct>(f_slot(t - 1), alpha(), A_prev_, N_);
         return -t;
       };
       if (!column_scaling(max_a, &max_b)) return fail();
       const ct thr = ct(K_) * std::numeric_limits<ct>::min() * (max_b + 1) / Tuning<ct>::kRel;
       if (!scaling_rows_all(last, thr, &max_a)) return fail();
       if (keep_history_) {
-        log_add<ct>(hf_ + (t - 1) * N_, alpha_, A_, N_);
+        log_add<ct>(hf_ + (t - 1) * N_, alpha(), A_, N_);
         log_add<ct>(hg_ + (t - 1) * K_, beta_, B_, K_);
       }
       if (last) return t;  // the row pass wrote the plan
@@ -711,19 +844,39 @@ class ForwardSolver {
     return true;
   }
 
-  // sums_r = sum_j P_(i0+r)j b_j for r < n, in column order (the first term the product alone).
+  // sums_r = sum_j P_(i0+r)j b_j for r < n: per row two chains of products, and the horizontal sums
+  // of eight rows together where the vector width allows (one row at a time, each row's sum waited
+  // for its chain and its horizontal sum).
   void row_sums(int64_t i0, int64_t n, ct* sums) const {
     const int64_t K = K_;
     const ct* const B = B_;  // padded with zeros
-    const int64_t n0 = imin(kVS, K);
-    for (int64_t r = 0; r < n; ++r) {
-      const ct* p = P_ + (i0 + r) * K;
-      V vs = V::loadu(p, n0) * V::loadu(B);
-      int64_t j = kVS;
-      for (; j + kVS <= K; j += kVS) vs = at::vec::fmadd(V::loadu(p + j), V::loadu(B + j), vs);
-      if (j < K) vs = at::vec::fmadd(V::loadu(p + j, K - j), V::loadu(B + j), vs);
-      sums[r] = hsum<ct>(vs);
+    const ct* const P = P_ + i0 * K;
+    const auto dot = [&](const ct* p) {
+      V s0(0), s1(0);
+      int64_t j = 0;
+      for (; j + 2 * kVS <= K; j += 2 * kVS) {
+        s0 = at::vec::fmadd(V::loadu(p + j), V::loadu(B + j), s0);
+        s1 = at::vec::fmadd(V::loadu(p + j + kVS), V::loadu(B + j + kVS), s1);
+      }
+      if (j + kVS <= K) {
+        s0 = at::vec::fmadd(V::loadu(p + j), V::loadu(B + j), s0);
+        j += kVS;
+      }
+      if (j < K) s1 = at::vec::fmadd(V::loadu(p + j, K - j), V::loadu(B + j), s1);
+      return s0 + s1;
+    };
+    int64_t r = 0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<ct, float>) {
+      for (; r + 8 <= n; r += 8) {
+        __m256 v[8];
+#pragma GCC unroll 8
+        for (int q = 0; q < 8; ++q) v[q] = fold_to_256(dot(P + (r + q) * K));
+        _mm256_storeu_ps(sums + r, hsum_rows8(v));
+      }
     }
+#endif
+    for (; r < n; ++r) sums[r] = hsum<ct>(dot(P + r * K));
   }
 
   // a_r = r_r / sums_r for the n rows from i0 (0 for rows without mass, whose base row is finite),
@@ -1012,6 +1165,7 @@ class ForwardSolver {
       return t0;
     }
     copy(alpha_, ft, N_);
+    alpha_ready_ = true;
     copy(beta_, g_, Kp_);
     return scaled_iterations(t0 + 1, ct(1));
   }
@@ -1036,7 +1190,9 @@ class ForwardSolver {
   const sinkhorn::ForwardArgs& a_;
   const int64_t N_, K_, Kp_, T_, n_chunks_;
   const bool keep_history_;
-  const ct eps_, inv_eps_;
+  const ct eps_;
+  const double log2e_over_eps_;
+  const ct exp2_scale_;  // log2e_over_eps_ rounded
   const ct tol_;
   const bool use_tol_;
   const int64_t check_every_;
@@ -1044,18 +1200,24 @@ class ForwardSolver {
   Scratch scratch_;
   // workspace
   bool logr_ready_ = false;
+  bool alpha_ready_ = false;
+  double shift_max_ = 0;  // Mg: the largest row shift (log2 units)
   ct *reff_, *logr_, *f0_, *A_, *shift_, *alpha_;
   ct *ceff_, *logc_, *g_, *B_, *beta_;
   ct* chunk_;
   ct* chunk_max_;
   int32_t* chunk_fail_;
+  int64_t* chunk_valid_;
   ct* cdef_;
   ct* f_roll_ = nullptr;  // without history: f^t of the last two iterations
   ct* A_prev_ = nullptr;  // without history: the row scalings a of the previous iteration
   ct* P_scratch_ = nullptr;
   // current problem
   const in_t* s_ = nullptr;
-  const ct* c_ = nullptr;  // column marginals as given (or the defaults)
+  const bool* mask_ = nullptr;
+  const ct* r_ = nullptr;        // row marginals as given (null: the defaults)
+  const ct* c_given_ = nullptr;  // column marginals as given (null: the defaults)
+  const ct* c_ = nullptr;        // column marginals as given or the defaults, once the first pass has run
   in_t* out_ = nullptr;
   ct* P_ = nullptr;  // the base of the scaling iterations / the log-domain plan (compute dtype)
   ct* hf_ = nullptr;
@@ -1141,9 +1303,9 @@ class BackwardSolver {
     s_ = static_cast<const in_t*>(a_.scores) + b * N_ * K_;
     G_ = static_cast<const in_t*>(a_.grad_plan) + b * N_ * K_;
     mask_ = a_.mask + b * N_;
-    effective_marginals<ct>(N_, K_, Kp_, mask_, static_cast<const ct*>(a_.row_marginals) + b * N_,
-                            static_cast<const ct*>(a_.col_marginals) + b * K_, reff_, logr_, f0_, ceff_, logc_,
-                            nullptr);
+    const int64_t n_valid = row_marginals<ct>(0, N_, mask_, static_cast<const ct*>(a_.row_marginals) + b * N_, reff_, f0_);
+    log_add<ct>(logr_, nullptr, reff_, N_);
+    column_marginals<ct>(n_valid, K_, Kp_, static_cast<const ct*>(a_.col_marginals) + b * K_, ceff_, logc_, nullptr);
     hf_ = static_cast<const ct*>(a_.log_u) + b * Ttot_ * N_;
     hg_ = static_cast<const ct*>(a_.log_v) + b * Ttot_ * K_;
     out_ = static_cast<in_t*>(a_.grad_scores) + b * N_ * K_;
