@@ -493,7 +493,7 @@ int64_t row_marginals(int64_t i0, int64_t i1, const bool* mask, const ct* r, ct*
 }
 
 template <typename ct>
-const ct* column_marginals(int64_t n_valid, int64_t K, int64_t Kp, const ct* c, ct* ceff, ct* logc, ct* c_default) {
+const ct* column_marginals(int64_t n_valid, int64_t K, int64_t Kp, const ct* c, ct* ceff, ct* c_default) {
   constexpr ct kInf = std::numeric_limits<ct>::infinity();
   if (c == nullptr) {
     fill(c_default, ct(n_valid) / ct(K), K);
@@ -503,7 +503,6 @@ const ct* column_marginals(int64_t n_valid, int64_t K, int64_t Kp, const ct* c, 
     const ct cj = j < K ? c[j] : ct(0);
     ceff[j] = (cj > 0 && cj < kInf) ? cj : ct(0);
   }
-  log_add<ct>(logc, nullptr, ceff, Kp);
   return c;
 }
 
@@ -603,7 +602,8 @@ class ForwardSolver {
     mask_ = a_.mask ? a_.mask + b * N_ : nullptr;
     r_ = a_.row_marginals ? static_cast<const ct*>(a_.row_marginals) + b * N_ : nullptr;
     c_given_ = a_.col_marginals ? static_cast<const ct*>(a_.col_marginals) + b * K_ : nullptr;
-    logr_ready_ = false;  // log r only if a log-domain level runs (log_rows_all)
+    logr_ready_ = false;  // log r and log c only if a log-domain level runs
+    logc_ready_ = false;
     fill(B_, ct(0), Kp_);  // padding lanes stay 0 (dot products)
     int64_t done = run_base();
     if (done < 0) done = run_absorbed(-done);
@@ -724,7 +724,7 @@ class ForwardSolver {
   // Level A driver: returns n_done, or -t when iteration t must be redone by a more robust level.
   int64_t run_base() {
     if (!(exp2_scale_ < kInf)) {  // eps so small that log2(e) / eps overflows: the log domain
-      c_ = column_marginals<ct>(row_marginals<ct>(0, N_, mask_, r_, reff_, f0_), K_, Kp_, c_given_, ceff_, logc_, cdef_);
+      c_ = column_marginals<ct>(row_marginals<ct>(0, N_, mask_, r_, reff_, f0_), K_, Kp_, c_given_, ceff_, cdef_);
       return -1;
     }
     for_row_chunks(N_, n_chunks_, [&](int64_t c, int64_t i0, int64_t i1) {
@@ -733,7 +733,7 @@ class ForwardSolver {
     });
     int64_t n_valid = 0;
     for (int64_t c = 0; c < n_chunks_; ++c) n_valid += chunk_valid_[c];
-    c_ = column_marginals<ct>(n_valid, K_, Kp_, c_given_, ceff_, logc_, cdef_);
+    c_ = column_marginals<ct>(n_valid, K_, Kp_, c_given_, ceff_, cdef_);
     // Merge the chunks' column sums to the global max of the shifts, Mg (log2 units).
     ct Mg = kNegInf;
     for (int64_t c = 0; c < n_chunks_; ++c) Mg = tmax(Mg, chunk_max_[c]);
@@ -801,22 +801,22 @@ class ForwardSolver {
   bool column_scaling(ct max_a, ct* max_b) {
     const ct thr = ct(N_) * std::numeric_limits<ct>::min() * (max_a + 1) / Tuning<ct>::kRel;
     const ct* acc = chunk_array(0, 4);
-    ct mb = 0;
-    for (int64_t j = 0; j < K_; ++j) {
-      if (logc_[j] == kNegInf) {
-        B_[j] = 0;
-        continue;
-      }
-      const ct S = acc[j];
-      if (!(S >= thr && S < kInf)) return false;
-      const ct b = ceff_[j] / S;
-      if (!(b >= std::numeric_limits<ct>::min() && b < kInf)) return false;
-      B_[j] = b;
-      mb = tmax(mb, b);
+    const V zero(0), vthr(thr), vinf(kInf), vmin(std::numeric_limits<ct>::min());
+    V vmb(0);
+    for (int64_t j = 0; j < Kp_; j += kVS) {  // padding columns: no mass, b = 0
+      const V c = V::loadu(ceff_ + j), S = V::loadu(acc + j);
+      const V b = c / S;
+      const V ok = (S >= vthr) & (S < vinf) & (b >= vmin) & (b < vinf);
+      const V has = c != zero;
+      if (V::blendv(has, zero, ok).zero_mask() != (1 << kVS) - 1) return false;  // a column with mass, not ok
+      const V bv = V::blendv(zero, b, has);
+      bv.store(B_ + j);
+      vmb = vmax<ct>(vmb, bv);
     }
-    *max_b = mb;
+    *max_b = hmax<ct>(vmb);
     return true;
   }
+
 
   // Row step on rows [i0, i1): a_i = r_i / (K b)_i, then either the column sums K^T a of the next
   // column step (acc) or, in the last iteration, the plan a_i K_ij b_j written to the output (in
@@ -1038,7 +1038,11 @@ class ForwardSolver {
   }
 
   // g_j = log c_j - lse_j (-inf for a zero-mass column or an empty lse), padded with -inf.
-  void column_duals_from_lse(ct* g) const {
+  void column_duals_from_lse(ct* g) {
+    if (!logc_ready_) {
+      log_add<ct>(logc_, nullptr, ceff_, Kp_);
+      logc_ready_ = true;
+    }
     const ct* m = chunk_array(0, 0);
     const ct* s = chunk_array(0, 1);
     log_add<ct>(g, m, s, K_);  // lse = log(s) + m, as the reference's log(total) + shift
@@ -1200,6 +1204,7 @@ class ForwardSolver {
   Scratch scratch_;
   // workspace
   bool logr_ready_ = false;
+  bool logc_ready_ = false;
   bool alpha_ready_ = false;
   double shift_max_ = 0;  // Mg: the largest row shift (log2 units)
   ct *reff_, *logr_, *f0_, *A_, *shift_, *alpha_;
@@ -1305,7 +1310,8 @@ class BackwardSolver {
     mask_ = a_.mask + b * N_;
     const int64_t n_valid = row_marginals<ct>(0, N_, mask_, static_cast<const ct*>(a_.row_marginals) + b * N_, reff_, f0_);
     log_add<ct>(logr_, nullptr, reff_, N_);
-    column_marginals<ct>(n_valid, K_, Kp_, static_cast<const ct*>(a_.col_marginals) + b * K_, ceff_, logc_, nullptr);
+    column_marginals<ct>(n_valid, K_, Kp_, static_cast<const ct*>(a_.col_marginals) + b * K_, ceff_, nullptr);
+    log_add<ct>(logc_, nullptr, ceff_, Kp_);
     hf_ = static_cast<const ct*>(a_.log_u) + b * Ttot_ * N_;
     hg_ = static_cast<const ct*>(a_.log_v) + b * Ttot_ * K_;
     out_ = static_cast<in_t*>(a_.grad_scores) + b * N_ * K_;
