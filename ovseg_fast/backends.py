@@ -117,8 +117,8 @@ def requested_backend() -> Optional[str]:
     if stack:
         key = stack[-1]
     else:
-        env = os.environ.get(_ENV, "").strip()
-        if not env:
+        env = os.environ.get(_ENV)
+        if not env or not (env := env.strip()):
             return None
         key = _validate_name(env, f"environment variable {_ENV}")
     return None if key == "auto" else key

@@ -284,19 +284,20 @@ def sinkhorn(
         check_tensor("mask", mask, dtypes=(torch.bool,))
         check_shape("mask", mask, (*lead, n), "(the samples of scores)")
         mask = mask.unsqueeze(0) if single else mask
-    marginals = {}
-    for name, value, size in (("row_marginals", row_marginals, n), ("col_marginals", col_marginals, k)):
-        if value is not None:
-            check_tensor(name, value)
-            check_shape(name, value, (*lead, size))
-            value = (value.unsqueeze(0) if single else value).detach().to(ct)
-        marginals[name] = value
-    check_same_device("scores", s, mask=mask, **marginals)
+    user_marginals = row_marginals is not None or col_marginals is not None
+    marginals = {"row_marginals": None, "col_marginals": None}
+    if user_marginals:
+        for name, value, size in (("row_marginals", row_marginals, n), ("col_marginals", col_marginals, k)):
+            if value is not None:
+                check_tensor(name, value)
+                check_shape(name, value, (*lead, size))
+                marginals[name] = (value.unsqueeze(0) if single else value).detach().to(ct)
+    if mask is not None or user_marginals:
+        check_same_device("scores", s, mask=mask, **marginals)
 
     if process_group is not None:
         return _distributed(s, mask, marginals, epsilon, n_iters, tol_value, check_every, process_group, single)
 
-    user_marginals = row_marginals is not None or col_marginals is not None
     if not user_marginals and not (s.requires_grad and torch.is_grad_enabled()) and direct_cpu("sinkhorn", s, mask):
         # No backward will follow: the C++ kernel keeps no history of the duals and builds the default
         # marginals itself (the registered op's layers would cost as much as the kernel at PixelCLIP's
