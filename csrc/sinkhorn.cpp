@@ -251,14 +251,27 @@ template <typename ct>
 inline ct hsum(const Vec<ct>& v) { return hreduce<ct, false>(v); }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// The 8 lanes of v's sum of halves (AVX-512), or v (AVX2): same horizontal sum, 256 bits.
+// v's two halves added (kMax: their max) for AVX-512, v for AVX2: the same horizontal sum (max) in 256 bits.
+template <bool kMax = false>
 inline __m256 fold_to_256(const Vec<float>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 x = v;
-  return _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+  const __m256 lo = _mm512_castps512_ps256(x), hi = _mm512_extractf32x8_ps(x, 1);
+  return kMax ? _mm256_max_ps(lo, hi) : _mm256_add_ps(lo, hi);
 #else
   return v;
 #endif
+}
+
+// Lane r = the horizontal max of v[r], for 8 vectors at once (no NaN handling beyond max's).
+inline __m256 hmax_rows8(const __m256* v) {
+  __m256 m[4];
+  for (int q = 0; q < 4; ++q)  // lanes: v0_{02}, v1_{02}, v0_{13}, v1_{13} per 128-bit half
+    m[q] = _mm256_max_ps(_mm256_unpacklo_ps(v[2 * q], v[2 * q + 1]), _mm256_unpackhi_ps(v[2 * q], v[2 * q + 1]));
+  // per half: rows 0-3 (resp. 4-7), each reduced over its half's 4 lanes
+  const __m256 b0 = _mm256_max_ps(_mm256_shuffle_ps(m[0], m[1], 0x44), _mm256_shuffle_ps(m[0], m[1], 0xEE));
+  const __m256 b1 = _mm256_max_ps(_mm256_shuffle_ps(m[2], m[3], 0x44), _mm256_shuffle_ps(m[2], m[3], 0xEE));
+  return _mm256_max_ps(_mm256_permute2f128_ps(b0, b1, 0x20), _mm256_permute2f128_ps(b0, b1, 0x31));
 }
 
 // Lane r = the horizontal sum of v[r], for 8 vectors at once.
@@ -401,9 +414,9 @@ inline ct scaled_row(const in_t* row, int64_t K, ct eps, ct inv_eps, ct* tmp) {
   return hmax<ct>(vm);
 }
 
-// max_j row_j (-inf for an empty row), in two chains.
+// Lane-wise max over the vectors of a row (its max is this vector's; -inf for an empty row), in two chains.
 template <typename ct, typename in_t>
-inline ct row_max(const in_t* row, int64_t K) {
+inline Vec<ct> row_max_lanes(const in_t* row, int64_t K) {
   using V = Vec<ct>;
   constexpr int64_t kVS = V::size();
   const V vninf(-std::numeric_limits<ct>::infinity());
@@ -417,7 +430,25 @@ inline ct row_max(const in_t* row, int64_t K) {
     const int64_t n = imin(kVS, K - j);
     m0 = vmax<ct>(m0, n < kVS ? V::set(vninf, load_as<ct>(row + j, n), n) : load_as<ct>(row + j, kVS));
   }
-  return hmax<ct>(vmax<ct>(m0, m1));
+  return vmax<ct>(m0, m1);
+}
+
+// out[r] = max_j of row r for n rows of K from rows (stride K): eight rows' horizontal maxima
+// together where the vector width allows.
+template <typename ct, typename in_t>
+inline void row_maxima(const in_t* rows, int64_t n, int64_t K, ct* out) {
+  int64_t r = 0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<ct, float>) {
+    for (; r + 8 <= n; r += 8) {
+      __m256 v[8];
+#pragma GCC unroll 8
+      for (int q = 0; q < 8; ++q) v[q] = fold_to_256<true>(row_max_lanes<ct>(rows + (r + q) * K, K));
+      _mm256_storeu_ps(out + r, hmax_rows8(v));
+    }
+  }
+#endif
+  for (; r < n; ++r) out[r] = hmax<ct>(row_max_lanes<ct>(rows + r * K, K));
 }
 
 template <typename ct>
@@ -651,7 +682,7 @@ class ForwardSolver {
     const ct* const f0 = f0_;
     ct* const P = P_;
     ct* const shift = shift_;
-    const double c = log2e_over_eps_;
+    const ct c = exp2_scale_;
     fill(acc, ct(0), Kp);
     ct mrun = kNegInf;
     // Rows go in blocks, the block's maxima first: one row at a time, the exps of each row would
@@ -659,11 +690,12 @@ class ForwardSolver {
     alignas(64) ct M[kBaseRows];
     for (int64_t ib = i0; ib < i1; ib += kBaseRows) {
       const int64_t n = imin(kBaseRows, i1 - ib);
+      row_maxima<ct>(scores + ib * K, n, K, M);
       ct Mb = kNegInf;
       for (int64_t r = 0; r < n; ++r) {
-        const int64_t i = ib + r;
-        // masked (f = -inf for ever), K == 0 or a row of -inf: -inf, a row without mass
-        M[r] = f0[i] == kNegInf ? kNegInf : static_cast<ct>(static_cast<double>(row_max<ct>(scores + i * K, K)) * c);
+        // masked (f = -inf for ever), K == 0 or a row of -inf: -inf, a row without mass. The shift
+        // need not be the exact max of s c, only close to it.
+        M[r] = f0[ib + r] == kNegInf ? kNegInf : M[r] * c;
         Mb = tmax(Mb, M[r]);
       }
       if (Mb > mrun) {
