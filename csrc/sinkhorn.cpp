@@ -21,7 +21,8 @@
 //
 // Forward (ForwardSolver). plan^t = diag(a) K diag(b) with b = c / (K^T a) (column step) and
 // a = r / (K b) (row step); f^t = log a + Mg - sh, g^t = log b - Mg (Mg = max shift). Pass 1 writes
-// K into the plan buffer and sums its columns; each iteration is then one pass over K: per row a dot
+// K into the plan buffer as 2^(s c - sh / ln 2) with c = log2(e) / eps (an inline exp2, the exponent
+// rounded once) and sums its columns; each iteration is then one pass over K: per row a dot
 // product (its row sum) and an axpy (the column sums of the next step, so never a strided column
 // read); the last iteration writes a_i K_ij b_j in place. The pass goes in blocks of rows, each in
 // phases (all row sums, then all divides, then all axpys), since one row's chain of reduction ->
