@@ -253,7 +253,7 @@ inline ct hsum(const Vec<ct>& v) { return hreduce<ct, false>(v); }
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // v's two halves added (kMax: their max) for AVX-512, v for AVX2: the same horizontal sum (max) in 256 bits.
-template <bool kMax = false>
+template <bool kMax>
 inline __m256 fold_to_256(const Vec<float>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 x = v;
@@ -435,22 +435,22 @@ inline Vec<ct> row_max_lanes(const in_t* row, int64_t K) {
   return vmax<ct>(m0, m1);
 }
 
-// out[r] = max_j of row r for n rows of K from rows (stride K): eight rows' horizontal maxima
-// together where the vector width allows.
-template <typename ct, typename in_t>
-inline void row_maxima(const in_t* rows, int64_t n, int64_t K, ct* out) {
+// out[r] = the horizontal sum (kMax: max) of the vector lanes(r), for r < n: eight rows reduced
+// together where the vector width allows (a row at a time, each waited for its own reduction tree).
+template <typename ct, bool kMax, typename F>
+inline void reduce_rows(int64_t n, const F& lanes, ct* out) {
   int64_t r = 0;
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<ct, float>) {
     for (; r + 8 <= n; r += 8) {
       __m256 v[8];
 #pragma GCC unroll 8
-      for (int q = 0; q < 8; ++q) v[q] = fold_to_256<true>(row_max_lanes<ct>(rows + (r + q) * K, K));
-      _mm256_storeu_ps(out + r, hmax_rows8(v));
+      for (int q = 0; q < 8; ++q) v[q] = fold_to_256<kMax>(lanes(r + q));
+      _mm256_storeu_ps(out + r, kMax ? hmax_rows8(v) : hsum_rows8(v));
     }
   }
 #endif
-  for (; r < n; ++r) out[r] = hmax<ct>(row_max_lanes<ct>(rows + r * K, K));
+  for (; r < n; ++r) out[r] = hreduce<ct, kMax>(lanes(r));
 }
 
 template <typename ct>
@@ -692,7 +692,7 @@ class ForwardSolver {
     alignas(64) ct M[kBaseRows];
     for (int64_t ib = i0; ib < i1; ib += kBaseRows) {
       const int64_t n = imin(kBaseRows, i1 - ib);
-      row_maxima<ct>(scores + ib * K, n, K, M);
+      reduce_rows<ct, true>(n, [&](int64_t r) { return row_max_lanes<ct>(scores + (ib + r) * K, K); }, M);
       ct Mb = kNegInf;
       for (int64_t r = 0; r < n; ++r) {
         // masked (f = -inf for ever), K == 0 or a row of -inf: -inf, a row without mass. The shift
@@ -878,9 +878,8 @@ class ForwardSolver {
     return true;
   }
 
-  // sums_r = sum_j P_(i0+r)j b_j for r < n: per row two chains of products, and the horizontal sums
-  // of eight rows together where the vector width allows (one row at a time, each row's sum waited
-  // for its chain and its horizontal sum).
+  // sums_r = sum_j P_(i0+r)j b_j for r < n: per row two chains of products, the horizontal sums of
+  // eight rows together.
   void row_sums(int64_t i0, int64_t n, ct* sums) const {
     const int64_t K = K_;
     const ct* const B = B_;  // padded with zeros
@@ -899,18 +898,7 @@ class ForwardSolver {
       if (j < K) s1 = at::vec::fmadd(V::loadu(p + j, K - j), V::loadu(B + j), s1);
       return s0 + s1;
     };
-    int64_t r = 0;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<ct, float>) {
-      for (; r + 8 <= n; r += 8) {
-        __m256 v[8];
-#pragma GCC unroll 8
-        for (int q = 0; q < 8; ++q) v[q] = fold_to_256(dot(P + (r + q) * K));
-        _mm256_storeu_ps(sums + r, hsum_rows8(v));
-      }
-    }
-#endif
-    for (; r < n; ++r) sums[r] = hsum<ct>(dot(P + r * K));
+    reduce_rows<ct, false>(n, [&](int64_t r) { return dot(P + r * K); }, sums);
   }
 
   // a_r = r_r / sums_r for the n rows from i0 (0 for rows without mass, whose base row is finite),
