@@ -180,7 +180,8 @@ def run_gloo_workers(worker_code: str, tmp_path, world: int = 2, timeout: float 
     # After its result is saved and the group torn down, a rank leaves without the interpreter's
     # teardown: there gloo's threads have crashed a rank now and then (1 run in ~10 of the Sinkhorn
     # file, a non-zero exit with nothing on stderr), after everything the test checks was done.
-    script.write_text(worker_code + "\nimport sys as _sys, os as _os\n_sys.stdout.flush(); _sys.stderr.flush(); _os._exit(0)\n")
+    exit_now = "\nimport sys as _sys, os as _os\n_sys.stdout.flush(); _sys.stderr.flush(); _os._exit(0)\n"
+    script.write_text(worker_code + exit_now)
     out = str(tmp_path / "result")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
