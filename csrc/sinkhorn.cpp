@@ -147,6 +147,23 @@ constexpr int64_t kCacheResidentElements = 1 << 17;
 constexpr int64_t kScaleRows = 32;
 constexpr int kAxpyVecs = 8;  // ForwardSolver::axpy_rows dispatches 1..8 column vectors
 
+// f(std::integral_constant<int, nv>()) for nv in 1..kAxpyVecs: the register-blocked loops of the
+// forward's scaling passes, compiled for each count of column vectors.
+template <typename F>
+inline void with_vec_count(int64_t nv, const F& f) {
+  static_assert(kAxpyVecs == 8, "with_vec_count: one case per column-vector count");
+  switch (nv) {
+    case 8: f(std::integral_constant<int, 8>()); break;
+    case 7: f(std::integral_constant<int, 7>()); break;
+    case 6: f(std::integral_constant<int, 6>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    default: f(std::integral_constant<int, 1>()); break;
+  }
+}
+
 inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 template <typename T>
@@ -898,7 +915,30 @@ class ForwardSolver {
       if (j < K) s1 = at::vec::fmadd(V::loadu(p + j, K - j), V::loadu(B + j), s1);
       return s0 + s1;
     };
+    if (K % kVS == 0 && K / kVS <= kAxpyVecs) {  // a few whole vectors (PixelCLIP: 64 = 8 or 4): unrolled
+      with_vec_count(K / kVS, [&](auto nv) { row_sums_fixed<decltype(nv)::value>(P, n, sums); });
+      return;
+    }
     reduce_rows<ct, false>(n, [&](int64_t r) { return dot(P + r * K); }, sums);
+  }
+
+  template <int NV>
+  void row_sums_fixed(const ct* P, int64_t n, ct* sums) const {
+    const ct* const B = B_;
+    V b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) b[v] = V::loadu(B + v * kVS);
+    reduce_rows<ct, false>(n, [&](int64_t r) {
+      const ct* p = P + r * NV * kVS;
+      V s0(0), s1(0);
+#pragma GCC unroll 8
+      for (int v = 0; v + 1 < NV; v += 2) {
+        s0 = at::vec::fmadd(V::loadu(p + v * kVS), b[v], s0);
+        s1 = at::vec::fmadd(V::loadu(p + (v + 1) * kVS), b[v + 1], s1);
+      }
+      if constexpr (NV % 2 == 1) s0 = at::vec::fmadd(V::loadu(p + (NV - 1) * kVS), b[NV - 1], s0);
+      return s0 + s1;
+    }, sums);
   }
 
   // a_r = r_r / sums_r for the n rows from i0 (0 for rows without mass, whose base row is finite),
@@ -925,18 +965,9 @@ class ForwardSolver {
   void axpy_rows(int64_t i0, int64_t n, const ct* a, ct* acc) const {
     const int64_t K = K_, Kfull = K / kVS * kVS;
     const ct* const P = P_ + i0 * K;
-    static_assert(kAxpyVecs == 8, "axpy_rows: one case per column-vector count");
     for (int64_t j0 = 0; j0 < Kfull; j0 += kAxpyVecs * kVS) {
-      switch (imin(kAxpyVecs, (Kfull - j0) / kVS)) {
-        case 8: axpy_cols<8>(P + j0, n, a, acc + j0); break;
-        case 7: axpy_cols<7>(P + j0, n, a, acc + j0); break;
-        case 6: axpy_cols<6>(P + j0, n, a, acc + j0); break;
-        case 5: axpy_cols<5>(P + j0, n, a, acc + j0); break;
-        case 4: axpy_cols<4>(P + j0, n, a, acc + j0); break;
-        case 3: axpy_cols<3>(P + j0, n, a, acc + j0); break;
-        case 2: axpy_cols<2>(P + j0, n, a, acc + j0); break;
-        default: axpy_cols<1>(P + j0, n, a, acc + j0); break;
-      }
+      with_vec_count(imin(kAxpyVecs, (Kfull - j0) / kVS),
+                     [&](auto nv) { axpy_cols<decltype(nv)::value>(P + j0, n, a, acc + j0); });
     }
     if (Kfull < K) {  // the partial last vector (acc is padded; the padding lanes get + 0)
       V s = V::loadu(acc + Kfull);
