@@ -1013,14 +1013,21 @@ class ForwardSolver {
 
   // Plan row i: a K_ij b_j (zeros for a = 0, including base rows that were never written).
   void write_plan_row(int64_t i, ct a) const {
-    in_t* orow = out_ + i * K_;
-    const ct* prow = P_ + i * K_;
+    // Locals: the stores may alias the members.
+    const int64_t K = K_;
+    in_t* const orow = out_ + i * K;
+    const ct* const prow = P_ + i * K;
+    const ct* const B = B_;
     const V va(a);
-    for (int64_t j = 0; j < K_; j += kVS) {
-      const int64_t n = imin(kVS, K_ - j);
-      store_as<in_t, ct>(orow + j, a == 0 ? V(0) : V::loadu(prow + j, n) * va * V::loadu(B_ + j), n);
+    int64_t j = 0;
+    if (a == 0) {
+      for (; j < K; j += kVS) store_as<in_t, ct>(orow + j, V(0), imin(kVS, K - j));
+      return;
     }
+    for (; j + kVS <= K; j += kVS) store_as<in_t, ct>(orow + j, V::loadu(prow + j) * va * V::loadu(B + j), kVS);
+    if (j < K) store_as<in_t, ct>(orow + j, V::loadu(prow + j, K - j) * va * V::loadu(B + j), K - j);
   }
+
 
   // Plan a_i K_ij b_j (early stop during scaling iterations).
   void write_scaled_plan() {
