@@ -352,9 +352,9 @@ __attribute__((always_inline)) inline Vec<float> exp_ps(const Vec<float>& x) {
 // 2^t of float vectors, inline, for the AVX2 / AVX-512 copies: t = n + f (n = round(t), |f| <= 1/2,
 // exact), a degree-5 polynomial for 2^f (minimax in relative error, 2 ulp in float arithmetic: the
 // rounding of t itself, |t| 2^-24 ln 2, is 10 ulp already at |t| = 30, so a degree more buys
-// nothing), and 2^n as a factor built in the exponent bits. t <= -127 gives exactly 0 (2^n's bits are 0), as
-// do -inf; results between 2^-127 and FLT_MIN are denormal or 0; NaN stays NaN. The caller
-// guarantees t <= 128 (no overflow clamp).
+// nothing), and 2^n as a factor built in the exponent bits. t <= -127 gives exactly 0 (2^n's bits
+// are 0), as does -inf; results between 2^-127 and FLT_MIN are denormal or 0; NaN stays NaN. The
+// caller guarantees t <= 127 (no overflow clamp).
 struct Exp2Constants {
   static constexpr float kLo = -127.0f;
   static constexpr float kP[5] = {1.3264671434e-3f, 9.6714999527e-3f, 5.5507335812e-2f, 2.4022242427e-1f,
@@ -599,8 +599,7 @@ class ForwardSolver {
         n_chunks_(n_chunks < 1 ? 1 : n_chunks),
         keep_history_(a.log_u != nullptr),
         eps_(static_cast<ct>(a.epsilon)),
-        log2e_over_eps_(1.4426950408889634 / a.epsilon),
-        exp2_scale_(static_cast<ct>(log2e_over_eps_)),
+        exp2_scale_(static_cast<ct>(1.4426950408889634 / a.epsilon)),
         tol_(static_cast<ct>(a.tol)),
         use_tol_(a.tol > 0),
         check_every_(a.check_every < 1 ? 1 : a.check_every),
@@ -690,9 +689,9 @@ class ForwardSolver {
   // Rows [i0, i1): K_ij = exp(x_ij - sh_i) into P and, over valid rows (f^0 = 0),
   // acc_j = sum_i exp(sh_i - mrun) K_ij = exp(-mrun) sum_i exp(x_ij): the column sums of the first
   // column step, relative to the running max mrun of the shifts (acc is rescaled when it grows).
-  // Shifts go in log2 units (shift_ = sh_i / ln 2): K_ij = 2^(s_ij c - shift_i) with c = log2(e) / eps
-  // held as a float pair, so the exponent is rounded once, after the shift, where x = s / eps
-  // rounded first and then shifted would round twice; and 2^t costs fewer operations than e^x.
+  // Shifts go in log2 units (shift_ = sh_i / ln 2): K_ij = 2^(s_ij c - shift_i) with c = log2(e) / eps,
+  // so the exponent is rounded once, after the shift (x = s / eps rounded first and then shifted
+  // would round twice), and 2^t costs fewer operations than e^x.
   void base_rows(int64_t i0, int64_t i1, ct* acc, ct* mrun_out) const {
     // Locals, not members, in the loops: vector stores may alias anything, so members would be
     // reloaded after each of them.
@@ -867,7 +866,6 @@ class ForwardSolver {
     *max_b = hmax<ct>(vmb);
     return true;
   }
-
 
   // Row step on rows [i0, i1): a_i = r_i / (K b)_i, then either the column sums K^T a of the next
   // column step (acc) or, in the last iteration, the plan a_i K_ij b_j written to the output (in
@@ -1255,8 +1253,7 @@ class ForwardSolver {
   const int64_t N_, K_, Kp_, T_, n_chunks_;
   const bool keep_history_;
   const ct eps_;
-  const double log2e_over_eps_;
-  const ct exp2_scale_;  // log2e_over_eps_ rounded
+  const ct exp2_scale_;  // log2(e) / eps
   const ct tol_;
   const bool use_tol_;
   const int64_t check_every_;
