@@ -845,21 +845,30 @@ class ForwardSolver {
     return -T_;  // not reached (T_ >= 1)
   }
 
+  // out = mass / S lane-wise, 0 where the mass is 0. False when a lane with mass breaks the scaling
+  // bound: S below thr (the entries of the base that underflowed would not be negligible in it), or
+  // S or the quotient not finite, or the quotient below the smallest normal.
+  static bool bounded_scaling(const V& mass, const V& S, const V& thr, V* out) {
+    const V zero(0), inf(kInf), tiny(std::numeric_limits<ct>::min());
+    const V q = mass / S;
+    const V ok = (S >= thr) & (S < inf) & (q >= tiny) & (q < inf);
+    const V has = mass != zero;
+    if (V::blendv(has, zero, ok).zero_mask() != (1 << kVS) - 1) return false;
+    *out = V::blendv(zero, q, has);
+    return true;
+  }
+
   // Column step: b = c / acc (acc = K^T a). Fails when a column sum is too small for the underflowed
   // entries of the base (absolute error <= tiny each, times at most max_a + 1) to be negligible, or
   // when anything is not finite. Columns without mass get b = 0.
   bool column_scaling(ct max_a, ct* max_b) {
     const ct thr = ct(N_) * std::numeric_limits<ct>::min() * (max_a + 1) / Tuning<ct>::kRel;
     const ct* acc = chunk_array(0, 4);
-    const V zero(0), vthr(thr), vinf(kInf), vmin(std::numeric_limits<ct>::min());
+    const V vthr(thr);
     V vmb(0);
     for (int64_t j = 0; j < Kp_; j += kVS) {  // padding columns: no mass, b = 0
-      const V c = V::loadu(ceff_ + j), S = V::loadu(acc + j);
-      const V b = c / S;
-      const V ok = (S >= vthr) & (S < vinf) & (b >= vmin) & (b < vinf);
-      const V has = c != zero;
-      if (V::blendv(has, zero, ok).zero_mask() != (1 << kVS) - 1) return false;  // a column with mass, not ok
-      const V bv = V::blendv(zero, b, has);
+      V bv;
+      if (!bounded_scaling(V::loadu(ceff_ + j), V::loadu(acc + j), vthr, &bv)) return false;
       bv.store(B_ + j);
       vmb = vmax<ct>(vmb, bv);
     }
@@ -942,16 +951,13 @@ class ForwardSolver {
   // a_r = r_r / sums_r for the n rows from i0 (0 for rows without mass, whose base row is finite),
   // into a and A_; vma: running lane-wise max of a. False when a sum or a scaling breaks the bound.
   bool row_scalings(int64_t i0, int64_t n, ct thr, const ct* sums, ct* a, V* vma) const {
-    const V zero(0), vthr(thr), vinf(kInf), vmin(std::numeric_limits<ct>::min());
+    const V vthr(thr);
     for (int64_t r = 0; r < n; r += kVS) {
       const int64_t m = imin(kVS, n - r);
       const V ri = m == kVS ? V::loadu(reff_ + i0 + r) : V::loadu(reff_ + i0 + r, m);  // lanes >= m: 0
       const V S = V::loadu(sums + r);
-      const V ar = ri / S;
-      const V ok = (S >= vthr) & (S < vinf) & (ar >= vmin) & (ar < vinf);
-      const V has = ri != zero;
-      if (V::blendv(has, zero, ok).zero_mask() != (1 << kVS) - 1) return false;  // a lane with mass, not ok
-      const V av = V::blendv(zero, ar, has);
+      V av;
+      if (!bounded_scaling(ri, S, vthr, &av)) return false;
       av.store(a + r);
       av.store(A_ + i0 + r, m);
       *vma = vmax<ct>(*vma, av);
