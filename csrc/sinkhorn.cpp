@@ -893,7 +893,7 @@ class ForwardSolver {
       for (int64_t r = n; r < round_up(n, kVS); ++r) sums[r] = 1;  // lanes past the block (no mass)
       if (!row_scalings(ib, n, thr, sums, a, &vma)) return false;
       if (last) {
-        for (int64_t r = 0; r < n; ++r) write_plan_row(ib + r, a[r]);
+        write_plan_rows(ib, n, a);
       } else {
         axpy_rows(ib, n, a, acc);
       }
@@ -1015,6 +1015,36 @@ class ForwardSolver {
     return true;
   }
 
+  // Plan rows [i0, i0 + n): a_r K_ij b_j (zeros for a_r = 0, including base rows that were never
+  // written).
+  void write_plan_rows(int64_t i0, int64_t n, const ct* a) const {
+    if (K_ % kVS == 0 && K_ / kVS <= kAxpyVecs) {
+      with_vec_count(K_ / kVS, [&](auto nv) { write_plan_rows_fixed<decltype(nv)::value>(i0, n, a); });
+      return;
+    }
+    for (int64_t r = 0; r < n; ++r) write_plan_row(i0 + r, a[r]);
+  }
+
+  // A few whole column vectors: b held in registers. Loaded from memory after every store (which may
+  // alias it), b made PixelCLIP's last pass ~1.4x slower.
+  template <int NV>
+  void write_plan_rows_fixed(int64_t i0, int64_t n, const ct* a) const {
+    constexpr int64_t K = NV * kVS;
+    in_t* const out = out_ + i0 * K;
+    const ct* const P = P_ + i0 * K;
+    V b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) b[v] = V::loadu(B_ + v * kVS);
+    for (int64_t r = 0; r < n; ++r) {
+      const V va(a[r]);
+      const bool zero = a[r] == 0;
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        store_as<in_t, ct>(out + r * K + v * kVS, zero ? V(0) : V::loadu(P + r * K + v * kVS) * va * b[v], kVS);
+      }
+    }
+  }
+
   // Plan row i: a K_ij b_j (zeros for a = 0, including base rows that were never written).
   void write_plan_row(int64_t i, ct a) const {
     // Locals: the stores may alias the members.
@@ -1035,9 +1065,7 @@ class ForwardSolver {
 
   // Plan a_i K_ij b_j (early stop during scaling iterations).
   void write_scaled_plan() {
-    for_row_chunks(N_, n_chunks_, [&](int64_t, int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) write_plan_row(i, A_[i]);
-    });
+    for_row_chunks(N_, n_chunks_, [&](int64_t, int64_t i0, int64_t i1) { write_plan_rows(i0, i1 - i0, A_ + i0); });
   }
 
   // ---- log-domain building blocks (levels B and C) ---------------------------------------------
