@@ -150,6 +150,10 @@ def test_bench_table_and_plot(tmp_path):
     ]
     add_speedups(rows)
     assert [r["speedup"] for r in rows] == pytest.approx([1.0, 10.0, 50.0])
+    # A paired ratio (rounds run alternately with ovseg-fast's) is the speed-up where the run has one.
+    paired = [dict(r, paired_speedup=8.0 if r["provider"] == "reference" else None) for r in rows]
+    add_speedups(paired)
+    assert [r["speedup"] for r in paired] == pytest.approx([1.0, 8.0, 50.0])
     table = format_table(rows)
     assert "sinkhorn | c | fwd" in table and "10.00x" in table and "50.00x" in table
     line = format_markdown(rows).splitlines()[2]
@@ -189,6 +193,11 @@ def test_bench_command_end_to_end(tmp_path):
     assert data["machine"]["capability_class"] == data["machine"]["kernel_capability"].lower()
     assert data["versions"]["torch"] == torch.__version__
     assert {r["provider"] for r in data["results"]} == {"ovseg_fast", "reference", "pot", "swav_loop", "pixelclip_loop"}
+    for row in data["results"]:
+        assert row["calls_per_round"] >= 1 and row["median_s"] > 0
+        # every provider but ovseg-fast timed in rounds alternating with ovseg-fast's
+        assert (row["paired_speedup"] is None) == (row["provider"] == "ovseg_fast"), row
+        assert row["provider"] == "ovseg_fast" or row["paired_speedup"] > 0
     report = subprocess.run(
         [sys.executable, "-m", "ovseg_fast.cli", "report", str(out_json)], capture_output=True, text=True, timeout=120
     )

@@ -96,18 +96,22 @@ def run_benchmarks(files: list[Path], extra_pytest_args: list[str]) -> list[dict
         info = bench["extra_info"]
         stats = bench["stats"]
         flops = info.get("flops")
+        calls = info.get("calls_per_round", 1)  # pytest-benchmark's statistics are per round
+        median = stats["median"] / calls
         rows.append(
             {
                 "op": info["op"],
                 "case": info["case"],
                 "mode": info["mode"],
                 "provider": info["provider"],
-                "median_s": stats["median"],
-                "iqr_s": stats["iqr"],
+                "median_s": median,
+                "iqr_s": stats["iqr"] / calls,
                 "rounds": stats["rounds"],
+                "calls_per_round": calls,
+                "paired_speedup": info.get("paired_speedup"),
                 "peak_memory_bytes": info.get("peak_memory"),
                 "flops": flops,
-                "gflops_per_s": (flops / stats["median"] / 1e9) if flops else None,
+                "gflops_per_s": (flops / median / 1e9) if flops else None,
                 "efficiency": info.get("efficiency"),  # bench_models: GFLOP/s over this machine's dense-GEMM rate
             }
         )

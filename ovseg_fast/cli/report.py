@@ -46,11 +46,19 @@ def _groups(rows: list[dict[str, Any]]):
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
-    """``speedup`` = provider median / ovseg-fast median, within the same op, case and mode."""
+    """``speedup`` of ovseg-fast over each provider, within the same op, case and mode: the provider's
+    ``paired_speedup`` (the median of its round-by-round time ratios to ovseg-fast's, from rounds run
+    alternately, see ``bench/_common.py``) where the run measured one, else the ratio of the medians
+    (runs saved before pairing, or a ``-k`` that left ovseg-fast's rounds out)."""
     for group in _groups(rows).values():
         ours = next((r for r in group if r["provider"] == "ovseg_fast"), None)
         for row in group:
-            row["speedup"] = row["median_s"] / ours["median_s"] if ours else None
+            if ours is None:
+                row["speedup"] = None
+            elif row is ours:
+                row["speedup"] = 1.0
+            else:
+                row["speedup"] = row.get("paired_speedup") or row["median_s"] / ours["median_s"]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -327,7 +335,7 @@ def speedup_figure(rows: list[dict[str, Any]], title: Optional[str] = None):
         bbox_to_anchor=(0.5, 1 - 0.5 / fig_height),
     )
     fig.suptitle(
-        title or "ovseg-fast speed-up over each provider (median times, same run)",
+        title or "ovseg-fast speed-up over each provider (paired rounds, same run)",
         fontsize=9.5,
         y=1 - 0.08 / fig_height,
         va="top",
