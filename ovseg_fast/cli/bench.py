@@ -109,6 +109,7 @@ def run_benchmarks(files: list[Path], extra_pytest_args: list[str]) -> list[dict
                 "rounds": stats["rounds"],
                 "calls_per_round": calls,
                 "paired_speedup": info.get("paired_speedup"),
+                "paired_ovseg_fast_s": info.get("paired_ovseg_fast_s"),  # ovseg-fast's per-call median in those rounds
                 "peak_memory_bytes": info.get("peak_memory"),
                 "flops": flops,
                 "gflops_per_s": (flops / median / 1e9) if flops else None,
