@@ -10,17 +10,19 @@ the ratios between providers are meaningful on a noisy machine even when absolut
 
 Each measurement records, in pytest-benchmark's ``extra_info``: op, case, mode (``fwd`` or
 ``fwd_bwd``), provider, FLOPs of the op (for GFLOP/s), the peak memory one call adds beyond its
-inputs, the calls per timed round (pytest-benchmark's statistics are per round, see :func:`record`)
-and, for every provider but ovseg-fast, ``paired_speedup``: the provider's time over ovseg-fast's
-in rounds run alternately. ``ovseg-fast bench`` turns the JSON into the ratio table
-(:mod:`ovseg_fast.cli`), whose speed-ups are these paired ratios.
+inputs, the calls per timed round (pytest-benchmark's statistics can be per round, see
+:func:`record`) and, where ovseg-fast's call is short, for every other provider ``paired_speedup``:
+the provider's time over ovseg-fast's in rounds run alternately. ``ovseg-fast bench`` turns the JSON
+into the ratio table (:mod:`ovseg_fast.cli`), whose speed-ups are these paired ratios where there are
+some and the ratios of the medians elsewhere.
 
 Why paired: this VM (like any shared machine) goes through phases of seconds in which one piece of
 code runs 20-50% slower and another does not (measured: the plain Sinkhorn loop at 0.50 or 0.77 ms
 between phases while ovseg-fast's op stayed at 0.10 ms, and the other way round). Providers timed
 one after the other each see whichever phase they fall in, so the ratio of their medians moves by
 that much from run to run; rounds of two providers run alternately see the same phases, and the
-median of the round-by-round ratios does not.
+median of the round-by-round ratios does not. Only short calls are paired: a round of a long call is
+one call, and it would follow the other provider's call and its memory traffic (``_PAIR_BELOW_SECONDS``).
 
 Peak memory is measured as the rise of the process's peak resident set (``VmHWM``, reset through
 ``/proc/self/clear_refs``) during one call. PyTorch keeps no CPU allocator statistics, so this is the
@@ -51,10 +53,16 @@ _MIN_ROUNDS = 5
 _MIN_ROUND_SECONDS = 1e-3
 _WARMUP_SECONDS = 1.5
 _MAX_WARMUP_CALLS = 1000
-# Calls shorter than this get one untimed call before each round: a round starts after the other
-# provider's round (whose data evicted this one's from the caches), and a cold first call would count
-# as a share of a short round.
-_WARM_CALL_BELOW_SECONDS = 0.05
+# Providers of a case whose ovseg-fast call is shorter than this alternate their rounds with it (see
+# record). Longer calls are timed in rounds of one call, few of them, each of which would follow the
+# other provider's call and its memory traffic: measured, a 0.10 s dense CRF call took 0.12-0.14 s
+# right after pydensecrf2's even after an untimed call, and SwAV's 7 ms Sinkhorn took 25 ms once in
+# six calls after the loop's 49 MB temporaries. Calls this short run several to a round, after an
+# untimed call, and phases of seconds span many rounds.
+_PAIR_BELOW_SECONDS = 2e-3
+# Paired rounds of calls shorter than this start with one untimed call: the round follows the other
+# provider's, which evicted this one's data from the caches.
+_WARM_CALL_BELOW_SECONDS = 1.0
 
 
 def setup_threads() -> int:
@@ -133,10 +141,11 @@ def peak_memory_bytes(fn: Callable[[], object]) -> Optional[int]:
     return max(0, peak - base)
 
 
-# ovseg-fast's callable of the (op, case, mode) it was last measured on: the other providers of
-# that case alternate their rounds with it. A file's parametrisation lists ovseg_fast first, so its
-# test runs before the other providers' of the same case and mode.
-_ANCHOR: dict[tuple[str, str, str], Callable[[], object]] = {}
+# ovseg-fast's callable of the (op, case, mode) it was last measured on, with its time per call: the
+# other providers of that case alternate their rounds with it when that is short. A file's
+# parametrisation lists ovseg_fast first, so its test runs before the other providers' of the same
+# case and mode.
+_ANCHOR: dict[tuple[str, str, str], tuple[Callable[[], object], float]] = {}
 
 
 def _timed_calls(fn: Callable[[], object], n: int, seconds: float = 0.0, limit: int = 1) -> list[float]:
@@ -176,13 +185,15 @@ def record(
     which squeezes their ratios towards 1. pytest-benchmark's statistics (and its terminal table) are
     therefore per round; ``extra_info["calls_per_round"]`` converts them to per call.
 
-    Every provider but ovseg-fast runs each of its rounds right after a round of ovseg-fast's call
-    for the same op, case and mode (the one its own ``record`` timed last), in the untimed set-up of
-    the round, and records the median over rounds of (its per-call time / ovseg-fast's) as
-    ``paired_speedup`` (and ovseg-fast's median per-call time in those rounds as
-    ``paired_ovseg_fast_s``). Each round of a short call (< ``_WARM_CALL_BELOW_SECONDS``) starts with one
-    untimed call, for every provider alike. ``warmup`` is the least number of untimed calls first (0:
-    none, for references that take seconds).
+    Where ovseg-fast's call on the same op, case and mode (the one its own ``record`` timed last)
+    is shorter than ``_PAIR_BELOW_SECONDS``, every other provider runs each of its rounds right after
+    a round of ovseg-fast's call, in the untimed set-up of the round, and records the median over
+    rounds of (its per-call time / ovseg-fast's) as ``paired_speedup`` (and ovseg-fast's median
+    per-call time in those rounds as ``paired_ovseg_fast_s``); pytest-benchmark's statistics are then
+    per round (it allows a set-up only with one call per round), ``extra_info["calls_per_round"]``
+    converts them to per call. A paired round of a call shorter than ``_WARM_CALL_BELOW_SECONDS``
+    starts with one untimed call, ovseg-fast's and the provider's alike. ``warmup`` is the least
+    number of untimed calls first (0: none, for references that take seconds).
     """
     # The first calls compile (torch.compile) or fill caches, and in a fresh process the first
     # large allocations are slow to fault in (on this VM a 100 MB output can take 3-7x its steady
@@ -196,10 +207,11 @@ def record(
     once, iterations = _rounds_of(calls)
     rounds = int(min(_MAX_ROUNDS, max(_MIN_ROUNDS, _TARGET_SECONDS / (once * iterations))))
     key = (op, case, mode)
-    anchor = _ANCHOR.get(key) if provider != "ovseg_fast" else None
+    anchor, anchor_once = _ANCHOR.get(key, (None, 0.0)) if provider != "ovseg_fast" else (None, 0.0)
     if provider == "ovseg_fast":
         _ANCHOR.clear()  # only the current case's: its closure keeps the case's inputs alive
-        _ANCHOR[key] = fn
+        _ANCHOR[key] = (fn, once)
+    paired = anchor is not None and anchor_once < _PAIR_BELOW_SECONDS
     benchmark.group = f"{op} | {case} | {mode}"
     benchmark.extra_info.update(
         op=op,
@@ -208,34 +220,37 @@ def record(
         provider=provider,
         flops=flops,
         peak_memory=peak_memory_bytes(fn),
-        calls_per_round=iterations,
+        calls_per_round=iterations if paired else 1,
     )
 
-    anchor_once, anchor_iterations = _rounds_of(_timed_calls(anchor, 1, 0.05, 3)) if anchor else (0.0, 0)
+    def call() -> None:
+        # pytest-benchmark would keep each round's result alive through the next call, so that call's
+        # outputs could never reuse the memory just freed (on this VM, fresh memory is slow to fault in)
+        fn()
+
+    if not paired:
+        benchmark.pedantic(call, rounds=rounds, iterations=iterations, warmup_rounds=0)
+        return
+
+    anchor_iterations = _rounds_of([anchor_once])[1]
     per_call: list[float] = []
     anchor_per_call: list[float] = []
 
     def set_up_round() -> None:
-        if anchor is not None:
-            if anchor_once < _WARM_CALL_BELOW_SECONDS:
-                anchor()
-            start = time.perf_counter()
-            for _ in range(anchor_iterations):
-                anchor()
-            anchor_per_call.append((time.perf_counter() - start) / anchor_iterations)
+        anchor()
+        start = time.perf_counter()
+        for _ in range(anchor_iterations):
+            anchor()
+        anchor_per_call.append((time.perf_counter() - start) / anchor_iterations)
         if once < _WARM_CALL_BELOW_SECONDS:
             fn()
 
     def timed_round() -> None:
-        # Results are dropped at once: pytest-benchmark would keep each round's result alive through
-        # the next call, whose outputs could then never reuse the memory just freed (on this VM,
-        # fresh memory is slow to fault in).
         start = time.perf_counter()
         for _ in range(iterations):
-            fn()
+            call()
         per_call.append((time.perf_counter() - start) / iterations)
 
     benchmark.pedantic(timed_round, setup=set_up_round, rounds=rounds, iterations=1, warmup_rounds=0)
-    if anchor_per_call:
-        benchmark.extra_info["paired_speedup"] = statistics.median([p / a for p, a in zip(per_call, anchor_per_call)])
-        benchmark.extra_info["paired_ovseg_fast_s"] = statistics.median(anchor_per_call)
+    benchmark.extra_info["paired_speedup"] = statistics.median([p / a for p, a in zip(per_call, anchor_per_call)])
+    benchmark.extra_info["paired_ovseg_fast_s"] = statistics.median(anchor_per_call)
