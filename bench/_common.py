@@ -141,10 +141,10 @@ def peak_memory_bytes(fn: Callable[[], object]) -> Optional[int]:
     return max(0, peak - base)
 
 
-# ovseg-fast's callable of the (op, case, mode) it was last measured on, with its time per call: the
-# other providers of that case alternate their rounds with it when that is short. A file's
-# parametrisation lists ovseg_fast first, so its test runs before the other providers' of the same
-# case and mode.
+# ovseg-fast's callables of the (op, case) it was last measured on, by mode, with their time per
+# call: the other providers of that case and mode alternate their rounds with them when that is short.
+# A file's parametrisation lists ovseg_fast first, so its test runs before the other providers' of the
+# same case and mode (the mode may vary fastest).
 _ANCHOR: dict[tuple[str, str, str], tuple[Callable[[], object], float]] = {}
 
 
@@ -182,8 +182,7 @@ def record(
     A call shorter than ``_MIN_ROUND_SECONDS`` is repeated within each round (as pytest-benchmark's
     own calibration does): timed one call at a time, a call of tens of microseconds also measures
     the timer and the cold caches the harness leaves between rounds, the same for every provider,
-    which squeezes their ratios towards 1. pytest-benchmark's statistics (and its terminal table) are
-    therefore per round; ``extra_info["calls_per_round"]`` converts them to per call.
+    which squeezes their ratios towards 1.
 
     Where ovseg-fast's call on the same op, case and mode (the one its own ``record`` timed last)
     is shorter than ``_PAIR_BELOW_SECONDS``, every other provider runs each of its rounds right after
@@ -209,7 +208,8 @@ def record(
     key = (op, case, mode)
     anchor, anchor_once = _ANCHOR.get(key, (None, 0.0)) if provider != "ovseg_fast" else (None, 0.0)
     if provider == "ovseg_fast":
-        _ANCHOR.clear()  # only the current case's: its closure keeps the case's inputs alive
+        for other in [k for k in _ANCHOR if k[:2] != key[:2]]:
+            del _ANCHOR[other]  # only the current case's: their closures keep its inputs alive
         _ANCHOR[key] = (fn, once)
     paired = anchor is not None and anchor_once < _PAIR_BELOW_SECONDS
     benchmark.group = f"{op} | {case} | {mode}"

@@ -176,9 +176,10 @@ def test_bench_command_end_to_end(tmp_path):
         "ovseg_fast.cli",
         "bench",
         "sinkhorn",
-        "moe",  # one process per file; no moe case matches -k, which must not fail the run
+        "moe",  # one process per file; its topk_gating parametrisation varies the mode fastest
+        "routed_attention",  # no case matches -k, which must not fail the run
         "-k",
-        "many-small and fwd and not fwd_bwd and not compiled",
+        "(many-small and fwd and not fwd_bwd and not compiled) or (topk_gating and rpn and not compiled)",
         "--json",
         str(out_json),
     ]
@@ -192,7 +193,11 @@ def test_bench_command_end_to_end(tmp_path):
     assert data["machine"]["kernel_capability"] == data["extension"]["kernel_capability"]
     assert data["machine"]["capability_class"] == data["machine"]["kernel_capability"].lower()
     assert data["versions"]["torch"] == torch.__version__
-    assert {r["provider"] for r in data["results"]} == {"ovseg_fast", "reference", "pot", "swav_loop", "pixelclip_loop"}
+    sinkhorn_rows = [r for r in data["results"] if r["op"] == "sinkhorn"]
+    assert {r["provider"] for r in sinkhorn_rows} == {"ovseg_fast", "reference", "pot", "swav_loop", "pixelclip_loop"}
+    assert {(r["op"], r["mode"], r["provider"]) for r in data["results"] if r["op"] != "sinkhorn"} == {
+        ("topk_gating", mode, provider) for mode in ("fwd", "fwd_bwd") for provider in ("ovseg_fast", "reference")
+    }
     for row in data["results"]:
         assert row["calls_per_round"] >= 1 and row["median_s"] > 0
         # every provider but ovseg-fast timed in rounds alternating with ovseg-fast's
