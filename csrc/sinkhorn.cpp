@@ -1026,7 +1026,7 @@ class ForwardSolver {
   }
 
   // A few whole column vectors: b held in registers. Loaded from memory after every store (which may
-  // alias it), b made PixelCLIP's last pass ~1.4x slower.
+  // alias it), b made PixelCLIP's last pass ~1.3x slower.
   template <int NV>
   void write_plan_rows_fixed(int64_t i0, int64_t n, const ct* a) const {
     constexpr int64_t K = NV * kVS;

@@ -200,7 +200,7 @@ def test_bench_command_end_to_end(tmp_path):
     }
     for row in data["results"]:
         assert row["calls_per_round"] >= 1 and row["median_s"] > 0
-        # every provider but ovseg-fast timed in rounds alternating with ovseg-fast's
+        # ovseg-fast's calls take well under 2 ms in these cases: every other provider's rounds alternate with its
         assert (row["paired_speedup"] is None) == (row["provider"] == "ovseg_fast"), row
         assert row["provider"] == "ovseg_fast" or row["paired_speedup"] > 0
     report = subprocess.run(

@@ -335,7 +335,7 @@ def speedup_figure(rows: list[dict[str, Any]], title: Optional[str] = None):
         bbox_to_anchor=(0.5, 1 - 0.5 / fig_height),
     )
     fig.suptitle(
-        title or "ovseg-fast speed-up over each provider (paired rounds, same run)",
+        title or "ovseg-fast speed-up over each provider (same run; paired rounds where calls are short)",
         fontsize=9.5,
         y=1 - 0.08 / fig_height,
         va="top",
