@@ -148,17 +148,6 @@ def peak_memory_bytes(fn: Callable[[], object]) -> Optional[int]:
 _ANCHOR: dict[tuple[str, str, str], tuple[Callable[[], object], float]] = {}
 
 
-def _timed_calls(fn: Callable[[], object], n: int, seconds: float = 0.0, limit: int = 1) -> list[float]:
-    """Times calls of ``fn``: at least ``n``, and more up to ``limit`` until ``seconds`` have passed."""
-    times: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while len(times) < n or (len(times) < limit and time.perf_counter() < deadline):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def _rounds_of(calls: list[float]) -> tuple[float, int]:
     """One call's time and the calls per round. The call's time is the median of the last few calls:
     one slow call would cut the rounds to the minimum and leave the median to a handful of samples."""
@@ -200,10 +189,15 @@ def record(
     # 1.3 s, then 92-105 ms): warm-up lasts at least _WARMUP_SECONDS as well as ``warmup`` calls,
     # counted from the end of the first call, which can take seconds on its own (compiling, or a
     # process's first custom-op call) and never sizes the rounds.
+    times: list[float] = []
     if warmup:
         fn()
-    calls = _timed_calls(fn, max(warmup, 1), _WARMUP_SECONDS if warmup else 0.0, _MAX_WARMUP_CALLS)
-    once, iterations = _rounds_of(calls)
+    deadline = time.perf_counter() + _WARMUP_SECONDS
+    while len(times) < max(warmup, 1) or (warmup and len(times) < _MAX_WARMUP_CALLS and time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    once, iterations = _rounds_of(times)
     rounds = int(min(_MAX_ROUNDS, max(_MIN_ROUNDS, _TARGET_SECONDS / (once * iterations))))
     key = (op, case, mode)
     anchor, anchor_once = _ANCHOR.get(key, (None, 0.0)) if provider != "ovseg_fast" else (None, 0.0)
